@@ -1,0 +1,175 @@
+//! The three algorithms as pure arithmetic on plain integers.
+//!
+//! Nothing here touches an atomic, a map or a clock: every function takes the key's state (one
+//! `u64`), the time `now` (nanoseconds, clamped to [`MAX_TIME_NS`]) and a cost, and returns the
+//! answer and the state to write. The cells in `local` own the compare-and-swap loops around
+//! these functions; the distributed mode reuses them on claimed quota.
+//!
+//! State 0 always means "fresh": a full bucket or an empty window.
+
+mod fixed_window;
+mod sliding_window;
+mod token_bucket;
+
+use crate::consts::{MAX_DURATION, MAX_TIME_NS};
+
+/// What a policy compiles to: the constants its algorithm needs, all integers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Rule {
+    pub(crate) kind: Kind,
+    /// The most that can be spent at once (burst, or points per window).
+    pub(crate) capacity: u64,
+    /// Token bucket: nanoseconds per token (rounded up, so the rate is never above the policy's).
+    /// Windows: the window length in nanoseconds.
+    pub(crate) period: u64,
+    /// Token bucket: `capacity * period`, the time a full bucket takes to refill.
+    /// Windows: the number of low bits that hold one count.
+    pub(crate) aux: u64,
+    /// Block duration in nanoseconds, 0 for none.
+    pub(crate) block: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    TokenBucket,
+    FixedWindow,
+    SlidingWindow,
+}
+
+/// The result of an acquire: whether it is allowed and the state after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Step {
+    pub(crate) allowed: bool,
+    /// The state after the operation (equal to the input when nothing changes).
+    pub(crate) state: u64,
+}
+
+#[inline]
+pub(crate) fn clamp(now: u64) -> u64 {
+    now.min(MAX_TIME_NS)
+}
+
+/// Bits needed for a window index at any time up to `MAX_TIME_NS` plus the longest block.
+fn index_bits(window_ns: u64) -> u64 {
+    let max_index = (MAX_TIME_NS + MAX_DURATION.as_nanos() as u64) / window_ns.max(1);
+    u64::from(64 - max_index.leading_zeros())
+}
+
+impl Rule {
+    pub(crate) fn token_bucket(capacity: u64, duration_ns: u64, points: u64, block: u64) -> Rule {
+        let period = duration_ns.div_ceil(points).max(1);
+        Rule {
+            kind: Kind::TokenBucket,
+            capacity,
+            period,
+            aux: capacity.saturating_mul(period),
+            block,
+        }
+    }
+
+    pub(crate) fn fixed_window(capacity: u64, window_ns: u64, block: u64) -> Rule {
+        Rule {
+            kind: Kind::FixedWindow,
+            capacity,
+            period: window_ns,
+            aux: 64 - index_bits(window_ns),
+            block,
+        }
+    }
+
+    pub(crate) fn sliding_window(capacity: u64, window_ns: u64, block: u64) -> Rule {
+        Rule {
+            kind: Kind::SlidingWindow,
+            capacity,
+            period: window_ns,
+            aux: (64 - index_bits(window_ns)) / 2,
+            block,
+        }
+    }
+
+    /// Window algorithms pack counts into the bits the window index leaves free; the all-ones
+    /// count is never valid so that the retired marker (`u64::MAX`) is never a real state.
+    pub(crate) fn max_window_capacity(&self) -> u64 {
+        match self.kind {
+            Kind::TokenBucket => u64::MAX,
+            _ => (1u64 << self.aux.min(63)) - 2,
+        }
+    }
+
+    /// Tries to take `cost` (which must be `<= capacity`). When denied, the returned state may
+    /// still differ from the input: that is the block being started.
+    #[inline]
+    pub(crate) fn acquire(&self, state: u64, now: u64, cost: u64) -> Step {
+        debug_assert!(cost <= self.capacity);
+        match self.kind {
+            Kind::TokenBucket => token_bucket::acquire(self, state, clamp(now), cost),
+            Kind::FixedWindow => fixed_window::acquire(self, state, clamp(now), cost),
+            Kind::SlidingWindow => sliding_window::acquire(self, state, clamp(now), cost),
+        }
+    }
+
+    /// What [`acquire`](Self::acquire) would answer, without starting a block.
+    #[inline]
+    pub(crate) fn peek(&self, state: u64, now: u64, cost: u64) -> Step {
+        let step = Rule { block: 0, ..*self }.acquire(state, now, cost);
+        if step.allowed {
+            step
+        } else {
+            Step { allowed: false, state }
+        }
+    }
+
+    /// Gives back up to `cost` that was taken at time `taken_at`. Never raises the key above a
+    /// fresh key, and for windows only gives back to the window the cost was taken from.
+    pub(crate) fn refund(&self, state: u64, now: u64, cost: u64, taken_at: u64) -> u64 {
+        match self.kind {
+            Kind::TokenBucket => token_bucket::refund(self, state, clamp(now), cost),
+            Kind::FixedWindow => fixed_window::refund(self, state, clamp(now), cost, clamp(taken_at)),
+            Kind::SlidingWindow => sliding_window::refund(self, state, clamp(now), cost, clamp(taken_at)),
+        }
+    }
+
+    /// True when the state answers every future check exactly as a fresh key would, so the key
+    /// can be forgotten without losing information.
+    pub(crate) fn is_fresh(&self, state: u64, now: u64) -> bool {
+        let now = clamp(now);
+        match self.kind {
+            Kind::TokenBucket => state <= now,
+            Kind::FixedWindow => fixed_window::used(self, state, now) == 0,
+            Kind::SlidingWindow => sliding_window::is_fresh(self, state, now),
+        }
+    }
+
+    /// How much a check of cost 1 could still take after this state, at `now`.
+    pub(crate) fn remaining(&self, state: u64, now: u64) -> u64 {
+        let now = clamp(now);
+        match self.kind {
+            Kind::TokenBucket => token_bucket::remaining(self, state, now),
+            Kind::FixedWindow => self.capacity.saturating_sub(fixed_window::used(self, state, now)),
+            Kind::SlidingWindow => self.capacity.saturating_sub(sliding_window::estimate(self, state, now)),
+        }
+    }
+
+    /// Nanoseconds until the key is back to a fresh key's quota if nothing more is taken.
+    pub(crate) fn reset_after(&self, state: u64, now: u64) -> u64 {
+        let now = clamp(now);
+        match self.kind {
+            Kind::TokenBucket => state.saturating_sub(now),
+            Kind::FixedWindow => fixed_window::reset_after(self, state, now),
+            Kind::SlidingWindow => sliding_window::reset_after(self, state, now),
+        }
+    }
+
+    /// Nanoseconds until a check of `cost` would be allowed if nothing else is taken meanwhile.
+    pub(crate) fn retry_after(&self, state: u64, now: u64, cost: u64) -> u64 {
+        let now = clamp(now);
+        match self.kind {
+            Kind::TokenBucket => token_bucket::retry_after(self, state, now, cost),
+            Kind::FixedWindow => fixed_window::retry_after(self, state, now, cost),
+            Kind::SlidingWindow => sliding_window::retry_after(self, state, now, cost),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

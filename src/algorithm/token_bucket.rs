@@ -1,0 +1,47 @@
+//! Token bucket in GCRA form (the arithmetic of governor's `gcra.rs`).
+//!
+//! The state is the theoretical arrival time `tat`: the instant at which the bucket will be full
+//! again. With `T` nanoseconds per token and `tau = capacity * T`, a key holds
+//! `(now + tau - max(tat, now)) / T` tokens. Taking `n` tokens moves `tat` to
+//! `max(tat, now) + n * T` and is allowed when that is at most `now + tau`. A `tat` above
+//! `now + tau` means the key is blocked (`block_duration`).
+//!
+//! Time going backwards makes `now` smaller, so fewer tokens appear: it never refunds.
+
+use super::{Rule, Step};
+use crate::consts::RETIRED;
+
+#[inline]
+pub(super) fn acquire(r: &Rule, tat: u64, now: u64, cost: u64) -> Step {
+    let tau = r.aux;
+    let limit = now as u128 + tau as u128;
+    let new_tat = tat.max(now) as u128 + (cost as u128) * (r.period as u128);
+    if new_tat <= limit && new_tat < RETIRED as u128 {
+        return Step { allowed: true, state: new_tat as u64 };
+    }
+    // Denied. Start a block unless one is already running (tat beyond now + tau).
+    let state = if r.block > 0 && (tat as u128) <= limit {
+        (limit + r.block as u128).min(RETIRED as u128 - 1) as u64
+    } else {
+        tat
+    };
+    Step { allowed: false, state }
+}
+
+pub(super) fn refund(r: &Rule, tat: u64, now: u64, cost: u64) -> u64 {
+    if tat <= now {
+        return tat;
+    }
+    let back = cost.saturating_mul(r.period);
+    tat.saturating_sub(back).max(now)
+}
+
+pub(super) fn remaining(r: &Rule, tat: u64, now: u64) -> u64 {
+    let free = (now as u128 + r.aux as u128).saturating_sub(tat.max(now) as u128);
+    ((free / r.period as u128) as u64).min(r.capacity)
+}
+
+pub(super) fn retry_after(r: &Rule, tat: u64, now: u64, cost: u64) -> u64 {
+    let need = tat.max(now) as u128 + cost as u128 * r.period as u128;
+    need.saturating_sub(now as u128 + r.aux as u128).min(u64::MAX as u128) as u64
+}

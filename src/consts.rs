@@ -1,0 +1,34 @@
+//! Limits and tuning constants, in one place. Values that depend on each other are derived here.
+
+use std::time::Duration;
+
+/// Time values are nanoseconds since the clock's origin; later values are clamped to this
+/// (2^62 ns, about 146 years of uptime), which keeps every sum of a time and a bucket's
+/// tolerance inside a `u64` and gives the window algorithms a fixed number of index bits.
+pub const MAX_TIME_NS: u64 = 1 << 62;
+
+/// The largest capacity (`points`, or `burst` for the token bucket) a policy may have.
+pub const MAX_CAPACITY: u64 = u32::MAX as u64;
+
+/// The shortest `duration` a policy may have.
+pub const MIN_DURATION: Duration = Duration::from_millis(1);
+
+/// The longest `duration` (and `block_duration`) a policy may have: one year.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// The highest rate a token bucket may have: one token per nanosecond.
+pub const MAX_RATE_PER_SEC: u64 = 1_000_000_000;
+
+/// State value of a cell that the table has retired (evicted); never a valid algorithm state.
+pub(crate) const RETIRED: u64 = u64::MAX;
+
+/// Default bound on the number of keys a limiter tracks.
+pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+
+/// A full table is swept for fresh-equivalent keys at most this often, so a flood of new keys
+/// cannot make every insert scan the table.
+pub(crate) const MIN_SWEEP_INTERVAL_NS: u64 = 20_000_000;
+
+/// Tick of the cached clock's updater thread. Checks read a time that lags by at most about
+/// this much (more when the machine is overloaded), which only ever admits less, never more.
+pub(crate) const CACHED_CLOCK_TICK: Duration = Duration::from_millis(1);

@@ -1,0 +1,91 @@
+//! # tollgate
+//!
+//! Rate limiting inside the service process: checks are answered in nanoseconds from lock-free
+//! per-key state, with no network round trip.
+//!
+//! ```
+//! use tollgate::{Limiter, Policy};
+//!
+//! // 100 requests per minute per client, refilled continuously (token bucket).
+//! let limiter: Limiter = Limiter::new(Policy::per_minute(100)).unwrap();
+//! let decision = limiter.check("203.0.113.7");
+//! if decision.is_denied() {
+//!     let wait = decision.retry_after().unwrap();
+//!     println!("429, retry after {} s", wait.as_secs_f64().ceil());
+//! }
+//! ```
+//!
+//! ## Modes
+//!
+//! | mode | state | accuracy |
+//! |---|---|---|
+//! | local (this release) | atomic cells in this process | exact: invariant 1 below |
+//!
+//! ## Algorithms and their exact semantics
+//!
+//! * **Token bucket** ([`Algorithm::TokenBucket`], default), in GCRA form: a key holds at most
+//!   `burst` tokens (default `points`) and regains one every `duration / points` (rounded up to
+//!   a whole nanosecond, so never faster than the policy). A request of cost `n` is allowed when
+//!   the key holds `n` tokens. Over any interval of length `d`, a key is allowed at most
+//!   `burst + points * d / duration`.
+//! * **Fixed window** ([`Algorithm::FixedWindow`]): at most `points` per aligned window of
+//!   `duration` (windows start at multiples of `duration` since the clock's origin). The count
+//!   resets at the boundary, so up to `2 * points` can pass in a short interval around it.
+//! * **Sliding window** ([`Algorithm::SlidingWindow`]): the current window's count plus the
+//!   previous window's count weighted by the part of it that the interval of length `duration`
+//!   ending now still covers (rounded up). At most `points` in every aligned window, and the
+//!   boundary burst of a fixed window is smoothed out.
+//!
+//! All three take a cost per request, answer [`Limiter::peek`] without taking, and take back
+//! with [`Limiter::refund`]. A cost above the capacity is an error
+//! ([`InsufficientCapacity`], "never"), distinct from a denial ("not now"). With
+//! `block_duration`, a denied key stays denied that long (to the end of the window it ends in,
+//! for the window algorithms) and then refills from empty.
+//!
+//! ## Invariant 1: the local bound
+//!
+//! Over any interval of length `d`, a key's admitted cost is at most
+//! `capacity + rate * d` (token bucket) or `points` per aligned window (windows), for any
+//! sequence of times, including time going backwards (which never refunds) and huge jumps
+//! (times beyond 2^62 ns are clamped). No `u64` input panics. Property tests check this
+//! against reference models.
+//!
+//! ## Memory and eviction
+//!
+//! A tracked key costs its 8-byte state word, the key itself, and papaya's per-entry overhead:
+//! about **56 bytes for a `u64` key** and 80 bytes plus the string's heap bytes for a `String` key
+//! (measured by `tests/memory.rs`). The table holds at most `max_keys` keys (default
+//! 1,000,000). When it is full, a sweep removes keys whose state is indistinguishable from a
+//! fresh key (a full bucket, an empty window): forgetting them changes no answer. A throttled
+//! key is never removed, so a flood of new keys cannot reset it. New keys that find no room
+//! share one overflow bucket of the same policy ([`WhenFull::Overflow`], default) or are denied
+//! ([`WhenFull::Deny`]): never admitted untracked. Sweeps run by themselves; [`Limiter::sweep`]
+//! runs one now.
+//!
+//! ## Thread safety and cost
+//!
+//! [`Limiter`] is `Send + Sync` and cheap to clone (an `Arc`). A check reads the map without
+//! writing anything shared, reads the clock (a relaxed load with the default [`Clock::cached`])
+//! and does one compare-and-swap on the key's own word. It allocates nothing for a key already
+//! tracked.
+//!
+//! ## Cargo features
+//!
+//! | feature | default | what it adds | run-time cost |
+//! |---|---|---|---|
+//! | (none) | yes | local mode | one 1 ms clock thread per process with the default clock |
+
+mod algorithm;
+mod clock;
+mod consts;
+mod decision;
+mod limiter;
+mod local;
+mod policy;
+mod sync;
+
+pub use clock::{Clock, ManualClock};
+pub use consts::{DEFAULT_MAX_KEYS, MAX_CAPACITY, MAX_DURATION, MAX_RATE_PER_SEC, MAX_TIME_NS, MIN_DURATION};
+pub use decision::{Decision, InsufficientCapacity};
+pub use limiter::{check_all, Bound, BuildError, Jitter, Layer, Limiter, LimiterBuilder, WhenFull};
+pub use policy::{Algorithm, Policy, PolicyError, PolicySpec};

@@ -1,0 +1,485 @@
+//! The limiter: one policy counted per key, answered from in-process atomic state.
+
+use std::borrow::Borrow;
+use std::collections::HashSet;
+use std::fmt;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use crate::algorithm::Rule;
+use crate::clock::Clock;
+use crate::consts::DEFAULT_MAX_KEYS;
+use crate::decision::{Decision, InsufficientCapacity, Source};
+use crate::local::cell::{Cell, Retired};
+use crate::local::table::Table;
+use crate::policy::{Policy, PolicyError};
+
+/// What a limiter does with a new key when its table already holds `max_keys` keys that all
+/// carry information (none is indistinguishable from fresh).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Count all such keys together in one shared bucket of the same policy (default): they
+    /// are limited, as a group, and a flood of new keys cannot get more than one key's quota.
+    #[default]
+    Overflow,
+    /// Deny such keys until the sweeper frees room.
+    Deny,
+}
+
+/// Why a limiter could not be built.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    /// The policy has a field out of range.
+    #[error("invalid policy: {0}")]
+    Policy(#[from] PolicyError),
+    /// `max_keys` was 0.
+    #[error("max_keys: must be > 0")]
+    MaxKeys,
+}
+
+/// Random delay added to waits, so that many waiters do not wake at the same instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Jitter {
+    max: Duration,
+}
+
+impl Jitter {
+    /// A uniformly random extra wait in `[0, max)`.
+    pub fn up_to(max: Duration) -> Self {
+        Jitter { max }
+    }
+
+    fn sample(&self) -> Duration {
+        let nanos = self.max.as_nanos() as u64;
+        if nanos == 0 {
+            return Duration::ZERO;
+        }
+        static SEED: OnceLock<ahash::RandomState> = OnceLock::new();
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Duration::from_nanos(SEED.get_or_init(ahash::RandomState::new).hash_one(n) % nanos)
+    }
+}
+
+/// Interns a name so decisions can carry it as a `&'static str` (a copy, no reference count
+/// on the hot path). Each distinct name is stored once per process.
+fn intern(name: &str) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = names.get(name) {
+        return n;
+    }
+    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.insert(leaked);
+    leaked
+}
+
+/// Builds a [`Limiter`].
+pub struct LimiterBuilder<K> {
+    policy: Policy,
+    name: String,
+    max_keys: usize,
+    when_full: WhenFull,
+    clock: Option<Clock>,
+    _keys: std::marker::PhantomData<fn(K)>,
+}
+
+impl<K: Hash + Eq + Send + Sync + 'static> LimiterBuilder<K> {
+    /// The name decisions report (`Decision::policy`), e.g. the layer (`ip`, `user`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The most keys tracked at once (default 1,000,000). See [`WhenFull`].
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys;
+        self
+    }
+
+    /// What happens to new keys when the table is full of keys that carry information.
+    pub fn when_full(mut self, when_full: WhenFull) -> Self {
+        self.when_full = when_full;
+        self
+    }
+
+    /// The time source (default [`Clock::cached`]).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Validates the policy and builds the limiter.
+    pub fn build(self) -> Result<Limiter<K>, BuildError> {
+        let rule = self.policy.compile()?;
+        if self.max_keys == 0 {
+            return Err(BuildError::MaxKeys);
+        }
+        Ok(Limiter {
+            inner: Arc::new(Inner {
+                rule,
+                name: intern(&self.name),
+                table: Table::new(self.max_keys),
+                overflow: Cell::default(),
+                when_full: self.when_full,
+                clock: self.clock.unwrap_or_default(),
+                policy: self.policy,
+            }),
+        })
+    }
+}
+
+struct Inner<K> {
+    rule: Rule,
+    name: &'static str,
+    table: Table<K>,
+    overflow: Cell,
+    when_full: WhenFull,
+    clock: Clock,
+    policy: Policy,
+}
+
+/// A rate limiter: one [`Policy`] counted separately for each key.
+///
+/// Cloning is cheap and every clone shares the same state. Checks are lock-free: a map read
+/// that writes nothing shared, one clock read and one compare-and-swap on the key's own word.
+/// No allocation happens on a check of a key already tracked.
+///
+/// ```
+/// use tollgate::{Limiter, Policy};
+///
+/// let limiter: Limiter = Limiter::builder(Policy::per_minute(2)).name("user").build().unwrap();
+/// assert!(limiter.check("alice").is_allowed());
+/// assert!(limiter.check("alice").is_allowed());
+/// let d = limiter.check("alice");
+/// assert!(d.is_denied());
+/// assert_eq!(d.policy(), "user");
+/// assert!(d.retry_after().unwrap().as_secs() >= 29);
+/// assert!(limiter.check("bob").is_allowed());
+/// ```
+pub struct Limiter<K = String> {
+    inner: Arc<Inner<K>>,
+}
+
+impl<K> Clone for Limiter<K> {
+    fn clone(&self) -> Self {
+        Limiter { inner: self.inner.clone() }
+    }
+}
+
+impl<K> fmt::Debug for Limiter<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Limiter")
+            .field("name", &self.inner.name)
+            .field("policy", &self.inner.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
+    /// Starts building a limiter for `policy`.
+    pub fn builder(policy: Policy) -> LimiterBuilder<K> {
+        LimiterBuilder {
+            policy,
+            name: String::from("default"),
+            max_keys: DEFAULT_MAX_KEYS,
+            when_full: WhenFull::default(),
+            clock: None,
+            _keys: std::marker::PhantomData,
+        }
+    }
+
+    /// A limiter with default settings; fails only on an invalid policy.
+    pub fn new(policy: Policy) -> Result<Self, BuildError> {
+        Self::builder(policy).build()
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+
+    /// The name decisions report.
+    pub fn name(&self) -> &'static str {
+        self.inner.name
+    }
+
+    /// Keys tracked now.
+    pub fn len(&self) -> usize {
+        self.inner.table.len()
+    }
+
+    /// True when no key is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keys removed by sweeps so far (each was indistinguishable from a fresh key).
+    pub fn evicted(&self) -> u64 {
+        self.inner.table.evicted()
+    }
+
+    /// Removes every key indistinguishable from fresh now. This happens by itself when the
+    /// table fills up; call it to free memory at a time of your choosing.
+    pub fn sweep(&self) -> usize {
+        let now = self.inner.clock.now_ns();
+        self.inner.table.sweep(&self.inner.rule, now, true)
+    }
+
+    /// Checks one unit for `key`, taking it when allowed.
+    #[inline]
+    pub fn check<Q>(&self, key: &Q) -> Decision
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        self.take(key, 1, self.inner.clock.now_ns())
+    }
+
+    /// Checks `cost` units for `key`, taking them when allowed. `Err` means the cost exceeds
+    /// the policy's capacity and can never be allowed. A cost of 0 takes nothing and is denied
+    /// only while the key is blocked.
+    #[inline]
+    pub fn check_n<Q>(&self, key: &Q, cost: u64) -> Result<Decision, InsufficientCapacity>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        self.fits(cost)?;
+        Ok(self.take(key, cost, self.inner.clock.now_ns()))
+    }
+
+    /// What `check_n(key, cost)` would answer now, taking nothing and tracking nothing.
+    pub fn peek<Q>(&self, key: &Q, cost: u64) -> Result<Decision, InsufficientCapacity>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.fits(cost)?;
+        let inner = &*self.inner;
+        let now = inner.clock.now_ns();
+        let guard = inner.table.guard();
+        let step = inner
+            .table
+            .get(key, &guard)
+            .and_then(|c| c.peek(&inner.rule, now, cost).ok())
+            .unwrap_or_else(|| inner.rule.peek(0, now, cost));
+        Ok(self.decision(step.allowed, Source::Key, step.state, now, cost))
+    }
+
+    /// Gives back up to `cost` units to `key` (for example when the work they paid for did
+    /// not happen). Never raises a key above a full quota; for window algorithms, only the
+    /// current window gets units back.
+    pub fn refund<Q>(&self, key: &Q, cost: u64)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let now = self.inner.clock.now_ns();
+        self.give_back(key, cost, now, Source::Key, now);
+    }
+
+    /// Waits until one unit for `key` is allowed, and takes it.
+    pub async fn until_ready<Q>(&self, key: &Q) -> Decision
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        self.until_n_ready(key, 1, Jitter::default())
+            .await
+            .expect("a cost of 1 always fits a valid policy")
+    }
+
+    /// Waits until `cost` units for `key` are allowed (sleeping for the decision's
+    /// `retry_after` plus `jitter` between tries), and takes them. `Err` at once when the cost
+    /// can never be allowed.
+    pub async fn until_n_ready<Q>(&self, key: &Q, cost: u64, jitter: Jitter) -> Result<Decision, InsufficientCapacity>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        loop {
+            let d = self.check_n(key, cost)?;
+            match d.retry_after() {
+                None => return Ok(d),
+                Some(wait) => tokio::time::sleep(wait + jitter.sample()).await,
+            }
+        }
+    }
+
+    /// Binds this limiter to a key, for [`check_all`].
+    pub fn bind<'a, Q>(&'a self, key: &'a Q) -> Bound<'a, K, Q>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        Bound { limiter: self, key }
+    }
+
+    #[inline]
+    fn fits(&self, cost: u64) -> Result<(), InsufficientCapacity> {
+        if cost > self.inner.rule.capacity {
+            return Err(InsufficientCapacity { cost, capacity: self.inner.rule.capacity, policy: self.inner.name });
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn decision(&self, allowed: bool, source: Source, state: u64, now: u64, cost: u64) -> Decision {
+        Decision { allowed, source, rule: self.inner.rule, state, now, cost, name: self.inner.name }
+    }
+
+    #[inline]
+    fn take<Q>(&self, key: &Q, cost: u64, now: u64) -> Decision
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let inner = &*self.inner;
+        let guard = inner.table.guard();
+        loop {
+            let cell = match inner.table.get(key, &guard) {
+                Some(cell) => cell,
+                None => match inner.table.insert(key, &guard, &inner.rule, now) {
+                    Some(cell) => cell,
+                    None => return self.untracked(cost, now),
+                },
+            };
+            match cell.acquire(&inner.rule, now, cost) {
+                Ok(step) => return self.decision(step.allowed, Source::Key, step.state, now, cost),
+                Err(Retired) => inner.table.unlink_retired(key, &guard),
+            }
+        }
+    }
+
+    #[cold]
+    fn untracked(&self, cost: u64, now: u64) -> Decision {
+        let inner = &*self.inner;
+        match inner.when_full {
+            WhenFull::Deny => self.decision(false, Source::TableFull, 0, now, cost),
+            WhenFull::Overflow => {
+                let step = inner.overflow.acquire(&inner.rule, now, cost).expect("the overflow cell is never retired");
+                self.decision(step.allowed, Source::Overflow, step.state, now, cost)
+            }
+        }
+    }
+
+    fn give_back<Q>(&self, key: &Q, cost: u64, taken_at: u64, source: Source, now: u64)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let inner = &*self.inner;
+        match source {
+            Source::Key => {
+                let guard = inner.table.guard();
+                if let Some(cell) = inner.table.get(key, &guard) {
+                    cell.refund(&inner.rule, now, cost, taken_at);
+                }
+            }
+            Source::Overflow => inner.overflow.refund(&inner.rule, now, cost, taken_at),
+            Source::TableFull => {}
+        }
+    }
+}
+
+/// A limiter bound to a key: one layer of a [`check_all`].
+pub struct Bound<'a, K, Q: ?Sized> {
+    limiter: &'a Limiter<K>,
+    key: &'a Q,
+}
+
+/// One layer of an all-or-nothing check. Implemented by [`Bound`] (`limiter.bind(&key)`);
+/// sealed.
+pub trait Layer: sealed::Sealed {
+    #[doc(hidden)]
+    fn capacity_check(&self, cost: u64) -> Result<(), InsufficientCapacity>;
+    #[doc(hidden)]
+    fn take(&self, cost: u64) -> Decision;
+    #[doc(hidden)]
+    fn give_back(&self, taken: &Decision);
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl<K, Q: ?Sized> Sealed for super::Bound<'_, K, Q> {}
+}
+
+impl<K, Q> Layer for Bound<'_, K, Q>
+where
+    K: Hash + Eq + Send + Sync + 'static + Borrow<Q>,
+    Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+{
+    fn capacity_check(&self, cost: u64) -> Result<(), InsufficientCapacity> {
+        self.limiter.fits(cost)
+    }
+
+    fn take(&self, cost: u64) -> Decision {
+        self.limiter.take(self.key, cost, self.limiter.inner.clock.now_ns())
+    }
+
+    fn give_back(&self, taken: &Decision) {
+        let now = self.limiter.inner.clock.now_ns();
+        self.limiter.give_back(self.key, taken.cost, taken.now, taken.source, now);
+    }
+}
+
+/// Checks several layers (say ip, user and endpoint) all-or-nothing: `cost` is taken from
+/// every layer or from none. A request denied by one layer consumes nothing from the others
+/// (what earlier layers granted is refunded to them).
+///
+/// Returns the denying layer's decision, or when every layer allows, the decision of the layer
+/// with the least remaining (the one a client is closest to hitting).
+///
+/// ```
+/// use tollgate::{check_all, Limiter, Policy};
+///
+/// let ip: Limiter = Limiter::builder(Policy::per_minute(100)).name("ip").build().unwrap();
+/// let endpoint: Limiter = Limiter::builder(Policy::per_hour(1)).name("endpoint").build().unwrap();
+/// let ok = check_all(1, &[&ip.bind("10.0.0.1"), &endpoint.bind("alice:POST /api/ai/generate")]).unwrap();
+/// assert!(ok.is_allowed());
+/// let no = check_all(1, &[&ip.bind("10.0.0.1"), &endpoint.bind("alice:POST /api/ai/generate")]).unwrap();
+/// assert_eq!(no.policy(), "endpoint");
+/// // The denied request took nothing from the ip layer: only the first request counted, so a
+/// // check now would leave 98.
+/// assert_eq!(ip.peek("10.0.0.1", 1).unwrap().remaining(), 98);
+/// ```
+pub fn check_all(cost: u64, layers: &[&dyn Layer]) -> Result<Decision, InsufficientCapacity> {
+    for layer in layers {
+        layer.capacity_check(cost)?;
+    }
+    const INLINE: usize = 8;
+    let mut inline = [None::<Decision>; INLINE];
+    let mut spill = Vec::new();
+    let mut tightest: Option<Decision> = None;
+    for (i, layer) in layers.iter().enumerate() {
+        let d = layer.take(cost);
+        if d.is_denied() {
+            for (j, earlier) in layers[..i].iter().enumerate() {
+                let taken = if j < INLINE { inline[j] } else { spill[j - INLINE] };
+                if let Some(t) = taken {
+                    earlier.give_back(&t);
+                }
+            }
+            return Ok(d);
+        }
+        if i < INLINE {
+            inline[i] = Some(d);
+        } else {
+            spill.push(Some(d));
+        }
+        if tightest.is_none_or(|t| d.remaining() < t.remaining()) {
+            tightest = Some(d);
+        }
+    }
+    Ok(tightest.unwrap_or(Decision {
+        allowed: true,
+        source: Source::Key,
+        rule: Rule::token_bucket(1, 1_000_000, 1, 0),
+        state: 0,
+        now: 0,
+        cost,
+        name: "",
+    }))
+}
