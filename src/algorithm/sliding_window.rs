@@ -59,11 +59,13 @@ pub(super) fn acquire(r: &Rule, state: u64, now: u64, cost: u64) -> Step {
         v.cur += cost;
         return Step { allowed: true, state: pack(r, &v) };
     }
+    // A denial still records that the window moved on: a later `now` from before the
+    // boundary must not see the old window again.
     let state = if r.block > 0 && v.idx == now / r.period {
         let blocked = View { idx: (now + r.block) / r.period, prev: r.capacity, cur: r.capacity, elapsed: 0 };
         pack(r, &blocked)
     } else {
-        state
+        pack(r, &v)
     };
     Step { allowed: false, state }
 }

@@ -1,0 +1,351 @@
+//! Unit and property tests of the pure algorithms: invariant 1 against reference models.
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::consts::MAX_TIME_NS;
+use crate::policy::{Algorithm, Policy};
+use std::time::Duration;
+
+const S: u64 = 1_000_000_000;
+
+fn rule(alg: Algorithm, points: u64, duration_ns: u64) -> Rule {
+    Policy::new(points, Duration::from_nanos(duration_ns)).algorithm(alg).compile().unwrap()
+}
+
+/// Runs `cost`s at `times` from a fresh state; returns (allowed, state) per step.
+fn run(r: &Rule, events: &[(u64, u64)]) -> Vec<bool> {
+    let mut state = 0;
+    events
+        .iter()
+        .map(|&(t, c)| {
+            let step = r.acquire(state, t, c);
+            state = step.state;
+            step.allowed
+        })
+        .collect()
+}
+
+#[test]
+fn token_bucket_basics() {
+    let r = rule(Algorithm::TokenBucket, 10, S); // 10/s, period 100 ms
+    assert_eq!(r.period, 100_000_000);
+    let mut s = 0;
+    for i in 0..10 {
+        let st = r.acquire(s, 0, 1);
+        assert!(st.allowed, "token {i}");
+        s = st.state;
+    }
+    let denied = r.acquire(s, 0, 1);
+    assert!(!denied.allowed);
+    assert_eq!(denied.state, s, "a plain denial writes nothing");
+    assert_eq!(r.retry_after(s, 0, 1), 100_000_000);
+    assert_eq!(r.retry_after(s, 0, 3), 300_000_000);
+    assert_eq!(r.remaining(s, 0), 0);
+    assert_eq!(r.reset_after(s, 0), S);
+    assert!(r.acquire(s, 100_000_000, 1).allowed);
+    assert!(!r.acquire(s, 99_999_999, 1).allowed);
+    // refund gives back, but never above full
+    let back = r.refund(s, 0, 4, 0);
+    assert_eq!(r.remaining(back, 0), 4);
+    assert_eq!(r.refund(back, 0, 100, 0), 0);
+    assert!(r.is_fresh(r.refund(back, 0, 100, 0), 0));
+}
+
+#[test]
+fn token_bucket_burst_and_block() {
+    let r = Policy::per_second(10).burst(3).block_duration(Duration::from_secs(5)).compile().unwrap();
+    let mut s = 0;
+    for _ in 0..3 {
+        s = r.acquire(s, 0, 1).state;
+    }
+    let d = r.acquire(s, 0, 1);
+    assert!(!d.allowed);
+    // blocked: nothing for 5 s, then refill from empty at 10/s
+    assert_eq!(r.retry_after(d.state, 0, 1), 5 * S + 100_000_000);
+    assert!(!r.acquire(d.state, 5 * S, 1).allowed);
+    // another denial during the block does not extend it
+    let again = r.acquire(d.state, 4 * S, 1);
+    assert_eq!(again.state, d.state);
+    assert!(r.acquire(d.state, 5 * S + 100_000_000, 1).allowed);
+}
+
+#[test]
+fn fixed_window_basics() {
+    let r = rule(Algorithm::FixedWindow, 3, S);
+    let ok = run(&r, &[(0, 1), (10, 2), (20, 1), (S - 1, 1), (S, 3), (S + 5, 1)]);
+    assert_eq!(ok, [true, true, false, false, true, false]);
+    let mut s = 0;
+    s = r.acquire(s, 10, 3).state;
+    assert_eq!(r.retry_after(s, 10, 1), S - 10);
+    assert_eq!(r.reset_after(s, 10), S - 10);
+    assert_eq!(r.remaining(s, 10), 0);
+    assert_eq!(r.remaining(s, S), 3);
+    // refund only into the window it was taken from
+    assert_eq!(r.remaining(r.refund(s, 20, 2, 10), 20), 2);
+    assert_eq!(r.refund(s, S + 1, 2, 10), s);
+    // time going back answers with the stored window
+    let later = r.acquire(0, 5 * S, 3).state;
+    assert!(!r.acquire(later, S, 1).allowed);
+}
+
+#[test]
+fn fixed_window_block_rounds_up_to_window_end() {
+    let r = Policy::per_second(1).algorithm(Algorithm::FixedWindow).block_duration(Duration::from_millis(1500)).compile().unwrap();
+    let s = r.acquire(0, 100, 1).state;
+    let d = r.acquire(s, 200, 1);
+    assert!(!d.allowed);
+    // blocked into the window containing 200 ns + 1.5 s, i.e. until 2 s
+    assert!(!r.acquire(d.state, S + 10, 1).allowed);
+    assert!(!r.acquire(d.state, 2 * S - 1, 1).allowed);
+    assert!(r.acquire(d.state, 2 * S, 1).allowed);
+    assert_eq!(r.retry_after(d.state, 200, 1), 2 * S - 200);
+}
+
+#[test]
+fn sliding_window_weights_previous_window() {
+    let r = rule(Algorithm::SlidingWindow, 10, S);
+    let s = r.acquire(0, 0, 10).state;
+    assert!(!r.acquire(s, S - 1, 1).allowed);
+    // 25% into the next window, 75% of the previous 10 still count: 8 (rounded up), 2 free.
+    let t = S + S / 4;
+    assert_eq!(r.remaining(s, t), 2);
+    let s2 = r.acquire(s, t, 2).state;
+    assert!(!r.acquire(s2, t, 1).allowed);
+    // one more frees when prev weight * 10 <= 7: e >= 0.3 s
+    assert_eq!(r.retry_after(s2, t, 1), S * 3 / 10 - S / 4);
+    assert!(r.acquire(s2, S + S * 3 / 10, 1).allowed);
+    assert!(!r.acquire(s2, S + S * 3 / 10 - 1, 1).allowed);
+    assert_eq!(r.reset_after(s2, t), 3 * S - t);
+}
+
+#[test]
+fn window_capacity_depends_on_window_length() {
+    let fixed_1ms = Rule::fixed_window(1, 1_000_000, 0);
+    let sliding_1s = Rule::sliding_window(1, S, 0);
+    let sliding_1h = Rule::sliding_window(1, 3600 * S, 0);
+    assert!(fixed_1ms.max_window_capacity() >= 1 << 19);
+    assert_eq!(sliding_1s.max_window_capacity(), (1 << 15) - 2);
+    assert!(sliding_1h.max_window_capacity() >= 1 << 20);
+    assert!(Policy::per_second(32766).algorithm(Algorithm::SlidingWindow).validate().is_ok());
+    assert!(Policy::per_second(32767).algorithm(Algorithm::SlidingWindow).validate().is_err());
+}
+
+// ---- property tests -------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum Tick {
+    Forward(u64),
+    Back(u64),
+    Jump(u64),
+}
+
+fn tick() -> impl Strategy<Value = Tick> {
+    prop_oneof![
+        6 => (0u64..3 * S).prop_map(Tick::Forward),
+        2 => (0u64..3 * S).prop_map(Tick::Back),
+        1 => any::<u64>().prop_map(Tick::Jump),
+        1 => Just(Tick::Jump(u64::MAX)),
+    ]
+}
+
+fn apply(t: u64, tick: &Tick) -> u64 {
+    match *tick {
+        Tick::Forward(d) => t.saturating_add(d),
+        Tick::Back(d) => t.saturating_sub(d),
+        Tick::Jump(to) => to,
+    }
+}
+
+fn algorithm() -> impl Strategy<Value = Algorithm> {
+    prop_oneof![Just(Algorithm::TokenBucket), Just(Algorithm::FixedWindow), Just(Algorithm::SlidingWindow)]
+}
+
+fn policy() -> impl Strategy<Value = Policy> {
+    (algorithm(), 1u64..50, 1u64..5_000, proptest::option::of(1u64..60), proptest::option::of(1u64..5_000)).prop_map(
+        |(alg, points, ms, burst, block_ms)| {
+            let mut p = Policy::new(points, Duration::from_millis(ms)).algorithm(alg);
+            if alg == Algorithm::TokenBucket {
+                if let Some(b) = burst {
+                    p = p.burst(b);
+                }
+            }
+            if let Some(b) = block_ms {
+                p = p.block_duration(Duration::from_millis(b));
+            }
+            p
+        },
+    )
+}
+
+/// Checks invariant 1 on a run: `admitted[i] = (max clamped time so far, cost)`.
+fn check_bound(p: &Policy, r: &Rule, admitted: &[(u64, u64)]) -> Result<(), TestCaseError> {
+    match r.kind {
+        Kind::TokenBucket => {
+            let duration = p.duration().as_nanos();
+            for i in 0..admitted.len() {
+                let mut sum: u128 = 0;
+                for j in i..admitted.len() {
+                    sum += admitted[j].1 as u128;
+                    let d = (admitted[j].0 - admitted[i].0) as u128;
+                    let bound = r.capacity as u128 + d * p.points() as u128 / duration;
+                    prop_assert!(sum <= bound, "admitted {} over [{}, {}] > {}", sum, admitted[i].0, admitted[j].0, bound);
+                }
+            }
+        }
+        Kind::FixedWindow | Kind::SlidingWindow => {
+            let mut per_window = std::collections::HashMap::<u64, u64>::new();
+            for &(t, c) in admitted {
+                *per_window.entry(t / r.period).or_default() += c;
+            }
+            for (w, sum) in per_window {
+                prop_assert!(sum <= r.capacity, "window {} admitted {} > {}", w, sum, r.capacity);
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    /// Invariant 1: over any interval, admitted <= capacity + rate x interval (token bucket) or
+    /// <= points per aligned window (windows), for any times, backwards and huge jumps included.
+    #[test]
+    fn invariant_1_admitted_within_bound_for_any_time_sequence(
+        p in policy(),
+        steps in proptest::collection::vec((tick(), any::<u64>()), 1..120),
+        small_costs in any::<bool>(),
+    ) {
+        let r = p.compile().unwrap();
+        let (mut t, mut max_t, mut state) = (0u64, 0u64, 0u64);
+        let mut admitted = Vec::new();
+        for (tk, raw_cost) in &steps {
+            t = apply(t, tk);
+            max_t = max_t.max(clamp(t));
+            let cost = if small_costs { (raw_cost % 3).min(r.capacity) } else { raw_cost % (r.capacity + 1) };
+            let step = r.acquire(state, t, cost);
+            if step.allowed {
+                admitted.push((max_t, cost));
+            }
+            state = step.state;
+            prop_assert_ne!(state, crate::consts::RETIRED);
+        }
+        check_bound(&p, &r, &admitted)?;
+    }
+
+    /// Time going backwards never makes more available.
+    #[test]
+    fn time_going_backwards_never_refunds(
+        p in policy(),
+        steps in proptest::collection::vec((0u64..2 * S, 0u64..4), 1..40),
+        back in any::<u64>(),
+    ) {
+        let r = p.compile().unwrap();
+        let (mut t, mut state) = (0u64, 0u64);
+        for (dt, c) in steps {
+            t += dt;
+            state = r.acquire(state, t, c.min(r.capacity)).state;
+        }
+        let earlier = t.saturating_sub(back);
+        prop_assert!(r.remaining(state, earlier) <= r.remaining(state, t));
+        prop_assert!(!r.acquire(state, earlier, 1).allowed || r.acquire(state, t, 1).allowed);
+    }
+
+    /// A denial's retry_after is exact: allowed then (with no other traffic), not a nanosecond before.
+    #[test]
+    fn retry_after_is_exact(
+        p in policy(),
+        steps in proptest::collection::vec((0u64..2 * S, 1u64..5), 1..40),
+        cost in 1u64..60,
+    ) {
+        let r = Rule { block: 0, ..p.compile().unwrap() };
+        let cost = cost.min(r.capacity);
+        let (mut t, mut state) = (0u64, 0u64);
+        for (dt, c) in steps {
+            t += dt;
+            state = r.acquire(state, t, c.min(r.capacity)).state;
+        }
+        if !r.acquire(state, t, cost).allowed {
+            let wait = r.retry_after(state, t, cost);
+            prop_assert!(wait > 0);
+            prop_assert!(r.acquire(state, t + wait, cost).allowed, "not allowed after retry_after {}", wait);
+            prop_assert!(!r.acquire(state, t + wait - 1, cost).allowed, "allowed before retry_after {}", wait);
+        }
+    }
+
+    /// Token bucket decisions equal a reference bucket that counts tokens (in token-nanoseconds)
+    /// for non-decreasing time.
+    #[test]
+    fn token_bucket_matches_reference_model(
+        points in 1u64..100, ms in 1u64..10_000, burst in 1u64..100,
+        steps in proptest::collection::vec((0u64..S, 0u64..8), 1..200),
+    ) {
+        let p = Policy::new(points, Duration::from_millis(ms)).burst(burst);
+        let r = p.compile().unwrap();
+        let tau = r.capacity as u128 * r.period as u128;
+        let (mut t, mut state) = (0u64, 0u64);
+        let (mut level, mut last) = (tau, 0u64);
+        for (dt, c) in steps {
+            t += dt;
+            let c = c.min(r.capacity);
+            level = (level + (t - last) as u128).min(tau);
+            last = t;
+            let model = level >= c as u128 * r.period as u128;
+            if model {
+                level -= c as u128 * r.period as u128;
+            }
+            let step = r.acquire(state, t, c);
+            state = step.state;
+            prop_assert_eq!(step.allowed, model, "at t={}", t);
+        }
+    }
+
+    /// Window decisions equal a reference model that keeps a log of admissions.
+    #[test]
+    fn windows_match_reference_log_model(
+        sliding in any::<bool>(), points in 1u64..50, ms in 1u64..5_000,
+        steps in proptest::collection::vec((0u64..S, 0u64..5), 1..200),
+    ) {
+        let alg = if sliding { Algorithm::SlidingWindow } else { Algorithm::FixedWindow };
+        let r = Policy::new(points, Duration::from_millis(ms)).algorithm(alg).compile().unwrap();
+        let w = r.period;
+        let mut log: Vec<(u64, u64)> = Vec::new();
+        let (mut t, mut state) = (0u64, 0u64);
+        for (dt, c) in steps {
+            t += dt;
+            let c = c.min(r.capacity);
+            let idx = t / w;
+            let in_window = |i: u64| log.iter().filter(|(at, _)| at / w == i).map(|(_, c)| c).sum::<u64>();
+            let cur = in_window(idx);
+            let estimate = if sliding && idx > 0 {
+                let prev = in_window(idx - 1) as u128;
+                cur + (prev * (w - t % w) as u128).div_ceil(w as u128) as u64
+            } else {
+                cur
+            };
+            let model = estimate + c <= r.capacity;
+            if model {
+                log.push((t, c));
+            }
+            let step = r.acquire(state, t, c);
+            state = step.state;
+            prop_assert_eq!(step.allowed, model, "at t={}", t);
+        }
+    }
+
+    /// Any u64 policy numbers either fail validation or run without panicking.
+    #[test]
+    fn no_panic_for_any_u64_inputs(
+        alg in algorithm(), points in any::<u64>(), nanos in any::<u64>(), burst in any::<u64>(),
+        block in any::<u64>(), state in any::<u64>(), now in any::<u64>(), cost in any::<u64>(),
+    ) {
+        let mut p = Policy::new(points, Duration::from_nanos(nanos)).algorithm(alg).block_duration(Duration::from_nanos(block));
+        if alg == Algorithm::TokenBucket { p = p.burst(burst); }
+        if let Ok(r) = p.compile() {
+            let c = cost % (r.capacity + 1);
+            let st = r.acquire(state, now, c);
+            let _ = (r.peek(state, now, c), r.refund(state, now, cost, now.wrapping_sub(cost)));
+            let _ = (r.remaining(st.state, now), r.reset_after(st.state, now), r.retry_after(st.state, now, c), r.is_fresh(state, now));
+            prop_assert!(clamp(now) <= MAX_TIME_NS);
+        }
+    }
+}

@@ -35,9 +35,13 @@ pub(crate) struct Table<K> {
 impl<K: Hash + Eq + Send + Sync + 'static> Table<K> {
     pub(crate) fn new(max_keys: usize) -> Self {
         Table {
+            // Blocking resizes: an incremental resize that never finishes (no more inserts)
+            // leaves every lookup searching two tables (measured: 61 ns instead of 37 ns per
+            // check over 10k keys in benches/compare.rs).
             map: HashMap::builder()
                 .hasher(ahash::RandomState::new())
                 .capacity(max_keys.min(1 << 16))
+                .resize_mode(papaya::ResizeMode::Blocking)
                 .build(),
             len: AtomicUsize::new(0),
             max_keys,
