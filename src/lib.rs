@@ -52,9 +52,10 @@
 //!
 //! ## Memory and eviction
 //!
-//! A tracked key costs its 8-byte state word, the key itself, and papaya's per-entry overhead:
-//! about **56 bytes for a `u64` key** and 80 bytes plus the string's heap bytes for a `String` key
-//! (measured by `tests/memory.rs`). The table holds at most `max_keys` keys (default
+//! A tracked key costs its 8-byte state word, the key, papaya's entry allocation and its share
+//! of the table (9 bytes a slot, at least half the slots used): at most **64 bytes for a `u64`
+//! key** and 80 bytes plus the string's own allocation for a `String` key, malloc's chunk
+//! overhead included (asserted by `tests/memory.rs`). The table holds at most `max_keys` keys (default
 //! 1,000,000). When it is full, a sweep removes keys whose state is indistinguishable from a
 //! fresh key (a full bucket, an empty window): forgetting them changes no answer. A throttled
 //! key is never removed, so a flood of new keys cannot reset it. New keys that find no room

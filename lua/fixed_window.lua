@@ -1,0 +1,94 @@
+-- tollgate: fixed window claims for a batch of keys.
+--
+-- KEYS[i]    the key of claim i (all keys of one batch share a slot in a cluster)
+-- ARGV[1]    node id (unused: window claims need no per-node record)
+-- ARGV[2]    time override in microseconds, '' in production (then Redis TIME is used)
+-- ARGV[3]    P, the number of distinct policies in the batch
+-- then P x   capacity, window length in microseconds
+-- then per key: policy index (1-based), kept, returned, wanted, window of the claim
+--
+-- State: one integer per key, (window id mod 2^20) * 2^32 + used, where used counts every
+-- token granted in the window (spent or still held by a node) minus those returned. The key
+-- expires 1 ms after its window ends, so the stored window id is never more than one window
+-- old and 20 bits tell it apart. Tokens held by nodes die with their window: a claim tagged
+-- with another window is void (its returned tokens are ignored and its kept tokens revoked).
+--
+-- Reply: 7 values per key: status (0 ok, 1 error with its message next), granted,
+-- remaining, ms to next token, ms to reset, window id, revoked.
+
+local now
+if ARGV[2] ~= '' then
+  now = tonumber(ARGV[2])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local np = tonumber(ARGV[3])
+local pcap, pwin = {}, {}
+local a = 4
+for p = 1, np do
+  pcap[p] = tonumber(ARGV[a])
+  pwin[p] = tonumber(ARGV[a + 1])
+  a = a + 2
+end
+
+local fmt, floor, ceil = string.format, math.floor, math.ceil
+local TWO32, TWO20 = 4294967296, 1048576
+local out = {}
+local o = 0
+
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local p = tonumber(ARGV[a])
+  local kept = tonumber(ARGV[a + 1])
+  local ret = tonumber(ARGV[a + 2])
+  local want = tonumber(ARGV[a + 3])
+  local claim_w = tonumber(ARGV[a + 4])
+  a = a + 5
+  local cap, win = pcap[p], pwin[p]
+  local v = redis.pcall('GET', key)
+  local n = v and tonumber(v)
+  if type(v) == 'table' then
+    out[o + 1] = 1; out[o + 2] = v.err or 'ERR'
+    out[o + 3] = 0; out[o + 4] = 0; out[o + 5] = 0; out[o + 6] = 0; out[o + 7] = 0
+  elseif v and not n then
+    out[o + 1] = 1; out[o + 2] = 'CORRUPT tollgate state'
+    out[o + 3] = 0; out[o + 4] = 0; out[o + 5] = 0; out[o + 6] = 0; out[o + 7] = 0
+  else
+    local w = floor(now / win)
+    local wm = w % TWO20
+    local used = 0
+    local same = false
+    if n and floor(n / TWO32) == wm then
+      used = n % TWO32
+      same = true
+    end
+    local revoked = 0
+    if claim_w == w then
+      used = used - ret
+      if used < 0 then used = 0 end
+    else
+      revoked = kept
+    end
+    local room = cap - used
+    if room < 0 then room = 0 end
+    local granted = want
+    if granted > room then granted = room end
+    used = used + granted
+    local remaining = room - granted
+    local reset = ceil(((w + 1) * win - now) / 1000)
+    local nxt = 0
+    if remaining == 0 then nxt = reset end
+    out[o + 1] = 0; out[o + 2] = granted; out[o + 3] = remaining
+    out[o + 4] = nxt; out[o + 5] = reset; out[o + 6] = w; out[o + 7] = revoked
+    if used == 0 then
+      if v then redis.call('DEL', key) end
+    elseif same then
+      redis.call('SET', key, fmt('%d', wm * TWO32 + used), 'KEEPTTL')
+    else
+      redis.call('SET', key, fmt('%d', wm * TWO32 + used), 'PX', fmt('%d', reset + 1))
+    end
+  end
+  o = o + 7
+end
+return out

@@ -1,0 +1,165 @@
+-- tollgate: token bucket claims for a batch of keys, with the held cap and node leases.
+--
+-- KEYS[i]    the key of claim i (all keys of one batch share a slot in a cluster)
+-- ARGV[1]    node id (a decimal string; the hash field that records this node's holding)
+-- ARGV[2]    time override in microseconds, '' in production (then Redis TIME is used)
+-- ARGV[3]    P, the number of distinct policies in the batch
+-- then P x   capacity, microseconds per token, lease in ms
+-- then per key: policy index (1-based), kept, returned, wanted, window (ignored here)
+--
+-- State: one hash per key.
+--   field 's'    struct '<ddddd': e, ep, cur, prev, x
+--     e     the "empty time" in microseconds: the bucket holds floor((now - e) / per) tokens,
+--           at most capacity (e is clamped to now - capacity * per)
+--     ep    the lease epoch (floor(now_ms / lease)) that cur belongs to
+--     cur   tokens held by nodes that synced in epoch ep
+--     prev  tokens held by nodes that synced in epoch ep - 1
+--     x     the absolute expiry (ms) last set on the key
+--   field '<node>'  struct '<dd': epoch of that node's last sync, tokens it holds since then
+-- A holding counts until the end of the epoch after the one it was recorded in (a lease of
+-- between one and two lease lengths). Tokens in the bucket are capped at
+-- capacity - (holdings of all nodes), so bucket + holdings <= capacity at every instant.
+--
+-- Reply: 7 values per key: status (0 ok, 1 error with its message next), granted,
+-- remaining, ms to next token, ms to reset, window (0), revoked.
+-- All numbers stay below 2^53 (the client validates capacity * per <= 2^52).
+
+local node = ARGV[1]
+local now
+if ARGV[2] ~= '' then
+  now = tonumber(ARGV[2])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local now_ms = math.floor(now / 1000)
+local np = tonumber(ARGV[3])
+local pcap, pper, plea = {}, {}, {}
+local a = 4
+for p = 1, np do
+  pcap[p] = tonumber(ARGV[a])
+  pper[p] = tonumber(ARGV[a + 1])
+  plea[p] = tonumber(ARGV[a + 2])
+  a = a + 3
+end
+
+local spack, sunpack, fmt, floor, ceil = struct.pack, struct.unpack, string.format, math.floor, math.ceil
+local out = {}
+local o = 0
+
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local p = tonumber(ARGV[a])
+  local kept = tonumber(ARGV[a + 1])
+  local ret = tonumber(ARGV[a + 2])
+  local want = tonumber(ARGV[a + 3])
+  a = a + 5
+  local cap, per, lease = pcap[p], pper[p], plea[p]
+  local tau = cap * per
+  local ep = floor(now_ms / lease)
+  local r = redis.pcall('HMGET', key, 's', node)
+  local s = r[1]
+  local rec = r[2]
+  if r.err then
+    out[o + 1] = 1; out[o + 2] = r.err
+    out[o + 3] = 0; out[o + 4] = 0; out[o + 5] = 0; out[o + 6] = 0; out[o + 7] = 0
+  elseif (s and #s ~= 40) or (rec and #rec ~= 16) then
+    out[o + 1] = 1; out[o + 2] = 'CORRUPT tollgate state'
+    out[o + 3] = 0; out[o + 4] = 0; out[o + 5] = 0; out[o + 6] = 0; out[o + 7] = 0
+  else
+    local e, sep, cur, prev, x
+    if s then
+      e, sep, cur, prev, x = sunpack('<ddddd', s)
+    else
+      e, sep, cur, prev, x = now - tau, ep, 0, 0, 0
+    end
+    -- Roll the lease epochs (a clock that went backwards keeps the stored epoch).
+    if ep < sep then
+      ep = sep
+    elseif ep > sep then
+      if ep == sep + 1 then prev = cur else prev = 0 end
+      cur = 0
+    end
+    -- Take this node's previous holding out of the totals, if it still counts.
+    local had = 0
+    if rec then
+      local nep, amt = sunpack('<dd', rec)
+      if nep == ep then
+        had = amt; cur = cur - amt
+      elseif nep == ep - 1 then
+        had = amt; prev = prev - amt
+      end
+      if cur < 0 then cur = 0 end
+      if prev < 0 then prev = 0 end
+    end
+    local kfree = kept
+    if kfree > had then kfree = had end
+    local rok = ret
+    if rok > had - kfree then rok = had - kfree end
+    -- Refill, add back what was returned, cap at capacity minus everything held.
+    if e < now - tau then e = now - tau end
+    local elapsed = now - e
+    if elapsed < 0 then elapsed = 0 end
+    local tokens = floor(elapsed / per)
+    local frac = elapsed - tokens * per
+    tokens = tokens + rok
+    local room = cap - cur - prev - kfree
+    if room < 0 then room = 0 end
+    if tokens > room then tokens = room; frac = 0 end
+    -- Kept tokens the store does not know of (lease expired, state lost) must be claimed again.
+    local extra = kept - kfree
+    if extra > tokens then extra = tokens end
+    tokens = tokens - extra
+    local revoked = kept - kfree - extra
+    local granted = want
+    if granted > tokens then granted = tokens end
+    tokens = tokens - granted
+    local held = kfree + extra + granted
+    cur = cur + held
+    e = now - tokens * per - frac
+    local next_us = 0
+    if tokens == 0 then next_us = per - frac end
+    local reset_us = (cap - tokens) * per - frac
+    out[o + 1] = 0; out[o + 2] = granted; out[o + 3] = tokens
+    out[o + 4] = ceil(next_us / 1000); out[o + 5] = ceil(reset_us / 1000)
+    out[o + 6] = 0; out[o + 7] = revoked
+    -- Persist, or forget a key that is indistinguishable from a fresh one.
+    if cur + prev == 0 and tokens >= cap then
+      if s then redis.call('DEL', key) end
+    else
+      local need = ceil((e + tau) / 1000)
+      if cur + prev > 0 then
+        local lend = (ep + 2) * lease
+        if lend > need then need = lend end
+      end
+      local refresh = x < need
+      if refresh then
+        -- Refresh the TTL only when it would fall short, with headroom so that this is rare.
+        local head = need - now_ms
+        if head < 1000 then head = 1000 end
+        x = need + head
+      end
+      if held > 0 or rec then
+        redis.call('HSET', key, 's', spack('<ddddd', e, ep, cur, prev, x), node, spack('<dd', ep, held))
+      else
+        redis.call('HSET', key, 's', spack('<ddddd', e, ep, cur, prev, x))
+      end
+      if refresh then
+        if s then
+          -- Once per refresh: drop the records of nodes whose lease has run out.
+          local all = redis.call('HGETALL', key)
+          for j = 1, #all, 2 do
+            local f = all[j]
+            if f ~= 's' then
+              local v = all[j + 1]
+              if #v ~= 16 or sunpack('<d', v) < ep - 1 then redis.call('HDEL', key, f) end
+            end
+          end
+        end
+        redis.call('PEXPIRE', key, fmt('%d', x - now_ms))
+      end
+    end
+  end
+  o = o + 7
+end
+return out
