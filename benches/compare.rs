@@ -64,7 +64,10 @@ fn pair(name: &str, iters: usize, mut ours: impl FnMut(usize), mut theirs: impl 
         b.push(time(iters, &mut theirs));
     }
     let (a, b) = (median(a), median(b));
-    println!("compare {name} tollgate_ns={a:.1} governor_ns={b:.1} ratio={:.2}", a / b);
+    println!(
+        "compare {name} tollgate_ns={a:.1} governor_ns={b:.1} ratio={:.2}",
+        a / b
+    );
     (a, b)
 }
 
@@ -195,14 +198,41 @@ fn floor(iters: usize) {
             let g = map.guard();
             let cell = map.get(&seq[i & mask], &g).unwrap();
             let cur = cell.load(Ordering::Relaxed);
-            black_box(cell.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok());
+            black_box(
+                cell.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok(),
+            );
         }));
     }
     let cached = Clock::cached();
     let precise = Clock::precise();
-    let c = median((0..ROUNDS).map(|_| time(iters, |_| { black_box(cached.now_ns()); })).collect());
-    let p = median((0..ROUNDS).map(|_| time(iters, |_| { black_box(precise.now_ns()); })).collect());
-    let s = median((0..ROUNDS).map(|_| time(iters, |_| { black_box(Instant::now()); })).collect());
+    let c = median(
+        (0..ROUNDS)
+            .map(|_| {
+                time(iters, |_| {
+                    black_box(cached.now_ns());
+                })
+            })
+            .collect(),
+    );
+    let p = median(
+        (0..ROUNDS)
+            .map(|_| {
+                time(iters, |_| {
+                    black_box(precise.now_ns());
+                })
+            })
+            .collect(),
+    );
+    let s = median(
+        (0..ROUNDS)
+            .map(|_| {
+                time(iters, |_| {
+                    black_box(Instant::now());
+                })
+            })
+            .collect(),
+    );
     println!(
         "compare floor map_get_plus_cas_10k_ns={:.1} clock_cached_ns={c:.1} clock_precise_ns={p:.1} instant_now_ns={s:.1}",
         median(v)

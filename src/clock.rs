@@ -134,9 +134,9 @@ impl ManualClock {
     /// Moves time forward (saturating).
     pub fn advance(&self, by: Duration) {
         let by = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
-        let _ = self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-            Some(t.saturating_add(by))
-        });
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t.saturating_add(by)));
     }
 
     /// Sets the time, in nanoseconds since the origin; it may go backwards.

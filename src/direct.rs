@@ -28,7 +28,9 @@ pub struct DirectLimiter {
 
 impl fmt::Debug for DirectLimiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DirectLimiter").field("policy", &self.policy).finish_non_exhaustive()
+        f.debug_struct("DirectLimiter")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
     }
 }
 
@@ -40,7 +42,13 @@ impl DirectLimiter {
 
     /// A limiter on the given clock.
     pub fn with_clock(policy: Policy, clock: Clock) -> Result<Self, PolicyError> {
-        Ok(DirectLimiter { rule: policy.compile()?, cell: Cell::default(), clock, name: "direct", policy })
+        Ok(DirectLimiter {
+            rule: policy.compile()?,
+            cell: Cell::default(),
+            clock,
+            name: "direct",
+            policy,
+        })
     }
 
     /// The policy.
@@ -58,7 +66,11 @@ impl DirectLimiter {
     #[inline]
     pub fn check_n(&self, cost: u64) -> Result<Decision, InsufficientCapacity> {
         if cost > self.rule.capacity {
-            return Err(InsufficientCapacity { cost, capacity: self.rule.capacity, policy: self.name });
+            return Err(InsufficientCapacity {
+                cost,
+                capacity: self.rule.capacity,
+                policy: self.name,
+            });
         }
         Ok(self.take(cost))
     }
@@ -66,10 +78,17 @@ impl DirectLimiter {
     /// What `check_n(cost)` would answer, taking nothing.
     pub fn peek(&self, cost: u64) -> Result<Decision, InsufficientCapacity> {
         if cost > self.rule.capacity {
-            return Err(InsufficientCapacity { cost, capacity: self.rule.capacity, policy: self.name });
+            return Err(InsufficientCapacity {
+                cost,
+                capacity: self.rule.capacity,
+                policy: self.name,
+            });
         }
         let now = self.clock.now_ns();
-        let step = self.cell.peek(&self.rule, now, cost).expect("a direct cell is never retired");
+        let step = self
+            .cell
+            .peek(&self.rule, now, cost)
+            .expect("a direct cell is never retired");
         Ok(self.decision(step.allowed, step.state, now, cost))
     }
 
@@ -82,12 +101,23 @@ impl DirectLimiter {
     #[inline]
     fn take(&self, cost: u64) -> Decision {
         let now = self.clock.now_ns();
-        let step = self.cell.acquire(&self.rule, now, cost).expect("a direct cell is never retired");
+        let step = self
+            .cell
+            .acquire(&self.rule, now, cost)
+            .expect("a direct cell is never retired");
         self.decision(step.allowed, step.state, now, cost)
     }
 
     #[inline]
     fn decision(&self, allowed: bool, state: u64, now: u64, cost: u64) -> Decision {
-        Decision { allowed, source: Source::Key, rule: self.rule, state, now, cost, name: self.name }
+        Decision {
+            allowed,
+            source: Source::Key,
+            rule: self.rule,
+            state,
+            now,
+            cost,
+            name: self.name,
+        }
     }
 }

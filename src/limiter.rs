@@ -66,7 +66,10 @@ impl Jitter {
 /// on the hot path). Each distinct name is stored once per process.
 fn intern(name: &str) -> &'static str {
     static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let mut names = NAMES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     if let Some(n) = names.get(name) {
         return n;
     }
@@ -164,7 +167,9 @@ pub struct Limiter<K = String> {
 
 impl<K> Clone for Limiter<K> {
     fn clone(&self) -> Self {
-        Limiter { inner: self.inner.clone() }
+        Limiter {
+            inner: self.inner.clone(),
+        }
     }
 }
 
@@ -320,14 +325,26 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
     #[inline]
     fn fits(&self, cost: u64) -> Result<(), InsufficientCapacity> {
         if cost > self.inner.rule.capacity {
-            return Err(InsufficientCapacity { cost, capacity: self.inner.rule.capacity, policy: self.inner.name });
+            return Err(InsufficientCapacity {
+                cost,
+                capacity: self.inner.rule.capacity,
+                policy: self.inner.name,
+            });
         }
         Ok(())
     }
 
     #[inline]
     fn decision(&self, allowed: bool, source: Source, state: u64, now: u64, cost: u64) -> Decision {
-        Decision { allowed, source, rule: self.inner.rule, state, now, cost, name: self.inner.name }
+        Decision {
+            allowed,
+            source,
+            rule: self.inner.rule,
+            state,
+            now,
+            cost,
+            name: self.inner.name,
+        }
     }
 
     #[inline]
@@ -359,7 +376,10 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         match inner.when_full {
             WhenFull::Deny => self.decision(false, Source::TableFull, 0, now, cost),
             WhenFull::Overflow => {
-                let step = inner.overflow.acquire(&inner.rule, now, cost).expect("the overflow cell is never retired");
+                let step = inner
+                    .overflow
+                    .acquire(&inner.rule, now, cost)
+                    .expect("the overflow cell is never retired");
                 self.decision(step.allowed, Source::Overflow, step.state, now, cost)
             }
         }
@@ -421,7 +441,8 @@ where
 
     fn give_back(&self, taken: &Decision) {
         let now = self.limiter.inner.clock.now_ns();
-        self.limiter.give_back(self.key, taken.cost, taken.now, taken.source, now);
+        self.limiter
+            .give_back(self.key, taken.cost, taken.now, taken.source, now);
     }
 }
 

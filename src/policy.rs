@@ -145,15 +145,36 @@ impl Policy {
             return err("points", format!("must be <= {MAX_CAPACITY} (got {})", self.points));
         }
         if self.duration < MIN_DURATION {
-            return err("duration", format!("must be >= {} s (got {} s)", MIN_DURATION.as_secs_f64(), self.duration.as_secs_f64()));
+            return err(
+                "duration",
+                format!(
+                    "must be >= {} s (got {} s)",
+                    MIN_DURATION.as_secs_f64(),
+                    self.duration.as_secs_f64()
+                ),
+            );
         }
         if self.duration > MAX_DURATION {
-            return err("duration", format!("must be <= {} s (one year; got {} s)", MAX_DURATION.as_secs(), self.duration.as_secs_f64()));
+            return err(
+                "duration",
+                format!(
+                    "must be <= {} s (one year; got {} s)",
+                    MAX_DURATION.as_secs(),
+                    self.duration.as_secs_f64()
+                ),
+            );
         }
         let duration_ns = self.duration.as_nanos() as u64;
         if let Some(block) = self.block_duration {
             if block.is_zero() || block > MAX_DURATION {
-                return err("block_duration", format!("must be > 0 and <= {} s (got {} s)", MAX_DURATION.as_secs(), block.as_secs_f64()));
+                return err(
+                    "block_duration",
+                    format!(
+                        "must be > 0 and <= {} s (got {} s)",
+                        MAX_DURATION.as_secs(),
+                        block.as_secs_f64()
+                    ),
+                );
             }
         }
         let block_ns = self.block_duration.map_or(0, |b| b.as_nanos() as u64);
@@ -161,7 +182,10 @@ impl Policy {
             Algorithm::TokenBucket => {
                 let rate_per_sec = self.points as u128 * 1_000_000_000 / duration_ns as u128;
                 if rate_per_sec > MAX_RATE_PER_SEC as u128 {
-                    return err("points", format!("rate must be <= {MAX_RATE_PER_SEC} per second (got {rate_per_sec})"));
+                    return err(
+                        "points",
+                        format!("rate must be <= {MAX_RATE_PER_SEC} per second (got {rate_per_sec})"),
+                    );
                 }
                 let burst = self.burst.unwrap_or(self.points);
                 if burst == 0 {
@@ -172,13 +196,26 @@ impl Policy {
                 }
                 let rule = Rule::token_bucket(burst, duration_ns, self.points, block_ns);
                 if rule.aux > MAX_TIME_NS {
-                    return err("burst", format!("refilling {burst} tokens at {} per {} s takes over 2^62 ns", self.points, self.duration.as_secs_f64()));
+                    return err(
+                        "burst",
+                        format!(
+                            "refilling {burst} tokens at {} per {} s takes over 2^62 ns",
+                            self.points,
+                            self.duration.as_secs_f64()
+                        ),
+                    );
                 }
                 Ok(rule)
             }
             Algorithm::FixedWindow | Algorithm::SlidingWindow => {
                 if self.burst.is_some() {
-                    return err("burst", format!("only token_bucket has a burst; {} allows `points` per window", self.algorithm.as_str()));
+                    return err(
+                        "burst",
+                        format!(
+                            "only token_bucket has a burst; {} allows `points` per window",
+                            self.algorithm.as_str()
+                        ),
+                    );
                 }
                 let rule = if self.algorithm == Algorithm::FixedWindow {
                     Rule::fixed_window(self.points, duration_ns, block_ns)
@@ -187,7 +224,14 @@ impl Policy {
                 };
                 let max = rule.max_window_capacity();
                 if self.points > max {
-                    return err("points", format!("must be <= {max} for a {} of {} s (the state of a key is one 64-bit word)", self.algorithm.as_str(), self.duration.as_secs_f64()));
+                    return err(
+                        "points",
+                        format!(
+                            "must be <= {max} for a {} of {} s (the state of a key is one 64-bit word)",
+                            self.algorithm.as_str(),
+                            self.duration.as_secs_f64()
+                        ),
+                    );
                 }
                 Ok(rule)
             }
@@ -261,7 +305,10 @@ fn seconds(field: &'static str, v: f64) -> Result<Duration, PolicyError> {
         return Err(e(format!("must be > 0 (got {v})")));
     }
     if v > MAX_DURATION.as_secs_f64() {
-        return Err(e(format!("must be <= {} s (one year; got {v})", MAX_DURATION.as_secs())));
+        return Err(e(format!(
+            "must be <= {} s (one year; got {v})",
+            MAX_DURATION.as_secs()
+        )));
     }
     let d = Duration::from_secs_f64(v);
     if d < MIN_DURATION {
@@ -299,7 +346,13 @@ impl From<Policy> for PolicySpec {
 
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} per {} s ({})", self.points, self.duration.as_secs_f64(), self.algorithm.as_str())?;
+        write!(
+            f,
+            "{} per {} s ({})",
+            self.points,
+            self.duration.as_secs_f64(),
+            self.algorithm.as_str()
+        )?;
         if let Some(b) = self.burst {
             write!(f, ", burst {b}")?;
         }
@@ -327,30 +380,60 @@ mod tests {
             (r#"{"points": 10, "duration": 5e-324}"#, "duration: must be >= 0.001 s"),
             (r#"{"points": 10, "duration": 1e12}"#, "duration: must be <="),
             (r#"{"points": 10, "duration": 60, "burst": 0}"#, "burst: must be > 0"),
-            (r#"{"points": 10, "duration": 60, "block_duration": 0}"#, "block_duration: must be > 0"),
-            (r#"{"points": 10, "duration": 60, "algorithm": "fixed_window", "burst": 5}"#, "burst: only token_bucket"),
-            (r#"{"points": 4000000000, "duration": 1, "algorithm": "sliding_window"}"#, "points: must be <="),
-            (r#"{"points": 4000000000, "duration": 0.001}"#, "points: rate must be <="),
+            (
+                r#"{"points": 10, "duration": 60, "block_duration": 0}"#,
+                "block_duration: must be > 0",
+            ),
+            (
+                r#"{"points": 10, "duration": 60, "algorithm": "fixed_window", "burst": 5}"#,
+                "burst: only token_bucket",
+            ),
+            (
+                r#"{"points": 4000000000, "duration": 1, "algorithm": "sliding_window"}"#,
+                "points: must be <=",
+            ),
+            (
+                r#"{"points": 4000000000, "duration": 0.001}"#,
+                "points: rate must be <=",
+            ),
         ];
         for (json, want) in cases {
             let got = parse(json).expect_err(json);
             assert!(got.contains(want), "{json}: got {got:?}, want {want:?}");
         }
-        assert!(parse(r#"{"points": 10, "duration": 60, "pionts": 3}"#).unwrap_err().contains("unknown field"));
-        assert!(parse(r#"{"points": 10, "duration": 60, "algorithm": "leaky"}"#).unwrap_err().contains("unknown variant"));
+        assert!(parse(r#"{"points": 10, "duration": 60, "pionts": 3}"#)
+            .unwrap_err()
+            .contains("unknown field"));
+        assert!(parse(r#"{"points": 10, "duration": 60, "algorithm": "leaky"}"#)
+            .unwrap_err()
+            .contains("unknown variant"));
     }
 
     #[test]
     fn builder_values_are_validated_in_the_same_place() {
         assert_eq!(Policy::per_second(0).validate().unwrap_err().field, "points");
-        assert_eq!(Policy::new(1, Duration::from_nanos(10)).validate().unwrap_err().field, "duration");
-        assert_eq!(Policy::per_second(5).burst(u64::MAX).validate().unwrap_err().field, "burst");
         assert_eq!(
-            Policy::per_second(5).block_duration(Duration::ZERO).validate().unwrap_err().field,
+            Policy::new(1, Duration::from_nanos(10)).validate().unwrap_err().field,
+            "duration"
+        );
+        assert_eq!(
+            Policy::per_second(5).burst(u64::MAX).validate().unwrap_err().field,
+            "burst"
+        );
+        assert_eq!(
+            Policy::per_second(5)
+                .block_duration(Duration::ZERO)
+                .validate()
+                .unwrap_err()
+                .field,
             "block_duration"
         );
         assert_eq!(
-            PolicyError { field: "points", reason: "must be > 0".into() }.at("tiers.free"),
+            PolicyError {
+                field: "points",
+                reason: "must be > 0".into()
+            }
+            .at("tiers.free"),
             "tiers.free.points: must be > 0"
         );
     }

@@ -5,7 +5,11 @@ use std::time::Duration;
 use tollgate::{check_all, Algorithm, DirectLimiter, Limiter, ManualClock, Policy, WhenFull};
 
 fn limiter(policy: Policy, clock: &ManualClock) -> Limiter {
-    Limiter::builder(policy).clock(clock.clock()).name("test").build().unwrap()
+    Limiter::builder(policy)
+        .clock(clock.clock())
+        .name("test")
+        .build()
+        .unwrap()
 }
 
 const ALGORITHMS: [Algorithm; 3] = [Algorithm::TokenBucket, Algorithm::FixedWindow, Algorithm::SlidingWindow];
@@ -26,7 +30,10 @@ fn each_algorithm_allows_points_then_denies_with_a_retry_time() {
         assert!(d.is_denied(), "{alg:?}");
         let wait = d.retry_after().unwrap();
         // sliding window: the full previous window still weighs at the boundary, so up to 2 windows
-        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(2), "{alg:?} {wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(2),
+            "{alg:?} {wait:?}"
+        );
         assert!(d.reset_after() > Duration::ZERO);
         clock.advance(wait);
         assert!(l.check("k").is_allowed(), "{alg:?} after retry_after");
@@ -64,7 +71,11 @@ fn peek_takes_nothing_and_refund_gives_back() {
     l.refund("k", 2);
     assert_eq!(l.peek("k", 1).unwrap().remaining(), 1);
     l.refund("k", 100);
-    assert_eq!(l.peek("k", 3).unwrap().remaining(), 0, "refund never exceeds a full bucket");
+    assert_eq!(
+        l.peek("k", 3).unwrap().remaining(),
+        0,
+        "refund never exceeds a full bucket"
+    );
     assert!(l.check_n("k", 3).unwrap().is_allowed());
     assert!(l.check("k").is_denied());
 }
@@ -100,16 +111,38 @@ fn time_going_backwards_never_refunds() {
 #[test]
 fn endpoint_denial_consumes_nothing_from_ip_and_user_layers() {
     let clock = ManualClock::new();
-    let build = |name: &str, p: Policy| Limiter::<String>::builder(p).name(name).clock(clock.clock()).build().unwrap();
+    let build = |name: &str, p: Policy| {
+        Limiter::<String>::builder(p)
+            .name(name)
+            .clock(clock.clock())
+            .build()
+            .unwrap()
+    };
     let ip = build("ip", Policy::per_minute(100));
     let user = build("user", Policy::per_minute(50));
     let endpoint = build("endpoint", Policy::per_hour(2).algorithm(Algorithm::FixedWindow));
     for _ in 0..2 {
-        let d = check_all(1, &[&ip.bind("10.0.0.1"), &user.bind("alice"), &endpoint.bind("alice POST /api/ai/generate")]).unwrap();
+        let d = check_all(
+            1,
+            &[
+                &ip.bind("10.0.0.1"),
+                &user.bind("alice"),
+                &endpoint.bind("alice POST /api/ai/generate"),
+            ],
+        )
+        .unwrap();
         assert!(d.is_allowed());
     }
     for _ in 0..10 {
-        let d = check_all(1, &[&ip.bind("10.0.0.1"), &user.bind("alice"), &endpoint.bind("alice POST /api/ai/generate")]).unwrap();
+        let d = check_all(
+            1,
+            &[
+                &ip.bind("10.0.0.1"),
+                &user.bind("alice"),
+                &endpoint.bind("alice POST /api/ai/generate"),
+            ],
+        )
+        .unwrap();
         assert!(d.is_denied());
         assert_eq!(d.policy(), "endpoint");
     }
@@ -126,14 +159,27 @@ fn endpoint_denial_consumes_nothing_from_ip_and_user_layers() {
 #[test]
 fn when_full_new_keys_share_the_overflow_bucket_or_are_denied() {
     let clock = ManualClock::new();
-    let overflow = Limiter::<u64>::builder(Policy::per_minute(3)).max_keys(2).clock(clock.clock()).build().unwrap();
+    let overflow = Limiter::<u64>::builder(Policy::per_minute(3))
+        .max_keys(2)
+        .clock(clock.clock())
+        .build()
+        .unwrap();
     assert!(overflow.check(&1).is_allowed() && overflow.check(&2).is_allowed());
     let results: Vec<_> = (100..110u64).map(|k| overflow.check(&k)).collect();
     assert!(results.iter().all(|d| d.is_untracked()));
-    assert_eq!(results.iter().filter(|d| d.is_allowed()).count(), 3, "untracked keys share one bucket of 3");
+    assert_eq!(
+        results.iter().filter(|d| d.is_allowed()).count(),
+        3,
+        "untracked keys share one bucket of 3"
+    );
     assert_eq!(overflow.len(), 2);
 
-    let deny = Limiter::<u64>::builder(Policy::per_minute(3)).max_keys(1).when_full(WhenFull::Deny).clock(clock.clock()).build().unwrap();
+    let deny = Limiter::<u64>::builder(Policy::per_minute(3))
+        .max_keys(1)
+        .when_full(WhenFull::Deny)
+        .clock(clock.clock())
+        .build()
+        .unwrap();
     assert!(deny.check(&1).is_allowed());
     let d = deny.check(&2);
     assert!(d.is_denied() && d.is_untracked() && d.retry_after().is_some());
@@ -155,9 +201,17 @@ fn sweep_removes_only_fresh_equivalent_keys() {
         l.check("heavy");
     }
     clock.advance(Duration::from_millis(150));
-    assert_eq!(l.sweep(), 100, "one token refills in 100 ms: the light keys are full again");
+    assert_eq!(
+        l.sweep(),
+        100,
+        "one token refills in 100 ms: the light keys are full again"
+    );
     assert_eq!(l.len(), 1);
-    assert_eq!(l.peek("heavy", 1).unwrap().remaining(), 0, "the heavy key kept its state");
+    assert_eq!(
+        l.peek("heavy", 1).unwrap().remaining(),
+        0,
+        "the heavy key kept its state"
+    );
 }
 
 #[test]
@@ -202,7 +256,13 @@ async fn until_ready_waits_for_the_retry_time() {
     assert!(d.is_allowed());
     let waited = start.elapsed();
     assert!(waited >= Duration::from_millis(40), "waited only {waited:?}");
-    let d = l.until_n_ready("k", 1, Jitter::up_to(Duration::from_millis(5))).await.unwrap();
+    let d = l
+        .until_n_ready("k", 1, Jitter::up_to(Duration::from_millis(5)))
+        .await
+        .unwrap();
     assert!(d.is_allowed());
-    assert!(l.until_n_ready("k", 2, Jitter::default()).await.is_err(), "never: cost above burst");
+    assert!(
+        l.until_n_ready("k", 2, Jitter::default()).await.is_err(),
+        "never: cost above burst"
+    );
 }

@@ -56,7 +56,10 @@ where
     let keys: Vec<K> = (0..n).map(&make).collect();
     let before = live();
     // Default max_keys: the table starts small and grows as keys arrive.
-    let l = Limiter::<K>::builder(Policy::per_minute(10)).clock(clock.clock()).build().unwrap();
+    let l = Limiter::<K>::builder(Policy::per_minute(10))
+        .clock(clock.clock())
+        .build()
+        .unwrap();
     for k in &keys {
         l.check(k);
     }
@@ -76,16 +79,28 @@ fn bytes_per_tracked_key_are_as_stated() {
     // The table stores a clone of each 13-byte string: one 32-byte chunk each, not counted.
     let s = bytes_per_key(n, |i| format!("user-{i:08}"), 32);
     println!("bytes per tracked key: u64 {u:.1}, String {s:.1} + string bytes");
-    assert!(u <= STATED_BYTES_PER_U64_KEY, "u64 key costs {u:.1} bytes, more than stated");
-    assert!(s <= STATED_BYTES_PER_STRING_KEY, "String key costs {s:.1} bytes, more than stated");
+    assert!(
+        u <= STATED_BYTES_PER_U64_KEY,
+        "u64 key costs {u:.1} bytes, more than stated"
+    );
+    assert!(
+        s <= STATED_BYTES_PER_STRING_KEY,
+        "String key costs {s:.1} bytes, more than stated"
+    );
 }
 
 #[test]
 fn no_heap_allocation_per_check_on_a_tracked_key() {
     let _alone = ALONE.lock().unwrap();
     let clock = ManualClock::new();
-    let strings: Limiter<String> = Limiter::builder(Policy::per_second(1000)).clock(clock.clock()).build().unwrap();
-    let numbers: Limiter<u64> = Limiter::builder(Policy::per_second(1000)).clock(clock.clock()).build().unwrap();
+    let strings: Limiter<String> = Limiter::builder(Policy::per_second(1000))
+        .clock(clock.clock())
+        .build()
+        .unwrap();
+    let numbers: Limiter<u64> = Limiter::builder(Policy::per_second(1000))
+        .clock(clock.clock())
+        .build()
+        .unwrap();
     let keys: Vec<String> = (0..100).map(|i| format!("client-{i}")).collect();
     for (i, k) in keys.iter().enumerate() {
         strings.check(k.as_str());
@@ -103,7 +118,10 @@ fn no_heap_allocation_per_check_on_a_tracked_key() {
     }
     let allocations = ALLOCS.load(Ordering::Relaxed) - before;
     assert!(allowed > 0);
-    assert_eq!(allocations, 0, "{allocations} allocations in 300,000 checks of tracked keys");
+    assert_eq!(
+        allocations, 0,
+        "{allocations} allocations in 300,000 checks of tracked keys"
+    );
 }
 
 #[test]
@@ -139,11 +157,21 @@ fn key_flood_stays_bounded_and_a_throttled_key_stays_throttled() {
     }
     assert!(l.check(&victim).is_denied(), "the flood reset the throttled key");
     let d = l.peek(&victim, 1).unwrap();
-    assert!(d.retry_after().unwrap() > Duration::from_secs(40), "block shortened: {:?}", d.retry_after());
+    assert!(
+        d.retry_after().unwrap() > Duration::from_secs(40),
+        "block shortened: {:?}",
+        d.retry_after()
+    );
     assert!(l.evicted() > 0, "the flood keys were swept");
     // Untracked keys share one overflow bucket: at most its burst plus its refill over 10 s.
-    assert!(untracked_allowed <= 10 + 10 * 10, "{untracked_allowed} untracked keys allowed");
+    assert!(
+        untracked_allowed <= 10 + 10 * 10,
+        "{untracked_allowed} untracked keys allowed"
+    );
     let bound = (max_keys as f64 * STATED_BYTES_PER_U64_KEY * 1.2) as isize + (1 << 20);
-    println!("flood: peak live heap {peak} bytes for max_keys {max_keys} (bound {bound}), {} evicted", l.evicted());
+    println!(
+        "flood: peak live heap {peak} bytes for max_keys {max_keys} (bound {bound}), {} evicted",
+        l.evicted()
+    );
     assert!(peak <= bound, "memory grew to {peak} bytes, over {bound}");
 }

@@ -30,7 +30,10 @@ fn view(r: &Rule, state: u64, now: u64) -> (u64, u64) {
 pub(super) fn acquire(r: &Rule, state: u64, now: u64, cost: u64) -> Step {
     let (idx, used) = view(r, state, now);
     if used + cost <= r.capacity {
-        return Step { allowed: true, state: (idx << r.aux) | (used + cost) };
+        return Step {
+            allowed: true,
+            state: (idx << r.aux) | (used + cost),
+        };
     }
     let now_idx = now / r.period;
     let state = if r.block > 0 && idx == now_idx {

@@ -30,13 +30,33 @@ fn view(r: &Rule, state: u64, now: u64) -> View {
     let now_idx = now / r.period;
     let elapsed = now % r.period;
     if now_idx == idx {
-        View { idx, prev, cur, elapsed }
+        View {
+            idx,
+            prev,
+            cur,
+            elapsed,
+        }
     } else if now_idx == idx + 1 {
-        View { idx: now_idx, prev: cur, cur: 0, elapsed }
+        View {
+            idx: now_idx,
+            prev: cur,
+            cur: 0,
+            elapsed,
+        }
     } else if now_idx > idx {
-        View { idx: now_idx, prev: 0, cur: 0, elapsed }
+        View {
+            idx: now_idx,
+            prev: 0,
+            cur: 0,
+            elapsed,
+        }
     } else {
-        View { idx, prev, cur, elapsed: 0 }
+        View {
+            idx,
+            prev,
+            cur,
+            elapsed: 0,
+        }
     }
 }
 
@@ -57,12 +77,20 @@ pub(super) fn acquire(r: &Rule, state: u64, now: u64, cost: u64) -> Step {
     let mut v = view(r, state, now);
     if weighted(r, &v) + cost <= r.capacity {
         v.cur += cost;
-        return Step { allowed: true, state: pack(r, &v) };
+        return Step {
+            allowed: true,
+            state: pack(r, &v),
+        };
     }
     // A denial still records that the window moved on: a later `now` from before the
     // boundary must not see the old window again.
     let state = if r.block > 0 && v.idx == now / r.period {
-        let blocked = View { idx: (now + r.block) / r.period, prev: r.capacity, cur: r.capacity, elapsed: 0 };
+        let blocked = View {
+            idx: (now + r.block) / r.period,
+            prev: r.capacity,
+            cur: r.capacity,
+            elapsed: 0,
+        };
         pack(r, &blocked)
     } else {
         pack(r, &v)
@@ -122,6 +150,10 @@ pub(super) fn retry_after(r: &Rule, state: u64, now: u64, cost: u64) -> u64 {
     }
     // In the next window, where this window's count becomes the decaying one.
     let room = (r.capacity - cost) as u128;
-    let e = if v.cur == 0 { 0 } else { w - (room * w / v.cur as u128).min(w) };
+    let e = if v.cur == 0 {
+        0
+    } else {
+        w - (room * w / v.cur as u128).min(w)
+    };
     (start + r.period + e as u64).saturating_sub(now)
 }

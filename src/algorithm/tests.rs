@@ -10,7 +10,10 @@ use std::time::Duration;
 const S: u64 = 1_000_000_000;
 
 fn rule(alg: Algorithm, points: u64, duration_ns: u64) -> Rule {
-    Policy::new(points, Duration::from_nanos(duration_ns)).algorithm(alg).compile().unwrap()
+    Policy::new(points, Duration::from_nanos(duration_ns))
+        .algorithm(alg)
+        .compile()
+        .unwrap()
 }
 
 /// Runs `cost`s at `times` from a fresh state; returns (allowed, state) per step.
@@ -54,7 +57,11 @@ fn token_bucket_basics() {
 
 #[test]
 fn token_bucket_burst_and_block() {
-    let r = Policy::per_second(10).burst(3).block_duration(Duration::from_secs(5)).compile().unwrap();
+    let r = Policy::per_second(10)
+        .burst(3)
+        .block_duration(Duration::from_secs(5))
+        .compile()
+        .unwrap();
     let mut s = 0;
     for _ in 0..3 {
         s = r.acquire(s, 0, 1).state;
@@ -91,7 +98,11 @@ fn fixed_window_basics() {
 
 #[test]
 fn fixed_window_block_rounds_up_to_window_end() {
-    let r = Policy::per_second(1).algorithm(Algorithm::FixedWindow).block_duration(Duration::from_millis(1500)).compile().unwrap();
+    let r = Policy::per_second(1)
+        .algorithm(Algorithm::FixedWindow)
+        .block_duration(Duration::from_millis(1500))
+        .compile()
+        .unwrap();
     let s = r.acquire(0, 100, 1).state;
     let d = r.acquire(s, 200, 1);
     assert!(!d.allowed);
@@ -127,8 +138,14 @@ fn window_capacity_depends_on_window_length() {
     assert!(fixed_1ms.max_window_capacity() >= 1 << 19);
     assert_eq!(sliding_1s.max_window_capacity(), (1 << 15) - 2);
     assert!(sliding_1h.max_window_capacity() >= 1 << 20);
-    assert!(Policy::per_second(32766).algorithm(Algorithm::SlidingWindow).validate().is_ok());
-    assert!(Policy::per_second(32767).algorithm(Algorithm::SlidingWindow).validate().is_err());
+    assert!(Policy::per_second(32766)
+        .algorithm(Algorithm::SlidingWindow)
+        .validate()
+        .is_ok());
+    assert!(Policy::per_second(32767)
+        .algorithm(Algorithm::SlidingWindow)
+        .validate()
+        .is_err());
 }
 
 // ---- property tests -------------------------------------------------------------------------
@@ -158,12 +175,22 @@ fn apply(t: u64, tick: &Tick) -> u64 {
 }
 
 fn algorithm() -> impl Strategy<Value = Algorithm> {
-    prop_oneof![Just(Algorithm::TokenBucket), Just(Algorithm::FixedWindow), Just(Algorithm::SlidingWindow)]
+    prop_oneof![
+        Just(Algorithm::TokenBucket),
+        Just(Algorithm::FixedWindow),
+        Just(Algorithm::SlidingWindow)
+    ]
 }
 
 fn policy() -> impl Strategy<Value = Policy> {
-    (algorithm(), 1u64..50, 1u64..5_000, proptest::option::of(1u64..60), proptest::option::of(1u64..5_000)).prop_map(
-        |(alg, points, ms, burst, block_ms)| {
+    (
+        algorithm(),
+        1u64..50,
+        1u64..5_000,
+        proptest::option::of(1u64..60),
+        proptest::option::of(1u64..5_000),
+    )
+        .prop_map(|(alg, points, ms, burst, block_ms)| {
             let mut p = Policy::new(points, Duration::from_millis(ms)).algorithm(alg);
             if alg == Algorithm::TokenBucket {
                 if let Some(b) = burst {
@@ -174,8 +201,7 @@ fn policy() -> impl Strategy<Value = Policy> {
                 p = p.block_duration(Duration::from_millis(b));
             }
             p
-        },
-    )
+        })
 }
 
 /// Checks invariant 1 on a run: `admitted[i] = (max clamped time so far, cost)`.
@@ -189,7 +215,14 @@ fn check_bound(p: &Policy, r: &Rule, admitted: &[(u64, u64)]) -> Result<(), Test
                     sum += admitted[j].1 as u128;
                     let d = (admitted[j].0 - admitted[i].0) as u128;
                     let bound = r.capacity as u128 + d * p.points() as u128 / duration;
-                    prop_assert!(sum <= bound, "admitted {} over [{}, {}] > {}", sum, admitted[i].0, admitted[j].0, bound);
+                    prop_assert!(
+                        sum <= bound,
+                        "admitted {} over [{}, {}] > {}",
+                        sum,
+                        admitted[i].0,
+                        admitted[j].0,
+                        bound
+                    );
                 }
             }
         }

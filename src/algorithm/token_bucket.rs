@@ -17,7 +17,10 @@ pub(super) fn acquire(r: &Rule, tat: u64, now: u64, cost: u64) -> Step {
     let limit = now as u128 + tau as u128;
     let new_tat = tat.max(now) as u128 + (cost as u128) * (r.period as u128);
     if new_tat <= limit && new_tat < RETIRED as u128 {
-        return Step { allowed: true, state: new_tat as u64 };
+        return Step {
+            allowed: true,
+            state: new_tat as u64,
+        };
     }
     // Denied. Start a block unless one is already running (tat beyond now + tau).
     let state = if r.block > 0 && (tat as u128) <= limit {

@@ -36,7 +36,10 @@ impl Cell {
             if next == cur {
                 return Ok(out);
             }
-            match self.0.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
+            match self
+                .0
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
                 Ok(_) => return Ok(out),
                 Err(actual) => cur = actual,
             }
@@ -69,7 +72,10 @@ impl Cell {
         let cur = self.0.load(Ordering::Acquire);
         cur != RETIRED
             && rule.is_fresh(cur, now)
-            && self.0.compare_exchange(cur, RETIRED, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+            && self
+                .0
+                .compare_exchange(cur, RETIRED, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
     }
 
     pub(crate) fn is_retired(&self) -> bool {

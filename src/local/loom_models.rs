@@ -60,7 +60,10 @@ fn loom_cell_broken_twin_load_store_over_grants() {
 /// taken by exactly one of them (capacity 1), for both window algorithms.
 fn rollover_model(acquire: Acquire, alg: Algorithm) {
     loom::model(move || {
-        let rule = Policy::new(1, Duration::from_millis(10)).algorithm(alg).compile().unwrap();
+        let rule = Policy::new(1, Duration::from_millis(10))
+            .algorithm(alg)
+            .compile()
+            .unwrap();
         let w = rule.period;
         let cell = Arc::new(Cell::default());
         assert!(cell.acquire(&rule, 0, 1).unwrap().allowed, "window 0 takes its one");
@@ -68,7 +71,11 @@ fn rollover_model(acquire: Acquire, alg: Algorithm) {
             .map(|i| {
                 let cell = cell.clone();
                 // Sliding window: late enough in window 2 that window 0 no longer weighs.
-                let now = if alg == Algorithm::FixedWindow { w + i } else { 2 * w + i };
+                let now = if alg == Algorithm::FixedWindow {
+                    w + i
+                } else {
+                    2 * w + i
+                };
                 thread::spawn(move || acquire(&cell, &rule, now, 1).unwrap().allowed as u64)
             })
             .collect();

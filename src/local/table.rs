@@ -89,7 +89,9 @@ impl<K: Hash + Eq + Send + Sync + 'static> Table<K> {
 
     fn reserve(&self) -> bool {
         self.len
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_keys).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_keys).then_some(n + 1)
+            })
             .is_ok()
     }
 
