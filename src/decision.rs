@@ -15,6 +15,9 @@ pub(crate) enum Source {
     Overflow,
     /// The table was full and the limiter is set to deny untracked keys.
     TableFull,
+    /// Distributed mode: the key's claimed tokens answered. `state` holds the remaining
+    /// quota, `now` the reset time and `extra` the retry time (nanoseconds).
+    Claimed,
 }
 
 /// The answer to a check: allowed or not, and where the key stands.
@@ -32,6 +35,8 @@ pub struct Decision {
     pub(crate) now: u64,
     pub(crate) cost: u64,
     pub(crate) name: &'static str,
+    /// `Claimed` only: the retry time in nanoseconds.
+    pub(crate) extra: u64,
 }
 
 impl Decision {
@@ -57,6 +62,7 @@ impl Decision {
     pub fn remaining(&self) -> u64 {
         match self.source {
             Source::TableFull => 0,
+            Source::Claimed => self.state,
             _ => self.rule.remaining(self.state, self.now),
         }
     }
@@ -65,6 +71,7 @@ impl Decision {
     pub fn reset_after(&self) -> Duration {
         match self.source {
             Source::TableFull => Duration::from_nanos(MIN_SWEEP_INTERVAL_NS),
+            Source::Claimed => Duration::from_nanos(self.now),
             _ => Duration::from_nanos(self.rule.reset_after(self.state, self.now)),
         }
     }
@@ -77,6 +84,7 @@ impl Decision {
         }
         Some(match self.source {
             Source::TableFull => Duration::from_nanos(MIN_SWEEP_INTERVAL_NS),
+            Source::Claimed => Duration::from_nanos(self.extra.max(1)),
             _ => Duration::from_nanos(self.rule.retry_after(self.state, self.now, self.cost).max(1)),
         })
     }
@@ -89,7 +97,7 @@ impl Decision {
     /// True when the key was not tracked because the table was full, and the shared overflow
     /// bucket (or the table-full denial) answered instead.
     pub fn is_untracked(&self) -> bool {
-        self.source != Source::Key
+        matches!(self.source, Source::Overflow | Source::TableFull)
     }
 
     /// The cost the decision was for.

@@ -118,6 +118,7 @@ impl DirectLimiter {
             now,
             cost,
             name: self.name,
+            extra: 0,
         }
     }
 }

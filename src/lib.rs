@@ -81,14 +81,18 @@ mod clock;
 mod consts;
 mod decision;
 mod direct;
+mod distributed;
 mod limiter;
 mod local;
 mod policy;
+pub mod sim;
+pub mod store;
 mod sync;
 
 pub use clock::{Clock, ManualClock};
 pub use consts::{DEFAULT_MAX_KEYS, MAX_CAPACITY, MAX_DURATION, MAX_RATE_PER_SEC, MAX_TIME_NS, MIN_DURATION};
 pub use decision::{Decision, InsufficientCapacity};
 pub use direct::DirectLimiter;
+pub use distributed::{ColdStart, Identifier, Node, NodeBuilder, NodeError, NodeStats};
 pub use limiter::{check_all, Bound, BuildError, Jitter, Layer, Limiter, LimiterBuilder, WhenFull};
 pub use policy::{Algorithm, Policy, PolicyError, PolicySpec};

@@ -11,6 +11,7 @@ use crate::algorithm::Rule;
 use crate::clock::Clock;
 use crate::consts::DEFAULT_MAX_KEYS;
 use crate::decision::{Decision, InsufficientCapacity, Source};
+use crate::distributed::{DistKeys, Identifier, Node, Outcome};
 use crate::local::cell::{Cell, Retired};
 use crate::local::table::Table;
 use crate::policy::{Policy, PolicyError};
@@ -36,6 +37,9 @@ pub enum BuildError {
     /// `max_keys` was 0.
     #[error("max_keys: must be > 0")]
     MaxKeys,
+    /// The policy cannot be shared through the store.
+    #[error("invalid policy for distributed mode: {0}")]
+    Distributed(String),
 }
 
 /// Random delay added to waits, so that many waiters do not wake at the same instant.
@@ -78,8 +82,11 @@ fn intern(name: &str) -> &'static str {
     leaked
 }
 
+type DistFactory<K> = Box<dyn FnOnce(&'static str, &Policy, usize) -> Result<Arc<DistKeys<K>>, BuildError>>;
+
 /// Builds a [`Limiter`].
 pub struct LimiterBuilder<K> {
+    dist: Option<DistFactory<K>>,
     policy: Policy,
     name: String,
     max_keys: usize,
@@ -119,10 +126,16 @@ impl<K: Hash + Eq + Send + Sync + 'static> LimiterBuilder<K> {
         if self.max_keys == 0 {
             return Err(BuildError::MaxKeys);
         }
+        let name = intern(&self.name);
+        let dist = match self.dist {
+            Some(make) => Some(make(name, &self.policy, self.max_keys)?),
+            None => None,
+        };
         Ok(Limiter {
             inner: Arc::new(Inner {
+                dist,
                 rule,
-                name: intern(&self.name),
+                name,
                 table: Table::new(self.max_keys),
                 overflow: Cell::default(),
                 when_full: self.when_full,
@@ -133,7 +146,28 @@ impl<K: Hash + Eq + Send + Sync + 'static> LimiterBuilder<K> {
     }
 }
 
+impl<K: Hash + Eq + Send + Sync + Clone + Identifier + 'static> LimiterBuilder<K> {
+    /// Distributed mode: share this limit with every process whose limiter of the same name
+    /// is built on a node of the same store. Checks spend quota this node claimed; the node's
+    /// sync task exchanges it with the store. The limiter uses the node's clock.
+    /// `block_duration` is not available in distributed mode.
+    pub fn node(mut self, node: &Node) -> Self {
+        let inner = node.inner.clone();
+        self.clock = Some(inner.clock.clone());
+        self.dist = Some(Box::new(move |name, policy, max_keys| {
+            if policy.get_block_duration().is_some() {
+                return Err(BuildError::Distributed("block_duration: not available in distributed mode".into()));
+            }
+            let limits = crate::store::Limits::from_policy(policy, inner.lease).map_err(|e| BuildError::Distributed(e.to_string()))?;
+            Ok(DistKeys::new(inner, name, limits, max_keys))
+        }));
+        self
+    }
+}
+
 struct Inner<K> {
+    /// Distributed mode: the keys' claims. `None` in local mode.
+    dist: Option<Arc<DistKeys<K>>>,
     rule: Rule,
     name: &'static str,
     table: Table<K>,
@@ -186,6 +220,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
     /// Starts building a limiter for `policy`.
     pub fn builder(policy: Policy) -> LimiterBuilder<K> {
         LimiterBuilder {
+            dist: None,
             policy,
             name: String::from("default"),
             max_keys: DEFAULT_MAX_KEYS,
@@ -212,7 +247,10 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
 
     /// Keys tracked now.
     pub fn len(&self) -> usize {
-        self.inner.table.len()
+        match &self.inner.dist {
+            Some(d) => d.len(),
+            None => self.inner.table.len(),
+        }
     }
 
     /// True when no key is tracked.
@@ -264,6 +302,9 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         self.fits(cost)?;
         let inner = &*self.inner;
         let now = inner.clock.now_ns();
+        if let Some(dist) = &inner.dist {
+            return Ok(self.claimed(dist.peek(key, cost, now), cost));
+        }
         let guard = inner.table.guard();
         let step = inner
             .table
@@ -282,7 +323,8 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         Q: Hash + Eq + ?Sized,
     {
         let now = self.inner.clock.now_ns();
-        self.give_back(key, cost, now, Source::Key, now);
+        let source = if self.inner.dist.is_some() { Source::Claimed } else { Source::Key };
+        self.give_back(key, cost, now, source, now);
     }
 
     /// Waits until one unit for `key` is allowed, and takes it.
@@ -311,6 +353,41 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
                 Some(wait) => tokio::time::sleep(wait + jitter.sample()).await,
             }
         }
+    }
+
+    /// Like [`check`](Self::check), but in distributed mode a key this node holds no claim for
+    /// yet waits for its first claim (one early sync, bounded by the sync interval) instead of
+    /// applying the cold-start rule at once. In local mode it answers at once.
+    pub async fn check_async<Q>(&self, key: &Q) -> Decision
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        self.check_n_async(key, 1).await.expect("a cost of 1 always fits a valid policy")
+    }
+
+    /// [`check_async`](Self::check_async) for `cost` units.
+    pub async fn check_n_async<Q>(&self, key: &Q, cost: u64) -> Result<Decision, InsufficientCapacity>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        self.fits(cost)?;
+        if let Some(dist) = &self.inner.dist {
+            if !dist.is_claimed(key) {
+                let node = dist.node();
+                let synced = node.synced.notified();
+                tokio::pin!(synced);
+                synced.as_mut().enable();
+                // Registers the key and asks for an early sync.
+                let first = self.take(key, cost, self.inner.clock.now_ns());
+                if first.is_allowed() || dist.is_claimed(key) {
+                    return Ok(first);
+                }
+                let _ = tokio::time::timeout(node.sync_interval, synced).await;
+            }
+        }
+        self.check_n(key, cost)
     }
 
     /// Binds this limiter to a key, for [`check_all`].
@@ -344,6 +421,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
             now,
             cost,
             name: self.inner.name,
+            extra: 0,
         }
     }
 
@@ -354,6 +432,9 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         let inner = &*self.inner;
+        if let Some(dist) = &inner.dist {
+            return self.claimed(dist.take(key, cost, now), cost);
+        }
         let guard = inner.table.guard();
         loop {
             let cell = match inner.table.get(key, &guard) {
@@ -367,6 +448,20 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
                 Ok(step) => return self.decision(step.allowed, Source::Key, step.state, now, cost),
                 Err(Retired) => inner.table.unlink_retired(key, &guard),
             }
+        }
+    }
+
+    fn claimed(&self, o: Outcome, cost: u64) -> Decision {
+        let source = if o.untracked { Source::TableFull } else { Source::Claimed };
+        Decision {
+            allowed: o.allowed,
+            source,
+            rule: self.inner.rule,
+            state: o.remaining,
+            now: o.reset_after_ns,
+            cost,
+            name: self.inner.name,
+            extra: o.retry_after_ns,
         }
     }
 
@@ -392,6 +487,11 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
     {
         let inner = &*self.inner;
         match source {
+            Source::Claimed => {
+                if let Some(dist) = &inner.dist {
+                    dist.refund(key, cost, now);
+                }
+            }
             Source::Key => {
                 let guard = inner.table.guard();
                 if let Some(cell) = inner.table.get(key, &guard) {
@@ -502,5 +602,6 @@ pub fn check_all(cost: u64, layers: &[&dyn Layer]) -> Result<Decision, Insuffici
         now: 0,
         cost,
         name: "",
+        extra: 0,
     }))
 }

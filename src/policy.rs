@@ -116,6 +116,11 @@ impl Policy {
         self.algorithm
     }
 
+    /// The block duration, if any.
+    pub fn get_block_duration(&self) -> Option<Duration> {
+        self.block_duration
+    }
+
     /// Points per duration.
     pub fn points(&self) -> u64 {
         self.points

@@ -1,0 +1,392 @@
+//! A distributed limiter's keys: claimed tokens per key, spent by checks, topped up by syncs.
+
+use std::any::Any;
+use std::borrow::Borrow;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use papaya::HashMap;
+use parking_lot::Mutex;
+
+use super::identifier::Identifier;
+use super::node::{ColdStart, Member, NodeInner};
+use crate::store::{Claim, ClaimOutcome, Limits, StoreAlgorithm};
+
+/// A key idle (nothing held, no demand) for this many syncs is forgotten.
+const IDLE_SYNCS: u32 = 3;
+
+/// One key's claim. Checks touch the atomics; only the sync task takes `sync`.
+#[derive(Default)]
+pub(crate) struct DistCell {
+    /// Claimed tokens not yet spent.
+    tokens: AtomicU64,
+    /// Clock time (ns) after which `tokens` must not be spent (lease or window end); 0 before
+    /// the first claim.
+    valid_until: AtomicU64,
+    /// `ColdStart::Optimistic` units left before the first claim.
+    cold: AtomicU64,
+    /// Cost denied since the last sync: demand the claims did not cover.
+    denied: AtomicU64,
+    /// Until this time (ns) the store has no token for the key: deny without asking.
+    exhausted_until: AtomicU64,
+    /// Below this many tokens a check asks for an early sync.
+    low: AtomicU64,
+    /// Tokens the store had left at the last sync (for `remaining`).
+    store_remaining: AtomicU64,
+    /// When the key would be back to a full quota (ns), as of the last sync.
+    reset_at: AtomicU64,
+    sync: Mutex<SyncState>,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Tokens right after the last sync's changes: what checks have spent since is the
+    /// difference with the current count.
+    after: u64,
+    /// Smoothed demand per interval.
+    demand: u64,
+    /// Optimistic cold-start units admitted and not yet paid for from grants.
+    debt: u64,
+    /// Window id of the held tokens (window algorithms).
+    window: u64,
+    /// Clock time of the key's last sync.
+    last: u64,
+    claimed: bool,
+    idle: u32,
+    cold_given: u64,
+}
+
+/// What a check found.
+pub(crate) struct Outcome {
+    pub(crate) allowed: bool,
+    pub(crate) remaining: u64,
+    pub(crate) retry_after_ns: u64,
+    pub(crate) reset_after_ns: u64,
+    pub(crate) untracked: bool,
+}
+
+pub(crate) struct DistKeys<K> {
+    map: HashMap<K, DistCell, ahash::RandomState>,
+    len: AtomicUsize,
+    max_keys: usize,
+    namespace: &'static str,
+    limits: Limits,
+    node: Arc<NodeInner>,
+}
+
+impl<K> DistKeys<K>
+where
+    K: Hash + Eq + Send + Sync + Clone + Identifier + 'static,
+{
+    pub(crate) fn new(node: Arc<NodeInner>, namespace: &'static str, limits: Limits, max_keys: usize) -> Arc<Self> {
+        let keys = Arc::new(DistKeys {
+            map: HashMap::builder()
+                .hasher(ahash::RandomState::new())
+                .capacity(max_keys.min(1 << 16))
+                .resize_mode(papaya::ResizeMode::Blocking)
+                .build(),
+            len: AtomicUsize::new(0),
+            max_keys,
+            namespace,
+            limits,
+            node: node.clone(),
+        });
+        let weak: std::sync::Weak<dyn Member> = Arc::downgrade(&keys) as _;
+        node.register(weak);
+        keys
+    }
+}
+
+impl<K> DistKeys<K>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+{
+    pub(crate) fn node(&self) -> &NodeInner {
+        &self.node
+    }
+
+    pub(crate) fn is_claimed<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let guard = self.map.guard();
+        self.map.get(key, &guard).is_some_and(|c| c.valid_until.load(Ordering::Acquire) != 0)
+    }
+
+    /// Takes `cost` from the key's claimed tokens.
+    #[inline]
+    pub(crate) fn take<Q>(&self, key: &Q, cost: u64, now: u64) -> Outcome
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let guard = self.map.guard();
+        let cell = match self.map.get(key, &guard) {
+            Some(c) => c,
+            None => {
+                if self.len.fetch_add(1, Ordering::AcqRel) >= self.max_keys {
+                    self.len.fetch_sub(1, Ordering::AcqRel);
+                    return Outcome { allowed: false, remaining: 0, retry_after_ns: self.node.sync_interval.as_nanos() as u64, reset_after_ns: 0, untracked: true };
+                }
+                let fresh = DistCell::default();
+                if let ColdStart::Optimistic(n) = self.node.cold_start {
+                    fresh.cold.store(n, Ordering::Relaxed);
+                    fresh.sync.lock().cold_given = n;
+                }
+                match self.map.try_insert(key.to_owned(), fresh, &guard) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.len.fetch_sub(1, Ordering::AcqRel);
+                        e.current
+                    }
+                }
+            }
+        };
+        let valid_until = cell.valid_until.load(Ordering::Acquire);
+        let spendable = |a: &AtomicU64| a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| t.checked_sub(cost));
+        if now < valid_until {
+            if let Ok(before) = spendable(&cell.tokens) {
+                let left = before - cost;
+                if left < cell.low.load(Ordering::Relaxed) {
+                    self.node.request_priority();
+                }
+                return self.outcome(cell, true, left, now);
+            }
+        } else if valid_until == 0 && spendable(&cell.cold).is_ok() {
+            self.node.request_priority();
+            return self.outcome(cell, true, 0, now);
+        }
+        cell.denied.fetch_add(cost, Ordering::Relaxed);
+        if now >= cell.exhausted_until.load(Ordering::Relaxed) {
+            self.node.request_priority();
+        }
+        self.outcome(cell, false, cell.tokens.load(Ordering::Relaxed), now)
+    }
+
+    fn outcome(&self, cell: &DistCell, allowed: bool, local: u64, now: u64) -> Outcome {
+        let interval = self.node.sync_interval.as_nanos() as u64;
+        let retry = if allowed {
+            0
+        } else {
+            cell.exhausted_until.load(Ordering::Relaxed).saturating_sub(now).max(interval / 10).max(1)
+        };
+        Outcome {
+            allowed,
+            remaining: local.saturating_add(cell.store_remaining.load(Ordering::Relaxed)).min(self.limits.capacity()),
+            retry_after_ns: retry,
+            reset_after_ns: cell.reset_at.load(Ordering::Relaxed).saturating_sub(now),
+            untracked: false,
+        }
+    }
+
+    /// Gives `cost` back to the key's claimed tokens (it will be returned to the store when
+    /// demand no longer needs it).
+    pub(crate) fn refund<Q>(&self, key: &Q, cost: u64, now: u64)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let guard = self.map.guard();
+        if let Some(cell) = self.map.get(key, &guard) {
+            if now < cell.valid_until.load(Ordering::Acquire) {
+                let sync = cell.sync.lock();
+                // Only what was taken since the last sync can come back.
+                let spent = sync.after.saturating_sub(cell.tokens.load(Ordering::Acquire));
+                cell.tokens.fetch_add(cost.min(spent), Ordering::AcqRel);
+                drop(sync);
+            }
+        }
+    }
+
+    /// What `take(cost)` would answer now, taking nothing.
+    pub(crate) fn peek<Q>(&self, key: &Q, cost: u64, now: u64) -> Outcome
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let guard = self.map.guard();
+        match self.map.get(key, &guard) {
+            Some(cell) => {
+                let valid = now < cell.valid_until.load(Ordering::Acquire);
+                let tokens = if valid { cell.tokens.load(Ordering::Acquire) } else { 0 };
+                let cold = if cell.valid_until.load(Ordering::Acquire) == 0 { cell.cold.load(Ordering::Acquire) } else { 0 };
+                self.outcome(cell, tokens >= cost || cold >= cost, tokens, now)
+            }
+            None => {
+                let allowed = matches!(self.node.cold_start, ColdStart::Optimistic(n) if n >= cost);
+                let retry = if allowed { 0 } else { self.node.sync_interval.as_nanos() as u64 };
+                Outcome { allowed, remaining: 0, retry_after_ns: retry, reset_after_ns: 0, untracked: false }
+            }
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+}
+
+impl<K> DistKeys<K>
+where
+    K: Hash + Eq + Send + Sync + Clone + Identifier + 'static,
+{
+    fn claim_for(&self, key: &K, cell: &DistCell, now: u64, drain: bool) -> Option<Claim> {
+        let node = &*self.node;
+        let capacity = self.limits.capacity();
+        let mut s = cell.sync.lock();
+        let valid = now < cell.valid_until.load(Ordering::Acquire);
+        if !valid {
+            // Expired lease or finished window: the tokens are void; take them out.
+            let void = cell.tokens.swap(0, Ordering::AcqRel);
+            s.after = s.after.saturating_sub(void);
+        }
+        let held = cell.tokens.load(Ordering::Acquire);
+        let spent = s.after.saturating_sub(held);
+        let cold_used = if s.claimed { 0 } else { s.cold_given.saturating_sub(cell.cold.load(Ordering::Acquire)) };
+        let denied = cell.denied.swap(0, Ordering::AcqRel);
+        s.debt += cold_used;
+        s.cold_given -= cold_used.min(s.cold_given);
+        // Demand per sync interval, scaled when this sync comes early (priority).
+        let interval = node.sync_interval.as_nanos() as u64;
+        let elapsed = if s.last == 0 { interval } else { now.saturating_sub(s.last).clamp(interval / 10, interval) };
+        let raw = spent + denied + cold_used;
+        let per_interval = (raw as u128 * interval as u128 / elapsed.max(1) as u128) as u64;
+        s.demand = per_interval.max(s.demand - s.demand / 4);
+        s.last = now;
+        let exhausted = now < cell.exhausted_until.load(Ordering::Relaxed);
+        let target = if drain {
+            0
+        } else {
+            let t = (s.demand as u128 * node.headroom_percent as u128 / 100) as u64;
+            t.max(u64::from(raw > 0)).min(capacity)
+        };
+        // Return what is well above the target (hysteresis: keep up to twice the target).
+        let excess = if held > target.saturating_mul(2) || drain { held - target.min(held) } else { 0 };
+        let returned = match cell.tokens.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t - excess.min(t))) {
+            Ok(before) => excess.min(before),
+            Err(_) => 0,
+        };
+        let kept = cell.tokens.load(Ordering::Acquire);
+        s.after = kept;
+        let wanted = if exhausted || drain { 0 } else { target.saturating_sub(kept) + s.debt.min(capacity) };
+        cell.low.store(target / 4, Ordering::Relaxed);
+        if kept == 0 && returned == 0 && wanted == 0 && s.debt == 0 && raw == 0 {
+            // Nothing to say. Tell the store once that this node holds nothing (so it stops
+            // counting the last grant against the capacity), then stay silent.
+            s.idle += 1;
+            if drain || !s.claimed || s.idle > 1 {
+                return None;
+            }
+        } else {
+            s.idle = 0;
+        }
+        let mut id = Vec::with_capacity(32);
+        key.write_identifier(&mut id);
+        Some(Claim {
+            key: node.encoder.encode(self.namespace, &id),
+            limits: self.limits,
+            kept,
+            returned,
+            wanted: wanted.min(capacity),
+            window: s.window,
+        })
+    }
+
+    fn apply_one(&self, cell: &DistCell, outcome: Option<&ClaimOutcome>, sent_at: u64) {
+        let Some(Ok(grant)) = outcome else {
+            // Failed: nothing granted; what was returned is gone.
+            return;
+        };
+        let node = &*self.node;
+        let mut s = cell.sync.lock();
+        let now = node.clock.now_ns();
+        let ms = 1_000_000u64;
+        let mut granted = grant.granted;
+        let pay = granted.min(s.debt);
+        s.debt -= pay;
+        granted -= pay;
+        // Revoked tokens leave first.
+        if grant.revoked > 0 {
+            let revoked = grant.revoked;
+            if let Ok(before) = cell.tokens.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t - revoked.min(t))) {
+                s.after = s.after.saturating_sub(revoked.min(before));
+            }
+        }
+        let windowed = self.limits.algorithm() != StoreAlgorithm::TokenBucket;
+        if windowed && grant.window != s.window {
+            // A new window: anything left from the old one is void.
+            let void = cell.tokens.swap(0, Ordering::AcqRel);
+            s.after = s.after.saturating_sub(void);
+            s.window = grant.window;
+        }
+        let valid_until = if windowed {
+            sent_at.saturating_add(grant.ms_to_reset.saturating_mul(ms))
+        } else {
+            sent_at.saturating_add(node.lease.as_nanos() as u64)
+        };
+        // Extend validity before adding tokens only if the tokens already held share it;
+        // new tokens become spendable with the new validity.
+        cell.valid_until.store(valid_until.max(1), Ordering::Release);
+        cell.tokens.fetch_add(granted, Ordering::AcqRel);
+        s.after += granted;
+        s.claimed = true;
+        // Cold-start units spent while the first claim was in flight are owed too.
+        let late = s.cold_given.saturating_sub(cell.cold.swap(0, Ordering::AcqRel));
+        s.debt += late;
+        s.cold_given = 0;
+        cell.store_remaining.store(grant.remaining, Ordering::Relaxed);
+        cell.reset_at.store(now.saturating_add(grant.ms_to_reset.saturating_mul(ms)), Ordering::Relaxed);
+        let exhausted = if grant.remaining == 0 && grant.granted == 0 && grant.ms_to_next_token > 0 {
+            now.saturating_add(grant.ms_to_next_token.saturating_mul(ms))
+        } else {
+            0
+        };
+        cell.exhausted_until.store(exhausted, Ordering::Relaxed);
+    }
+}
+
+struct Ticket<K>(Vec<K>);
+
+impl<K> Member for DistKeys<K>
+where
+    K: Hash + Eq + Send + Sync + Clone + Identifier + 'static,
+{
+    fn prepare(&self, _node: &NodeInner, now: u64, drain: bool, out: &mut Vec<Claim>) -> Box<dyn Any + Send> {
+        let guard = self.map.guard();
+        let mut keys = Vec::new();
+        let mut forget = Vec::new();
+        for (key, cell) in self.map.iter(&guard) {
+            match self.claim_for(key, cell, now, drain) {
+                Some(claim) => {
+                    out.push(claim);
+                    keys.push(key.clone());
+                }
+                None => {
+                    if cell.sync.lock().idle >= IDLE_SYNCS && cell.tokens.load(Ordering::Acquire) == 0 {
+                        forget.push(key.clone());
+                    }
+                }
+            }
+        }
+        for key in forget {
+            let removed = self.map.remove_if(&key, |_, c| {
+                c.tokens.load(Ordering::Acquire) == 0 && c.denied.load(Ordering::Acquire) == 0 && c.cold.load(Ordering::Acquire) == 0
+            }, &guard);
+            if let Ok(Some(_)) = removed {
+                self.len.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        Box::new(Ticket(keys))
+    }
+
+    fn apply(&self, _node: &NodeInner, ticket: Box<dyn Any + Send>, sent_at: u64, outcomes: &[Option<ClaimOutcome>]) {
+        let Ok(ticket) = ticket.downcast::<Ticket<K>>() else { return };
+        let guard = self.map.guard();
+        for (key, outcome) in ticket.0.iter().zip(outcomes) {
+            if let Some(cell) = self.map.get(key, &guard) {
+                self.apply_one(cell, outcome.as_ref(), sent_at);
+            }
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! The simulation behind `tollgate tune`: N nodes share one limit through a store, under a
+//! load shape, and an oracle measures what they admitted against the ideal.
+//!
+//! [`run_virtual`] runs on virtual time ([`MemoryStore`](crate::store::MemoryStore) and a
+//! [`ManualClock`]): deterministic for a seed, and minutes of traffic take a fraction of a
+//! second. [`run_real`] runs on the wall clock against any store (a real Redis), each node
+//! with its own sync task.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, ManualClock};
+use crate::distributed::{ColdStart, Node};
+use crate::policy::{Algorithm, Policy};
+use crate::store::{ManualTime, MemoryStore, Store};
+use crate::Limiter;
+
+/// How offered load is spread over the nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skew {
+    /// Every node gets the same share.
+    Uniform,
+    /// 80% of the load on 20% of the nodes (at least one).
+    Skewed,
+}
+
+/// One simulated case.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// Number of nodes sharing the limit.
+    pub nodes: usize,
+    /// The shared policy.
+    pub policy: Policy,
+    /// Each node's sync interval.
+    pub sync_interval: Duration,
+    /// Offered load as a multiple of the policy's rate.
+    pub load: f64,
+    /// Spread of the load over nodes.
+    pub skew: Skew,
+    /// Length of the run.
+    pub duration: Duration,
+    /// Cold-start rule of the nodes.
+    pub cold_start: ColdStart,
+    /// Seed of the arrival process.
+    pub seed: u64,
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Cost offered.
+    pub offered: u64,
+    /// Cost admitted by all nodes.
+    pub admitted: u64,
+    /// What one exact limiter would have admitted of the offered load.
+    pub ideal: u64,
+    /// The largest excess over the bound on any interval (token bucket) or window (windows).
+    pub over_admitted: u64,
+    /// `admitted / ideal`.
+    pub utilization: f64,
+    /// Store calls per second of run time, all nodes together.
+    pub round_trips_per_s: f64,
+    /// 99th percentile of one check's latency, in nanoseconds.
+    pub check_p99_ns: u64,
+    /// Checks made.
+    pub checks: u64,
+}
+
+/// A small deterministic generator (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// An exponential gap with the given mean.
+    fn exp(&mut self, mean_ns: f64) -> u64 {
+        let u = ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        (-u.ln() * mean_ns) as u64 + 1
+    }
+}
+
+/// Each node's share of the load.
+fn shares(n: usize, skew: Skew) -> Vec<f64> {
+    match skew {
+        Skew::Uniform => vec![1.0 / n as f64; n],
+        Skew::Skewed => {
+            let hot = (n / 5).max(1);
+            let cold = n - hot;
+            (0..n)
+                .map(|i| {
+                    if i < hot {
+                        0.8 / hot as f64
+                    } else if cold > 0 {
+                        0.2 / cold as f64
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+fn rate_per_ns(p: &Policy) -> f64 {
+    p.points() as f64 / p.duration().as_nanos() as f64
+}
+
+/// The oracle: ideal admission and the largest excess over the bound.
+///
+/// `admitted` and `offered` are `(time ns, cost)` in time order. Token bucket: the bound over
+/// `[t_i, t_j]` is `capacity + rate * (t_j - t_i)`; windows: `points` per aligned window of the
+/// store's clock (`epoch_ns` is the store time of local time 0).
+pub fn oracle(policy: &Policy, offered: &[(u64, u64)], admitted: &[(u64, u64)], epoch_ns: u64, span_ns: u64) -> (u64, u64) {
+    let cap = policy.capacity() as f64;
+    match policy.get_algorithm() {
+        Algorithm::TokenBucket => {
+            let r = rate_per_ns(policy);
+            // Over-admission: max over i <= j of S(i..=j) - cap - r (t_j - t_i).
+            let (mut best, mut prefix, mut max_start) = (0f64, 0f64, f64::MIN);
+            for &(t, c) in admitted {
+                max_start = max_start.max(r * t as f64 - prefix);
+                prefix += c as f64;
+                best = best.max(prefix - r * t as f64 - cap + max_start);
+            }
+            // Ideal: an exact bucket fed the offered sequence.
+            let (mut level, mut last, mut ideal) = (cap, 0u64, 0u64);
+            for &(t, c) in offered {
+                level = (level + r * t.saturating_sub(last) as f64).min(cap);
+                last = t;
+                if level >= c as f64 {
+                    level -= c as f64;
+                    ideal += c;
+                }
+            }
+            let _ = span_ns;
+            (ideal, best.max(0.0).round() as u64)
+        }
+        Algorithm::FixedWindow | Algorithm::SlidingWindow => {
+            let w = policy.duration().as_nanos() as u64;
+            let mut per: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
+            for &(t, c) in offered {
+                per.entry((t + epoch_ns) / w).or_default().0 += c;
+            }
+            for &(t, c) in admitted {
+                per.entry((t + epoch_ns) / w).or_default().1 += c;
+            }
+            let cap = policy.points();
+            let ideal = per.values().map(|&(o, _)| o.min(cap)).sum();
+            let over = per.values().map(|&(_, a)| a.saturating_sub(cap)).max().unwrap_or(0);
+            (ideal, over)
+        }
+    }
+}
+
+fn p99(mut v: Vec<u64>) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    v.sort_unstable();
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    Sync(usize),
+    Request(usize),
+}
+
+/// Runs a scenario on virtual time with an in-process store. Deterministic for a seed (apart
+/// from the latency figure).
+pub fn run_virtual(s: &Scenario) -> Report {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a current-thread runtime");
+    rt.block_on(virtual_run(s))
+}
+
+async fn virtual_run(s: &Scenario) -> Report {
+    const EPOCH_US: u64 = 1_700_000_000_000_000;
+    let clock = ManualClock::new();
+    let store_time = ManualTime::new(EPOCH_US);
+    let store = Arc::new(MemoryStore::with_time_source(store_time.source()));
+    let nodes: Vec<Node> = (0..s.nodes)
+        .map(|i| {
+            Node::builder(store.clone() as Arc<dyn Store>)
+                .sync_interval(s.sync_interval)
+                .cold_start(s.cold_start)
+                .clock(clock.clock())
+                .id(i as u64 + 1)
+                .build_manual()
+                .expect("valid node settings")
+        })
+        .collect();
+    let limiters: Vec<Limiter> =
+        nodes.iter().map(|n| Limiter::builder(s.policy.clone()).name("tune").node(n).build().expect("valid policy")).collect();
+    let interval = s.sync_interval.as_nanos() as u64;
+    let end = s.duration.as_nanos() as u64;
+    let rate = rate_per_ns(&s.policy) * s.load;
+    let shares = shares(s.nodes, s.skew);
+    let mut rng = Rng(s.seed);
+    let mut heap = BinaryHeap::new();
+    let mut next_sync = vec![0u64; s.nodes];
+    let mut last_sync = vec![0u64; s.nodes];
+    for i in 0..s.nodes {
+        next_sync[i] = interval * i as u64 / s.nodes as u64 + 1;
+        heap.push(Reverse((next_sync[i], Event::Sync(i))));
+        if shares[i] > 0.0 {
+            heap.push(Reverse((rng.exp(1.0 / (rate * shares[i])), Event::Request(i))));
+        }
+    }
+    let timer = Clock::precise();
+    let (mut offered, mut admitted, mut lat) = (Vec::new(), Vec::new(), Vec::new());
+    while let Some(Reverse((t, ev))) = heap.pop() {
+        if t > end {
+            break;
+        }
+        clock.set_ns(t);
+        store_time.set_us(EPOCH_US + t / 1000);
+        match ev {
+            Event::Sync(i) => {
+                if t < next_sync[i] {
+                    continue; // superseded by an earlier priority sync
+                }
+                nodes[i].sync_once().await;
+                last_sync[i] = t;
+                next_sync[i] = t + interval;
+                heap.push(Reverse((next_sync[i], Event::Sync(i))));
+            }
+            Event::Request(i) => {
+                let start = timer.now_ns();
+                let d = limiters[i].check("key");
+                lat.push(timer.now_ns().saturating_sub(start));
+                offered.push((t, 1));
+                if d.is_allowed() {
+                    admitted.push((t, 1));
+                }
+                if nodes[i].wants_priority_sync() {
+                    let at = (last_sync[i] + interval / 10).max(t + 1);
+                    if at < next_sync[i] {
+                        next_sync[i] = at;
+                        heap.push(Reverse((at, Event::Sync(i))));
+                    }
+                }
+                heap.push(Reverse((t + rng.exp(1.0 / (rate * shares[i])), Event::Request(i))));
+            }
+        }
+    }
+    let round_trips: u64 = nodes.iter().map(|n| n.stats().round_trips).sum();
+    report(s, &offered, &admitted, EPOCH_US * 1000, end, round_trips, lat)
+}
+
+fn report(s: &Scenario, offered: &[(u64, u64)], admitted: &[(u64, u64)], epoch_ns: u64, end: u64, round_trips: u64, lat: Vec<u64>) -> Report {
+    let (ideal, over) = oracle(&s.policy, offered, admitted, epoch_ns, end);
+    let admitted_sum: u64 = admitted.iter().map(|a| a.1).sum();
+    Report {
+        offered: offered.iter().map(|o| o.1).sum(),
+        admitted: admitted_sum,
+        ideal,
+        over_admitted: over,
+        utilization: if ideal == 0 { 1.0 } else { admitted_sum as f64 / ideal as f64 },
+        round_trips_per_s: round_trips as f64 / (end as f64 / 1e9),
+        check_p99_ns: p99(lat),
+        checks: offered.len() as u64,
+    }
+}
+
+/// Runs a scenario on the wall clock against `store`: each node has its own sync task. Must
+/// be called inside a tokio runtime. The store's clock must be the wall clock (Unix time) for
+/// the window algorithms' oracle.
+pub async fn run_real(s: &Scenario, store: Arc<dyn Store>) -> Report {
+    let nodes: Vec<Node> = (0..s.nodes)
+        .map(|_| {
+            Node::builder(store.clone())
+                .sync_interval(s.sync_interval)
+                .cold_start(s.cold_start)
+                .start()
+                .expect("inside a tokio runtime")
+        })
+        .collect();
+    // A fresh name per run, so runs never share store state.
+    let name = format!("tune-{}", s.seed);
+    let limiters: Vec<Limiter> =
+        nodes.iter().map(|n| Limiter::builder(s.policy.clone()).name(name.clone()).node(n).build().expect("valid policy")).collect();
+    let clock = Clock::precise();
+    let epoch_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+    let origin = clock.now_ns();
+    let end = s.duration.as_nanos() as u64;
+    let rate = rate_per_ns(&s.policy) * s.load;
+    let shares = shares(s.nodes, s.skew);
+    let mut rng = Rng(s.seed);
+    let mut next: Vec<u64> = shares.iter().map(|&sh| if sh > 0.0 { rng.exp(1.0 / (rate * sh)) } else { u64::MAX }).collect();
+    let (mut offered, mut admitted, mut lat) = (Vec::new(), Vec::new(), Vec::new());
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let now = clock.now_ns() - origin;
+        if now > end {
+            break;
+        }
+        // Every arrival due by now, in time order across nodes.
+        loop {
+            let (i, &t) = match next.iter().enumerate().min_by_key(|(_, t)| **t) {
+                Some(x) => x,
+                None => break,
+            };
+            if t > now {
+                break;
+            }
+            let start = clock.now_ns();
+            let d = limiters[i].check("key");
+            let at = clock.now_ns();
+            lat.push(at - start);
+            offered.push((at - origin, 1));
+            if d.is_allowed() {
+                admitted.push((at - origin, 1));
+            }
+            next[i] = t + rng.exp(1.0 / (rate * shares[i]));
+        }
+    }
+    let round_trips: u64 = nodes.iter().map(|n| n.stats().round_trips).sum();
+    for n in &nodes {
+        n.shutdown().await;
+    }
+    report(s, &offered, &admitted, epoch_ns, end, round_trips, lat)
+}
