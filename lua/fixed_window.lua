@@ -5,7 +5,8 @@
 -- ARGV[2]    time override in microseconds, '' in production (then Redis TIME is used)
 -- ARGV[3]    P, the number of distinct policies in the batch
 -- then P x   capacity, window length in microseconds
--- then per key: policy index (1-based), kept, returned, wanted, window of the claim
+-- then       one binary string: per key, struct '<ddddd' of policy index (1-based), kept,
+--            returned, wanted, window of the claim
 --
 -- State: one integer per key, (window id mod 2^20) * 2^32 + used, where used counts every
 -- token granted in the window (spent or still held by a node) minus those returned. The key
@@ -13,8 +14,9 @@
 -- old and 20 bits tell it apart. Tokens held by nodes die with their window: a claim tagged
 -- with another window is void (its returned tokens are ignored and its kept tokens revoked).
 --
--- Reply: 7 values per key: status (0 ok, 1 error with its message next), granted,
--- remaining, ms to next token, ms to reset, window id, revoked.
+-- Reply: {string, i1, message1, i2, message2, ...}: the string holds per key struct '<Bdddddd'
+-- of status (0 ok, 1 failed), granted, remaining, ms to next token, ms to reset, window id,
+-- revoked; each failed key i is listed after it with its error message.
 
 local now
 if ARGV[2] ~= '' then
@@ -32,28 +34,29 @@ for p = 1, np do
   a = a + 2
 end
 
-local fmt, floor, ceil = string.format, math.floor, math.ceil
+local spack, sunpack, fmt, floor, ceil = struct.pack, struct.unpack, string.format, math.floor, math.ceil
 local TWO32, TWO20 = 4294967296, 1048576
-local out = {}
-local o = 0
+local out, errs = {}, {}
+local blob = ARGV[a]
+if not blob or #blob ~= 40 * #KEYS then return redis.error_reply('ERR tollgate: claim data does not match the keys') end
+local pos = 1
+local FAILED = spack('<Bdddddd', 1, 0, 0, 0, 0, 0, 0)
 
 for i = 1, #KEYS do
   local key = KEYS[i]
-  local p = tonumber(ARGV[a])
-  local kept = tonumber(ARGV[a + 1])
-  local ret = tonumber(ARGV[a + 2])
-  local want = tonumber(ARGV[a + 3])
-  local claim_w = tonumber(ARGV[a + 4])
-  a = a + 5
+  local p, kept, ret, want, claim_w
+  p, kept, ret, want, claim_w, pos = sunpack('<ddddd', blob, pos)
   local cap, win = pcap[p], pwin[p]
   local v = redis.pcall('GET', key)
   local n = v and tonumber(v)
   if type(v) == 'table' then
-    out[o + 1] = 1; out[o + 2] = v.err or 'ERR'
-    out[o + 3] = 0; out[o + 4] = 0; out[o + 5] = 0; out[o + 6] = 0; out[o + 7] = 0
+    out[i] = FAILED
+    errs[#errs + 1] = i
+    errs[#errs + 1] = v.err or 'ERR'
   elseif v and not n then
-    out[o + 1] = 1; out[o + 2] = 'CORRUPT tollgate state'
-    out[o + 3] = 0; out[o + 4] = 0; out[o + 5] = 0; out[o + 6] = 0; out[o + 7] = 0
+    out[i] = FAILED
+    errs[#errs + 1] = i
+    errs[#errs + 1] = 'CORRUPT tollgate state'
   else
     local w = floor(now / win)
     local wm = w % TWO20
@@ -79,8 +82,7 @@ for i = 1, #KEYS do
     local reset = ceil(((w + 1) * win - now) / 1000)
     local nxt = 0
     if remaining == 0 then nxt = reset end
-    out[o + 1] = 0; out[o + 2] = granted; out[o + 3] = remaining
-    out[o + 4] = nxt; out[o + 5] = reset; out[o + 6] = w; out[o + 7] = revoked
+    out[i] = spack('<Bdddddd', 0, granted, remaining, nxt, reset, w, revoked)
     if used == 0 then
       if v then redis.call('DEL', key) end
     elseif same then
@@ -89,6 +91,5 @@ for i = 1, #KEYS do
       redis.call('SET', key, fmt('%d', wm * TWO32 + used), 'PX', fmt('%d', reset + 1))
     end
   end
-  o = o + 7
 end
-return out
+return {table.concat(out), unpack(errs)}

@@ -5,7 +5,8 @@
 -- ARGV[2]    time override in microseconds, '' in production (then Redis TIME is used)
 -- ARGV[3]    P, the number of distinct policies in the batch
 -- then P x   capacity, window length in microseconds, weighting tick in microseconds
--- then per key: policy index (1-based), kept, returned, wanted, window of the claim
+-- then       one binary string: per key, struct '<ddddd' of policy index (1-based), kept,
+--            returned, wanted, window of the claim
 --
 -- State: struct '<dI4I4': window id, previous window's count, current window's count.
 -- At e microseconds into window w the estimate is
@@ -15,8 +16,9 @@
 -- returned tokens are ignored and its kept tokens revoked). The key expires 1 ms after the
 -- end of the window after its own, when its counts no longer matter.
 --
--- Reply: 7 values per key: status (0 ok, 1 error with its message next), granted,
--- remaining, ms to next token, ms to reset, window id, revoked.
+-- Reply: {string, i1, message1, i2, message2, ...}: the string holds per key struct '<Bdddddd'
+-- of status (0 ok, 1 failed), granted, remaining, ms to next token, ms to reset, window id,
+-- revoked; each failed key i is listed after it with its error message.
 
 local now
 if ARGV[2] ~= '' then
@@ -36,25 +38,26 @@ for p = 1, np do
 end
 
 local spack, sunpack, fmt, floor, ceil = struct.pack, struct.unpack, string.format, math.floor, math.ceil
-local out = {}
-local o = 0
+local out, errs = {}, {}
+local blob = ARGV[a]
+if not blob or #blob ~= 40 * #KEYS then return redis.error_reply('ERR tollgate: claim data does not match the keys') end
+local pos = 1
+local FAILED = spack('<Bdddddd', 1, 0, 0, 0, 0, 0, 0)
 
 for i = 1, #KEYS do
   local key = KEYS[i]
-  local p = tonumber(ARGV[a])
-  local kept = tonumber(ARGV[a + 1])
-  local ret = tonumber(ARGV[a + 2])
-  local want = tonumber(ARGV[a + 3])
-  local claim_w = tonumber(ARGV[a + 4])
-  a = a + 5
+  local p, kept, ret, want, claim_w
+  p, kept, ret, want, claim_w, pos = sunpack('<ddddd', blob, pos)
   local cap, win, tick = pcap[p], pwin[p], ptick[p]
   local v = redis.pcall('GET', key)
   if type(v) == 'table' then
-    out[o + 1] = 1; out[o + 2] = v.err or 'ERR'
-    out[o + 3] = 0; out[o + 4] = 0; out[o + 5] = 0; out[o + 6] = 0; out[o + 7] = 0
+    out[i] = FAILED
+    errs[#errs + 1] = i
+    errs[#errs + 1] = v.err or 'ERR'
   elseif v and #v ~= 16 then
-    out[o + 1] = 1; out[o + 2] = 'CORRUPT tollgate state'
-    out[o + 3] = 0; out[o + 4] = 0; out[o + 5] = 0; out[o + 6] = 0; out[o + 7] = 0
+    out[i] = FAILED
+    errs[#errs + 1] = i
+    errs[#errs + 1] = 'CORRUPT tollgate state'
   else
     local w = floor(now / win)
     local el = now - w * win
@@ -107,8 +110,7 @@ for i = 1, #KEYS do
       nxt = ceil((at - now) / 1000)
       if nxt < 1 then nxt = 1 end
     end
-    out[o + 1] = 0; out[o + 2] = granted; out[o + 3] = remaining
-    out[o + 4] = nxt; out[o + 5] = reset; out[o + 6] = w; out[o + 7] = revoked
+    out[i] = spack('<Bdddddd', 0, granted, remaining, nxt, reset, w, revoked)
     if prev == 0 and cur == 0 then
       if v then redis.call('DEL', key) end
     elseif moved then
@@ -117,6 +119,5 @@ for i = 1, #KEYS do
       redis.call('SET', key, spack('<dI4I4', w, prev, cur), 'KEEPTTL')
     end
   end
-  o = o + 7
 end
-return out
+return {table.concat(out), unpack(errs)}

@@ -5,7 +5,8 @@
 -- ARGV[2]    time override in microseconds, '' in production (then Redis TIME is used)
 -- ARGV[3]    P, the number of distinct policies in the batch
 -- then P x   capacity, microseconds per token, lease in ms
--- then per key: policy index (1-based), kept, returned, wanted, window (ignored here)
+-- then       one binary string: per key, struct '<ddddd' of policy index (1-based), kept,
+--            returned, wanted, window (ignored here)
 --
 -- State: one hash per key.
 --   field 's'    struct '<ddddd': e, ep, cur, prev, x
@@ -18,10 +19,12 @@
 --   field '<node>'  struct '<dd': epoch of that node's last sync, tokens it holds since then
 -- A holding counts until the end of the epoch after the one it was recorded in (a lease of
 -- between one and two lease lengths). Tokens in the bucket are capped at
--- capacity - (holdings of all nodes), so bucket + holdings <= capacity at every instant.
+-- capacity - (holdings of all nodes), so bucket + holdings <= capacity at every instant, and
+-- refill is capped by the holdings the store knew of during the time it accrued.
 --
--- Reply: 7 values per key: status (0 ok, 1 error with its message next), granted,
--- remaining, ms to next token, ms to reset, window (0), revoked.
+-- Reply: {string, i1, message1, i2, message2, ...}: the string holds per key struct '<Bdddddd'
+-- of status (0 ok, 1 failed), granted, remaining, ms to next token, ms to reset, window (0),
+-- revoked; each failed key i is listed after it with its error message.
 -- All numbers stay below 2^53 (the client validates capacity * per <= 2^52).
 
 local node = ARGV[1]
@@ -44,16 +47,16 @@ for p = 1, np do
 end
 
 local spack, sunpack, fmt, floor, ceil = struct.pack, struct.unpack, string.format, math.floor, math.ceil
-local out = {}
-local o = 0
+local out, errs = {}, {}
+local blob = ARGV[a]
+if not blob or #blob ~= 40 * #KEYS then return redis.error_reply('ERR tollgate: claim data does not match the keys') end
+local pos = 1
+local FAILED = spack('<Bdddddd', 1, 0, 0, 0, 0, 0, 0)
 
 for i = 1, #KEYS do
   local key = KEYS[i]
-  local p = tonumber(ARGV[a])
-  local kept = tonumber(ARGV[a + 1])
-  local ret = tonumber(ARGV[a + 2])
-  local want = tonumber(ARGV[a + 3])
-  a = a + 5
+  local p, kept, ret, want, claim_w
+  p, kept, ret, want, claim_w, pos = sunpack('<ddddd', blob, pos)
   local cap, per, lease = pcap[p], pper[p], plea[p]
   local tau = cap * per
   local ep = floor(now_ms / lease)
@@ -61,11 +64,13 @@ for i = 1, #KEYS do
   local s = r[1]
   local rec = r[2]
   if r.err then
-    out[o + 1] = 1; out[o + 2] = r.err
-    out[o + 3] = 0; out[o + 4] = 0; out[o + 5] = 0; out[o + 6] = 0; out[o + 7] = 0
+    out[i] = FAILED
+    errs[#errs + 1] = i
+    errs[#errs + 1] = r.err
   elseif (s and #s ~= 40) or (rec and #rec ~= 16) then
-    out[o + 1] = 1; out[o + 2] = 'CORRUPT tollgate state'
-    out[o + 3] = 0; out[o + 4] = 0; out[o + 5] = 0; out[o + 6] = 0; out[o + 7] = 0
+    out[i] = FAILED
+    errs[#errs + 1] = i
+    errs[#errs + 1] = 'CORRUPT tollgate state'
   else
     local e, sep, cur, prev, x
     if s then
@@ -96,16 +101,22 @@ for i = 1, #KEYS do
     if kfree > had then kfree = had end
     local rok = ret
     if rok > had - kfree then rok = had - kfree end
-    -- Refill, add back what was returned, cap at capacity minus everything held.
+    -- Refill up to capacity minus the holdings as they stood until now (this node's included:
+    -- the store learns only now what it spent, and a token spent late in the interval must not
+    -- buy refill for the time it was still held), then add back what was returned, capped at
+    -- capacity minus everything still held.
     if e < now - tau then e = now - tau end
     local elapsed = now - e
     if elapsed < 0 then elapsed = 0 end
     local tokens = floor(elapsed / per)
     local frac = elapsed - tokens * per
+    local old_room = cap - cur - prev - had
+    if old_room < 0 then old_room = 0 end
+    if tokens >= old_room then tokens = old_room; frac = 0 end
     tokens = tokens + rok
     local room = cap - cur - prev - kfree
     if room < 0 then room = 0 end
-    if tokens > room then tokens = room; frac = 0 end
+    if tokens >= room then tokens = room; frac = 0 end
     -- Kept tokens the store does not know of (lease expired, state lost) must be claimed again.
     local extra = kept - kfree
     if extra > tokens then extra = tokens end
@@ -120,9 +131,7 @@ for i = 1, #KEYS do
     local next_us = 0
     if tokens == 0 then next_us = per - frac end
     local reset_us = (cap - tokens) * per - frac
-    out[o + 1] = 0; out[o + 2] = granted; out[o + 3] = tokens
-    out[o + 4] = ceil(next_us / 1000); out[o + 5] = ceil(reset_us / 1000)
-    out[o + 6] = 0; out[o + 7] = revoked
+    out[i] = spack('<Bdddddd', 0, granted, tokens, ceil(next_us / 1000), ceil(reset_us / 1000), 0, revoked)
     -- Persist, or forget a key that is indistinguishable from a fresh one.
     if cur + prev == 0 and tokens >= cap then
       if s then redis.call('DEL', key) end
@@ -160,6 +169,5 @@ for i = 1, #KEYS do
       end
     end
   end
-  o = o + 7
 end
-return out
+return {table.concat(out), unpack(errs)}

@@ -156,9 +156,12 @@ impl<K: Hash + Eq + Send + Sync + Clone + Identifier + 'static> LimiterBuilder<K
         self.clock = Some(inner.clock.clone());
         self.dist = Some(Box::new(move |name, policy, max_keys| {
             if policy.get_block_duration().is_some() {
-                return Err(BuildError::Distributed("block_duration: not available in distributed mode".into()));
+                return Err(BuildError::Distributed(
+                    "block_duration: not available in distributed mode".into(),
+                ));
             }
-            let limits = crate::store::Limits::from_policy(policy, inner.lease).map_err(|e| BuildError::Distributed(e.to_string()))?;
+            let limits = crate::store::Limits::from_policy(policy, inner.lease)
+                .map_err(|e| BuildError::Distributed(e.to_string()))?;
             Ok(DistKeys::new(inner, name, limits, max_keys))
         }));
         self
@@ -323,7 +326,11 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         Q: Hash + Eq + ?Sized,
     {
         let now = self.inner.clock.now_ns();
-        let source = if self.inner.dist.is_some() { Source::Claimed } else { Source::Key };
+        let source = if self.inner.dist.is_some() {
+            Source::Claimed
+        } else {
+            Source::Key
+        };
         self.give_back(key, cost, now, source, now);
     }
 
@@ -363,7 +370,9 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        self.check_n_async(key, 1).await.expect("a cost of 1 always fits a valid policy")
+        self.check_n_async(key, 1)
+            .await
+            .expect("a cost of 1 always fits a valid policy")
     }
 
     /// [`check_async`](Self::check_async) for `cost` units.
@@ -452,7 +461,11 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
     }
 
     fn claimed(&self, o: Outcome, cost: u64) -> Decision {
-        let source = if o.untracked { Source::TableFull } else { Source::Claimed };
+        let source = if o.untracked {
+            Source::TableFull
+        } else {
+            Source::Claimed
+        };
         Decision {
             allowed: o.allowed,
             source,

@@ -45,6 +45,29 @@ pub struct Scenario {
     pub cold_start: ColdStart,
     /// Seed of the arrival process.
     pub seed: u64,
+    /// Keys the load is spread over, uniformly (the oracle judges each key).
+    pub keys: usize,
+    /// Node `i` sends its first request after `i * stagger`, so late nodes start cold while
+    /// the others are already spending the quota.
+    pub stagger: Duration,
+}
+
+impl Scenario {
+    /// 8 nodes, one key, 30 s, sync 100 ms, load 1.5x uniform, cold start `Deny`.
+    pub fn new(policy: Policy) -> Self {
+        Scenario {
+            nodes: 8,
+            policy,
+            sync_interval: Duration::from_millis(100),
+            load: 1.5,
+            skew: Skew::Uniform,
+            duration: Duration::from_secs(30),
+            cold_start: ColdStart::Deny,
+            seed: 1,
+            keys: 1,
+            stagger: Duration::ZERO,
+        }
+    }
 }
 
 /// What a run measured.
@@ -118,7 +141,13 @@ fn rate_per_ns(p: &Policy) -> f64 {
 /// `admitted` and `offered` are `(time ns, cost)` in time order. Token bucket: the bound over
 /// `[t_i, t_j]` is `capacity + rate * (t_j - t_i)`; windows: `points` per aligned window of the
 /// store's clock (`epoch_ns` is the store time of local time 0).
-pub fn oracle(policy: &Policy, offered: &[(u64, u64)], admitted: &[(u64, u64)], epoch_ns: u64, span_ns: u64) -> (u64, u64) {
+pub fn oracle(
+    policy: &Policy,
+    offered: &[(u64, u64)],
+    admitted: &[(u64, u64)],
+    epoch_ns: u64,
+    span_ns: u64,
+) -> (u64, u64) {
     let cap = policy.capacity() as f64;
     match policy.get_algorithm() {
         Algorithm::TokenBucket => {
@@ -174,10 +203,17 @@ enum Event {
     Request(usize),
 }
 
+fn key_names(n: usize) -> Vec<String> {
+    (0..n.max(1)).map(|k| format!("key-{k}")).collect()
+}
+
 /// Runs a scenario on virtual time with an in-process store. Deterministic for a seed (apart
 /// from the latency figure).
 pub fn run_virtual(s: &Scenario) -> Report {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a current-thread runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread runtime");
     rt.block_on(virtual_run(s))
 }
 
@@ -197,11 +233,20 @@ async fn virtual_run(s: &Scenario) -> Report {
                 .expect("valid node settings")
         })
         .collect();
-    let limiters: Vec<Limiter> =
-        nodes.iter().map(|n| Limiter::builder(s.policy.clone()).name("tune").node(n).build().expect("valid policy")).collect();
+    let limiters: Vec<Limiter> = nodes
+        .iter()
+        .map(|n| {
+            Limiter::builder(s.policy.clone())
+                .name("tune")
+                .node(n)
+                .build()
+                .expect("valid policy")
+        })
+        .collect();
     let interval = s.sync_interval.as_nanos() as u64;
     let end = s.duration.as_nanos() as u64;
-    let rate = rate_per_ns(&s.policy) * s.load;
+    let keys = key_names(s.keys);
+    let rate = rate_per_ns(&s.policy) * s.load * keys.len() as f64;
     let shares = shares(s.nodes, s.skew);
     let mut rng = Rng(s.seed);
     let mut heap = BinaryHeap::new();
@@ -211,11 +256,14 @@ async fn virtual_run(s: &Scenario) -> Report {
         next_sync[i] = interval * i as u64 / s.nodes as u64 + 1;
         heap.push(Reverse((next_sync[i], Event::Sync(i))));
         if shares[i] > 0.0 {
-            heap.push(Reverse((rng.exp(1.0 / (rate * shares[i])), Event::Request(i))));
+            let start = s.stagger.as_nanos() as u64 * i as u64;
+            heap.push(Reverse((start + rng.exp(1.0 / (rate * shares[i])), Event::Request(i))));
         }
     }
     let timer = Clock::precise();
-    let (mut offered, mut admitted, mut lat) = (Vec::new(), Vec::new(), Vec::new());
+    let mut offered = vec![Vec::new(); keys.len()];
+    let mut admitted = vec![Vec::new(); keys.len()];
+    let mut lat = Vec::new();
     while let Some(Reverse((t, ev))) = heap.pop() {
         if t > end {
             break;
@@ -233,12 +281,15 @@ async fn virtual_run(s: &Scenario) -> Report {
                 heap.push(Reverse((next_sync[i], Event::Sync(i))));
             }
             Event::Request(i) => {
+                let k = (rng.next() % keys.len() as u64) as usize;
                 let start = timer.now_ns();
-                let d = limiters[i].check("key");
-                lat.push(timer.now_ns().saturating_sub(start));
-                offered.push((t, 1));
+                let d = limiters[i].check(keys[k].as_str());
+                if lat.len() < MAX_LATENCY_SAMPLES {
+                    lat.push(timer.now_ns().saturating_sub(start));
+                }
+                offered[k].push((t, 1));
                 if d.is_allowed() {
-                    admitted.push((t, 1));
+                    admitted[k].push((t, 1));
                 }
                 if nodes[i].wants_priority_sync() {
                     let at = (last_sync[i] + interval / 10).max(t + 1);
@@ -255,18 +306,38 @@ async fn virtual_run(s: &Scenario) -> Report {
     report(s, &offered, &admitted, EPOCH_US * 1000, end, round_trips, lat)
 }
 
-fn report(s: &Scenario, offered: &[(u64, u64)], admitted: &[(u64, u64)], epoch_ns: u64, end: u64, round_trips: u64, lat: Vec<u64>) -> Report {
-    let (ideal, over) = oracle(&s.policy, offered, admitted, epoch_ns, end);
-    let admitted_sum: u64 = admitted.iter().map(|a| a.1).sum();
+/// Latency samples kept per run (the first ones).
+const MAX_LATENCY_SAMPLES: usize = 1 << 20;
+
+fn report(
+    s: &Scenario,
+    offered: &[Vec<(u64, u64)>],
+    admitted: &[Vec<(u64, u64)>],
+    epoch_ns: u64,
+    end: u64,
+    round_trips: u64,
+    lat: Vec<u64>,
+) -> Report {
+    let (mut ideal, mut over) = (0, 0);
+    for (o, a) in offered.iter().zip(admitted) {
+        let (i, v) = oracle(&s.policy, o, a, epoch_ns, end);
+        ideal += i;
+        over = over.max(v);
+    }
+    let admitted_sum: u64 = admitted.iter().flatten().map(|a| a.1).sum();
     Report {
-        offered: offered.iter().map(|o| o.1).sum(),
+        offered: offered.iter().flatten().map(|o| o.1).sum(),
         admitted: admitted_sum,
         ideal,
         over_admitted: over,
-        utilization: if ideal == 0 { 1.0 } else { admitted_sum as f64 / ideal as f64 },
+        utilization: if ideal == 0 {
+            1.0
+        } else {
+            admitted_sum as f64 / ideal as f64
+        },
         round_trips_per_s: round_trips as f64 / (end as f64 / 1e9),
         check_p99_ns: p99(lat),
-        checks: offered.len() as u64,
+        checks: offered.iter().map(Vec::len).sum::<usize>() as u64,
     }
 }
 
@@ -285,17 +356,41 @@ pub async fn run_real(s: &Scenario, store: Arc<dyn Store>) -> Report {
         .collect();
     // A fresh name per run, so runs never share store state.
     let name = format!("tune-{}", s.seed);
-    let limiters: Vec<Limiter> =
-        nodes.iter().map(|n| Limiter::builder(s.policy.clone()).name(name.clone()).node(n).build().expect("valid policy")).collect();
+    let limiters: Vec<Limiter> = nodes
+        .iter()
+        .map(|n| {
+            Limiter::builder(s.policy.clone())
+                .name(name.clone())
+                .node(n)
+                .build()
+                .expect("valid policy")
+        })
+        .collect();
     let clock = Clock::precise();
-    let epoch_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+    let epoch_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
     let origin = clock.now_ns();
     let end = s.duration.as_nanos() as u64;
-    let rate = rate_per_ns(&s.policy) * s.load;
+    let keys = key_names(s.keys);
+    let rate = rate_per_ns(&s.policy) * s.load * keys.len() as f64;
     let shares = shares(s.nodes, s.skew);
     let mut rng = Rng(s.seed);
-    let mut next: Vec<u64> = shares.iter().map(|&sh| if sh > 0.0 { rng.exp(1.0 / (rate * sh)) } else { u64::MAX }).collect();
-    let (mut offered, mut admitted, mut lat) = (Vec::new(), Vec::new(), Vec::new());
+    let mut next: Vec<u64> = shares
+        .iter()
+        .enumerate()
+        .map(|(i, &sh)| {
+            if sh > 0.0 {
+                s.stagger.as_nanos() as u64 * i as u64 + rng.exp(1.0 / (rate * sh))
+            } else {
+                u64::MAX
+            }
+        })
+        .collect();
+    let mut offered = vec![Vec::new(); keys.len()];
+    let mut admitted = vec![Vec::new(); keys.len()];
+    let mut lat = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -305,21 +400,20 @@ pub async fn run_real(s: &Scenario, store: Arc<dyn Store>) -> Report {
             break;
         }
         // Every arrival due by now, in time order across nodes.
-        loop {
-            let (i, &t) = match next.iter().enumerate().min_by_key(|(_, t)| **t) {
-                Some(x) => x,
-                None => break,
-            };
+        while let Some((i, &t)) = next.iter().enumerate().min_by_key(|(_, t)| **t) {
             if t > now {
                 break;
             }
+            let k = (rng.next() % keys.len() as u64) as usize;
             let start = clock.now_ns();
-            let d = limiters[i].check("key");
+            let d = limiters[i].check(keys[k].as_str());
             let at = clock.now_ns();
-            lat.push(at - start);
-            offered.push((at - origin, 1));
+            if lat.len() < MAX_LATENCY_SAMPLES {
+                lat.push(at - start);
+            }
+            offered[k].push((at - origin, 1));
             if d.is_allowed() {
-                admitted.push((at - origin, 1));
+                admitted[k].push((at - origin, 1));
             }
             next[i] = t + rng.exp(1.0 / (rate * shares[i]));
         }

@@ -70,7 +70,10 @@ fn parse(args: &[String]) -> Result<Args, String> {
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().cloned().ok_or_else(|| format!("{flag}: missing value"));
-        let num = |v: String| v.parse::<f64>().map_err(|_| format!("{flag}: expected a number, got '{v}'"));
+        let num = |v: String| {
+            v.parse::<f64>()
+                .map_err(|_| format!("{flag}: expected a number, got '{v}'"))
+        };
         match flag.as_str() {
             "--nodes" => a.nodes = num(value()?)? as usize,
             "--intervals" => a.intervals = parse_list(flag, &value()?)?,
@@ -140,7 +143,11 @@ struct Row {
 fn progress(done: usize, total: usize, what: &str) {
     let width = 30;
     let filled = done * width / total.max(1);
-    eprint!("\r[{}{}] {done}/{total} {what:<40}", "=".repeat(filled), " ".repeat(width - filled));
+    eprint!(
+        "\r[{}{}] {done}/{total} {what:<40}",
+        "=".repeat(filled),
+        " ".repeat(width - filled)
+    );
     let _ = std::io::stderr().flush();
     if done == total {
         eprintln!();
@@ -169,20 +176,22 @@ fn run(args: &Args) -> Result<Vec<Row>, String> {
     };
     #[cfg(not(feature = "redis"))]
     if args.redis.is_some() {
-        return Err("--redis needs the `redis` feature: cargo run --release --features redis -- tune --redis URL".into());
+        return Err(
+            "--redis needs the `redis` feature: cargo run --release --features redis -- tune --redis URL".into(),
+        );
     }
     let mut rows = Vec::new();
     for (n, &(interval, load, skew)) in cases.iter().enumerate() {
         progress(n, cases.len(), &format!("sync {interval} ms, load {load}x, {skew:?}"));
         let scenario = Scenario {
             nodes: args.nodes,
-            policy: args.policy.clone(),
             sync_interval: Duration::from_millis(interval),
             load,
             skew,
             duration: Duration::from_secs_f64(args.seconds.unwrap_or(if args.redis.is_some() { 5.0 } else { 30.0 })),
             cold_start: args.cold_start,
             seed: args.seed.wrapping_add(n as u64),
+            ..Scenario::new(args.policy.clone())
         };
         #[cfg(feature = "redis")]
         let report = match (&runtime, &store) {
@@ -191,7 +200,12 @@ fn run(args: &Args) -> Result<Vec<Row>, String> {
         };
         #[cfg(not(feature = "redis"))]
         let report = run_virtual(&scenario);
-        rows.push(Row { interval, load, skew, report });
+        rows.push(Row {
+            interval,
+            load,
+            skew,
+            report,
+        });
     }
     progress(cases.len(), cases.len(), "done");
     Ok(rows)
@@ -202,7 +216,11 @@ fn print(args: &Args, rows: &[Row]) {
         "tollgate tune: {} nodes sharing {} ({}), cold start {:?}",
         args.nodes,
         args.policy,
-        if args.redis.is_some() { "Redis, wall clock" } else { "in-process store, virtual time" },
+        if args.redis.is_some() {
+            "Redis, wall clock"
+        } else {
+            "in-process store, virtual time"
+        },
         args.cold_start
     );
     for &interval in &args.intervals {
@@ -247,7 +265,11 @@ fn svg(args: &Args, rows: &[Row]) -> String {
             .zip(&xs)
             .map(|(&i, &lx)| {
                 let vals = rows.iter().filter(|r| r.interval == i).map(|r| f(&r.report));
-                let v = if min { vals.fold(f64::MAX, f64::min) } else { vals.fold(0.0, f64::max) };
+                let v = if min {
+                    vals.fold(f64::MAX, f64::min)
+                } else {
+                    vals.fold(0.0, f64::max)
+                };
                 (x(lx), y(v))
             })
             .collect()
@@ -256,8 +278,14 @@ fn svg(args: &Args, rows: &[Row]) -> String {
     let over = worst(&|r| r.over_admitted as f64 / cap * 100.0, false);
     let line = |pts: &[(f64, f64)], color: &str| {
         let p: Vec<String> = pts.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
-        let dots: String = pts.iter().map(|(a, b)| format!("<circle cx=\"{a:.1}\" cy=\"{b:.1}\" r=\"3\" fill=\"{color}\"/>")).collect();
-        format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>{dots}", p.join(" "))
+        let dots: String = pts
+            .iter()
+            .map(|(a, b)| format!("<circle cx=\"{a:.1}\" cy=\"{b:.1}\" r=\"3\" fill=\"{color}\"/>"))
+            .collect();
+        format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>{dots}",
+            p.join(" ")
+        )
     };
     let mut out = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\
@@ -275,9 +303,17 @@ fn svg(args: &Args, rows: &[Row]) -> String {
         );
     }
     for (&i, &lx) in args.intervals.iter().zip(&xs) {
-        out += &format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{i} ms</text>", x(lx), h - m + 18.0);
+        out += &format!(
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{i} ms</text>",
+            x(lx),
+            h - m + 18.0
+        );
     }
-    out += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">sync interval (log scale)</text>", w / 2.0, h - 16.0);
+    out += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">sync interval (log scale)</text>",
+        w / 2.0,
+        h - 16.0
+    );
     out += &line(&util, "#1f77b4");
     out += &line(&over, "#d62728");
     out += &format!(

@@ -112,7 +112,9 @@ where
         Q: Hash + Eq + ?Sized,
     {
         let guard = self.map.guard();
-        self.map.get(key, &guard).is_some_and(|c| c.valid_until.load(Ordering::Acquire) != 0)
+        self.map
+            .get(key, &guard)
+            .is_some_and(|c| c.valid_until.load(Ordering::Acquire) != 0)
     }
 
     /// Takes `cost` from the key's claimed tokens.
@@ -128,7 +130,13 @@ where
             None => {
                 if self.len.fetch_add(1, Ordering::AcqRel) >= self.max_keys {
                     self.len.fetch_sub(1, Ordering::AcqRel);
-                    return Outcome { allowed: false, remaining: 0, retry_after_ns: self.node.sync_interval.as_nanos() as u64, reset_after_ns: 0, untracked: true };
+                    return Outcome {
+                        allowed: false,
+                        remaining: 0,
+                        retry_after_ns: self.node.sync_interval.as_nanos() as u64,
+                        reset_after_ns: 0,
+                        untracked: true,
+                    };
                 }
                 let fresh = DistCell::default();
                 if let ColdStart::Optimistic(n) = self.node.cold_start {
@@ -170,11 +178,17 @@ where
         let retry = if allowed {
             0
         } else {
-            cell.exhausted_until.load(Ordering::Relaxed).saturating_sub(now).max(interval / 10).max(1)
+            cell.exhausted_until
+                .load(Ordering::Relaxed)
+                .saturating_sub(now)
+                .max(interval / 10)
+                .max(1)
         };
         Outcome {
             allowed,
-            remaining: local.saturating_add(cell.store_remaining.load(Ordering::Relaxed)).min(self.limits.capacity()),
+            remaining: local
+                .saturating_add(cell.store_remaining.load(Ordering::Relaxed))
+                .min(self.limits.capacity()),
             retry_after_ns: retry,
             reset_after_ns: cell.reset_at.load(Ordering::Relaxed).saturating_sub(now),
             untracked: false,
@@ -211,13 +225,27 @@ where
             Some(cell) => {
                 let valid = now < cell.valid_until.load(Ordering::Acquire);
                 let tokens = if valid { cell.tokens.load(Ordering::Acquire) } else { 0 };
-                let cold = if cell.valid_until.load(Ordering::Acquire) == 0 { cell.cold.load(Ordering::Acquire) } else { 0 };
+                let cold = if cell.valid_until.load(Ordering::Acquire) == 0 {
+                    cell.cold.load(Ordering::Acquire)
+                } else {
+                    0
+                };
                 self.outcome(cell, tokens >= cost || cold >= cost, tokens, now)
             }
             None => {
                 let allowed = matches!(self.node.cold_start, ColdStart::Optimistic(n) if n >= cost);
-                let retry = if allowed { 0 } else { self.node.sync_interval.as_nanos() as u64 };
-                Outcome { allowed, remaining: 0, retry_after_ns: retry, reset_after_ns: 0, untracked: false }
+                let retry = if allowed {
+                    0
+                } else {
+                    self.node.sync_interval.as_nanos() as u64
+                };
+                Outcome {
+                    allowed,
+                    remaining: 0,
+                    retry_after_ns: retry,
+                    reset_after_ns: 0,
+                    untracked: false,
+                }
             }
         }
     }
@@ -243,13 +271,21 @@ where
         }
         let held = cell.tokens.load(Ordering::Acquire);
         let spent = s.after.saturating_sub(held);
-        let cold_used = if s.claimed { 0 } else { s.cold_given.saturating_sub(cell.cold.load(Ordering::Acquire)) };
+        let cold_used = if s.claimed {
+            0
+        } else {
+            s.cold_given.saturating_sub(cell.cold.load(Ordering::Acquire))
+        };
         let denied = cell.denied.swap(0, Ordering::AcqRel);
         s.debt += cold_used;
         s.cold_given -= cold_used.min(s.cold_given);
         // Demand per sync interval, scaled when this sync comes early (priority).
         let interval = node.sync_interval.as_nanos() as u64;
-        let elapsed = if s.last == 0 { interval } else { now.saturating_sub(s.last).clamp(interval / 10, interval) };
+        let elapsed = if s.last == 0 {
+            interval
+        } else {
+            now.saturating_sub(s.last).clamp(interval / 10, interval)
+        };
         let raw = spent + denied + cold_used;
         let per_interval = (raw as u128 * interval as u128 / elapsed.max(1) as u128) as u64;
         s.demand = per_interval.max(s.demand - s.demand / 4);
@@ -262,20 +298,36 @@ where
             t.max(u64::from(raw > 0)).min(capacity)
         };
         // Return what is well above the target (hysteresis: keep up to twice the target).
-        let excess = if held > target.saturating_mul(2) || drain { held - target.min(held) } else { 0 };
-        let returned = match cell.tokens.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t - excess.min(t))) {
+        let excess = if held > target.saturating_mul(2) || drain {
+            held - target.min(held)
+        } else {
+            0
+        };
+        let returned = match cell
+            .tokens
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t - excess.min(t)))
+        {
             Ok(before) => excess.min(before),
             Err(_) => 0,
         };
         let kept = cell.tokens.load(Ordering::Acquire);
         s.after = kept;
-        let wanted = if exhausted || drain { 0 } else { target.saturating_sub(kept) + s.debt.min(capacity) };
+        let wanted = if exhausted || drain {
+            0
+        } else {
+            target.saturating_sub(kept) + s.debt.min(capacity)
+        };
         cell.low.store(target / 4, Ordering::Relaxed);
-        if kept == 0 && returned == 0 && wanted == 0 && s.debt == 0 && raw == 0 {
-            // Nothing to say. Tell the store once that this node holds nothing (so it stops
-            // counting the last grant against the capacity), then stay silent.
-            s.idle += 1;
-            if drain || !s.claimed || s.idle > 1 {
+        if returned == 0 && wanted == 0 && s.debt == 0 {
+            // Nothing to ask for or give back. When the key has just gone quiet, tell the store
+            // once what this node still holds, so it stops counting spent tokens against the
+            // capacity; otherwise stay silent: an exhausted key hammered by a client, or an idle
+            // one, costs the store nothing.
+            let just_idle = raw == 0 && s.idle == 0 && s.claimed && !drain;
+            if raw == 0 {
+                s.idle = s.idle.saturating_add(1);
+            }
+            if !just_idle {
                 return None;
             }
         } else {
@@ -309,7 +361,10 @@ where
         // Revoked tokens leave first.
         if grant.revoked > 0 {
             let revoked = grant.revoked;
-            if let Ok(before) = cell.tokens.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t - revoked.min(t))) {
+            if let Ok(before) = cell
+                .tokens
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t - revoked.min(t)))
+            {
                 s.after = s.after.saturating_sub(revoked.min(before));
             }
         }
@@ -336,7 +391,10 @@ where
         s.debt += late;
         s.cold_given = 0;
         cell.store_remaining.store(grant.remaining, Ordering::Relaxed);
-        cell.reset_at.store(now.saturating_add(grant.ms_to_reset.saturating_mul(ms)), Ordering::Relaxed);
+        cell.reset_at.store(
+            now.saturating_add(grant.ms_to_reset.saturating_mul(ms)),
+            Ordering::Relaxed,
+        );
         let exhausted = if grant.remaining == 0 && grant.granted == 0 && grant.ms_to_next_token > 0 {
             now.saturating_add(grant.ms_to_next_token.saturating_mul(ms))
         } else {
@@ -370,9 +428,15 @@ where
             }
         }
         for key in forget {
-            let removed = self.map.remove_if(&key, |_, c| {
-                c.tokens.load(Ordering::Acquire) == 0 && c.denied.load(Ordering::Acquire) == 0 && c.cold.load(Ordering::Acquire) == 0
-            }, &guard);
+            let removed = self.map.remove_if(
+                &key,
+                |_, c| {
+                    c.tokens.load(Ordering::Acquire) == 0
+                        && c.denied.load(Ordering::Acquire) == 0
+                        && c.cold.load(Ordering::Acquire) == 0
+                },
+                &guard,
+            );
             if let Ok(Some(_)) = removed {
                 self.len.fetch_sub(1, Ordering::AcqRel);
             }
@@ -381,7 +445,9 @@ where
     }
 
     fn apply(&self, _node: &NodeInner, ticket: Box<dyn Any + Send>, sent_at: u64, outcomes: &[Option<ClaimOutcome>]) {
-        let Ok(ticket) = ticket.downcast::<Ticket<K>>() else { return };
+        let Ok(ticket) = ticket.downcast::<Ticket<K>>() else {
+            return;
+        };
         let guard = self.map.guard();
         for (key, outcome) in ticket.0.iter().zip(outcomes) {
             if let Some(cell) = self.map.get(key, &guard) {

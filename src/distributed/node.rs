@@ -89,7 +89,9 @@ pub struct Node {
 
 impl fmt::Debug for Node {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Node").field("id", &self.inner.id).finish_non_exhaustive()
+        f.debug_struct("Node")
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -131,7 +133,10 @@ pub(crate) struct NodeInner {
 }
 
 fn random_id() -> NodeId {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
     // ahash's RandomState draws its keys from the OS at process start.
     ahash::RandomState::new().hash_one((t, std::process::id())) >> 11
 }
@@ -264,7 +269,9 @@ impl NodeBuilder {
         if !(100..=10_000).contains(&self.headroom_percent) {
             return Err(NodeError::Config("headroom_percent: must be in 100..=10000".into()));
         }
-        let lease = self.lease.unwrap_or_else(|| (self.sync_interval * 4).max(Duration::from_secs(1)));
+        let lease = self
+            .lease
+            .unwrap_or_else(|| (self.sync_interval * 4).max(Duration::from_secs(1)));
         if lease <= self.sync_interval {
             return Err(NodeError::Config("lease: must be longer than sync_interval".into()));
         }

@@ -61,7 +61,10 @@ impl StoreKey {
     /// A key made of raw bytes, for tests and tools that address the store directly. Keys
     /// built this way bypass the encoding guarantees; the group is 0.
     pub fn from_raw(bytes: impl Into<Vec<u8>>) -> Self {
-        StoreKey { bytes: bytes.into().into(), group: 0 }
+        StoreKey {
+            bytes: bytes.into().into(),
+            group: 0,
+        }
     }
 }
 
@@ -139,7 +142,10 @@ impl KeyEncoder {
         if prefix.len() > 64 || !prefix.bytes().all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}') {
             return Err(KeyConfigError::Prefix);
         }
-        Ok(KeyEncoder { prefix: prefix.into(), ..KeyEncoder::default() })
+        Ok(KeyEncoder {
+            prefix: prefix.into(),
+            ..KeyEncoder::default()
+        })
     }
 
     /// Sets the secret key of the keyed hashes (same on every node). Without it, hashed
@@ -187,7 +193,7 @@ impl KeyEncoder {
     }
 
     fn group_of(&self, namespace: &str, identifier: &[u8]) -> u16 {
-        let mut h = SipHasher13::new_with_keys(self.k0 ^ 0x6772_6f75_70, self.k1);
+        let mut h = SipHasher13::new_with_keys(self.k0 ^ 0x0067_726f_7570, self.k1);
         Self::feed(&mut h, namespace, identifier);
         (h.finish() % u64::from(self.groups)) as u16
     }
@@ -226,7 +232,10 @@ impl KeyEncoder {
             out.push(b'x');
             push_hex(&mut out, identifier);
         }
-        StoreKey { bytes: out.into(), group }
+        StoreKey {
+            bytes: out.into(),
+            group,
+        }
     }
 
     /// The key of a secret identifier (an API key, a token): always hashed, so the secret never
@@ -236,14 +245,20 @@ impl KeyEncoder {
         let mut out = self.head(group, namespace, 33);
         out.push(b'h');
         push_hex(&mut out, &self.digest(namespace, identifier));
-        StoreKey { bytes: out.into(), group }
+        StoreKey {
+            bytes: out.into(),
+            group,
+        }
     }
 
     /// The key of the node registry (`<prefix>{nodes}`), distinct from every encoded key.
     pub fn registry_key(&self) -> StoreKey {
         let mut out = self.prefix.as_bytes().to_vec();
         out.extend_from_slice(b"{nodes}");
-        StoreKey { bytes: out.into(), group: 0 }
+        StoreKey {
+            bytes: out.into(),
+            group: 0,
+        }
     }
 }
 
@@ -295,7 +310,10 @@ mod tests {
     fn ident() -> impl Strategy<Value = Vec<u8>> {
         prop_oneof![
             proptest::collection::vec(any::<u8>(), 0..40),
-            proptest::collection::vec(prop_oneof![Just(b'{'), Just(b'}'), Just(b':'), Just(b'a'), Just(b'1')], 0..20),
+            proptest::collection::vec(
+                prop_oneof![Just(b'{'), Just(b'}'), Just(b':'), Just(b'a'), Just(b'1')],
+                0..20
+            ),
             proptest::collection::vec(any::<u8>(), 250..300),
         ]
     }
@@ -314,7 +332,8 @@ mod tests {
             prop_assert_eq!(group, key.group());
             prop_assert!(group < enc.groups());
             prop_assert_eq!(pns, ns.as_bytes());
-            prop_assert_eq!(hash_tag(bytes), format!("{:03x}", group).as_bytes());
+            let tag = format!("{:03x}", group);
+            prop_assert_eq!(hash_tag(bytes), tag.as_bytes());
             // Long or secret identifiers never appear in the key.
             if secret || id.len() > DEFAULT_MAX_IDENTIFIER_LEN {
                 prop_assert_eq!(mode, b'h');
@@ -344,7 +363,8 @@ mod tests {
             let at = at.min(braced.len());
             braced.splice(at..at, b"{x}{".iter().copied());
             let key = enc.encode(&ns, &braced);
-            prop_assert_eq!(hash_tag(key.as_bytes()), format!("{:03x}", key.group()).as_bytes());
+            let tag = format!("{:03x}", key.group());
+            prop_assert_eq!(hash_tag(key.as_bytes()), tag.as_bytes());
             prop_assert_ne!(key, enc.encode(&ns, &id));
         }
     }
@@ -374,9 +394,18 @@ mod tests {
         assert_eq!(KeyEncoder::new("a b").unwrap_err(), KeyConfigError::Prefix);
         assert_eq!(KeyEncoder::new(&"p".repeat(65)).unwrap_err(), KeyConfigError::Prefix);
         assert!(KeyEncoder::new("").is_ok());
-        assert_eq!(KeyEncoder::default().with_groups(0).unwrap_err(), KeyConfigError::Groups);
-        assert_eq!(KeyEncoder::default().with_groups(4097).unwrap_err(), KeyConfigError::Groups);
-        assert_eq!(KeyEncoder::default().with_max_identifier_len(0).unwrap_err(), KeyConfigError::MaxLen);
+        assert_eq!(
+            KeyEncoder::default().with_groups(0).unwrap_err(),
+            KeyConfigError::Groups
+        );
+        assert_eq!(
+            KeyEncoder::default().with_groups(4097).unwrap_err(),
+            KeyConfigError::Groups
+        );
+        assert_eq!(
+            KeyEncoder::default().with_max_identifier_len(0).unwrap_err(),
+            KeyConfigError::MaxLen
+        );
         let one = KeyEncoder::default().with_groups(1).unwrap();
         assert_eq!(one.encode("a", b"b").group(), 0);
     }

@@ -8,7 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
-use super::{clamped, Claim, ClaimOutcome, Grant, KeyError, Limits, NodeId, Store, StoreAlgorithm, StoreFuture, StoreKey};
+use super::{
+    clamped, Claim, ClaimOutcome, Grant, KeyError, Limits, NodeId, Store, StoreAlgorithm, StoreFuture, StoreKey,
+};
 
 /// A source of the store's time in microseconds since the Unix epoch.
 pub type TimeSource = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -21,7 +23,11 @@ enum State {
     Bucket(Bucket),
     /// `(window id mod 2^20) * 2^32 + used`, as the script stores it.
     Fixed(i64),
-    Sliding { w: i64, prev: i64, cur: i64 },
+    Sliding {
+        w: i64,
+        prev: i64,
+        cur: i64,
+    },
     /// Data that is not tollgate state (tests use it to emulate `WRONGTYPE`).
     Foreign,
 }
@@ -62,7 +68,9 @@ pub struct MemoryStore {
 
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryStore").field("keys", &self.inner.lock().keys.len()).finish()
+        f.debug_struct("MemoryStore")
+            .field("keys", &self.inner.lock().keys.len())
+            .finish()
     }
 }
 
@@ -73,7 +81,9 @@ impl Default for MemoryStore {
 }
 
 fn system_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn ceil_div(a: i64, b: i64) -> i64 {
@@ -90,7 +100,10 @@ impl MemoryStore {
     /// A store on the given clock (microseconds since the Unix epoch; values are clamped below
     /// 2^53 - 1). Use [`ManualTime`] for tests and simulations.
     pub fn with_time_source(time: TimeSource) -> Self {
-        MemoryStore { inner: Arc::default(), time }
+        MemoryStore {
+            inner: Arc::default(),
+            time,
+        }
     }
 
     /// Number of keys stored (expired keys not yet purged included).
@@ -107,13 +120,22 @@ impl MemoryStore {
     pub fn pttl(&self, key: &StoreKey) -> Option<u64> {
         let now_ms = self.now_us() / 1000;
         let g = self.inner.lock();
-        g.keys.get(key).filter(|e| e.expires_ms >= now_ms).map(|e| (e.expires_ms - now_ms) as u64)
+        g.keys
+            .get(key)
+            .filter(|e| e.expires_ms >= now_ms)
+            .map(|e| (e.expires_ms - now_ms) as u64)
     }
 
     /// Stores a value of another type under `key` (emulates a key written by someone else).
     pub fn put_foreign(&self, key: &StoreKey) {
         let mut g = self.inner.lock();
-        g.keys.insert(key.clone(), Entry { state: State::Foreign, expires_ms: i64::MAX });
+        g.keys.insert(
+            key.clone(),
+            Entry {
+                state: State::Foreign,
+                expires_ms: i64::MAX,
+            },
+        );
     }
 
     /// Forgets everything (emulates a store that lost its state).
@@ -189,23 +211,49 @@ fn apply(keys: &mut Keys, node: NodeId, now: i64, c: &Claim) -> ClaimOutcome {
     let (kept, ret, want, window) = (kept as i64, ret as i64, want as i64, window as i64);
     let l = &c.limits;
     let (out, new) = match (l.algorithm(), old) {
-        (_, Some(e @ Entry { state: State::Foreign, .. })) => (Err(KeyError::WrongType(WRONGTYPE.into())), Some(e)),
+        (
+            _,
+            Some(
+                e @ Entry {
+                    state: State::Foreign, ..
+                },
+            ),
+        ) => (Err(KeyError::WrongType(WRONGTYPE.into())), Some(e)),
         (StoreAlgorithm::TokenBucket, None) => token_bucket(node, now, l, None, kept, ret, want),
-        (StoreAlgorithm::TokenBucket, Some(Entry { state: State::Bucket(b), expires_ms })) => {
-            token_bucket(node, now, l, Some((b, expires_ms)), kept, ret, want)
-        }
+        (
+            StoreAlgorithm::TokenBucket,
+            Some(Entry {
+                state: State::Bucket(b),
+                expires_ms,
+            }),
+        ) => token_bucket(node, now, l, Some((b, expires_ms)), kept, ret, want),
         (StoreAlgorithm::FixedWindow, None) => fixed_window(now, l, None, kept, ret, want, window),
-        (StoreAlgorithm::FixedWindow, Some(Entry { state: State::Fixed(n), expires_ms })) => {
-            fixed_window(now, l, Some((n, expires_ms)), kept, ret, want, window)
-        }
+        (
+            StoreAlgorithm::FixedWindow,
+            Some(Entry {
+                state: State::Fixed(n),
+                expires_ms,
+            }),
+        ) => fixed_window(now, l, Some((n, expires_ms)), kept, ret, want, window),
         (StoreAlgorithm::SlidingWindow, None) => sliding_window(now, l, None, kept, ret, want, window),
-        (StoreAlgorithm::SlidingWindow, Some(Entry { state: State::Sliding { w, prev, cur }, expires_ms })) => {
-            sliding_window(now, l, Some(((w, prev, cur), expires_ms)), kept, ret, want, window)
-        }
+        (
+            StoreAlgorithm::SlidingWindow,
+            Some(Entry {
+                state: State::Sliding { w, prev, cur },
+                expires_ms,
+            }),
+        ) => sliding_window(now, l, Some(((w, prev, cur), expires_ms)), kept, ret, want, window),
         // A hash read as a string, or a string read as a hash.
-        (StoreAlgorithm::TokenBucket, Some(e)) | (_, Some(e @ Entry { state: State::Bucket(_), .. })) => {
-            (Err(KeyError::WrongType(WRONGTYPE.into())), Some(e))
-        }
+        (StoreAlgorithm::TokenBucket, Some(e))
+        | (
+            _,
+            Some(
+                e @ Entry {
+                    state: State::Bucket(_),
+                    ..
+                },
+            ),
+        ) => (Err(KeyError::WrongType(WRONGTYPE.into())), Some(e)),
         (_, Some(e)) => (Err(KeyError::Corrupt), Some(e)),
     };
     if let Some(e) = new {
@@ -230,7 +278,17 @@ fn token_bucket(
     let tau = cap * per;
     let mut ep = now_ms.div_euclid(lease);
     let had_state = old.is_some();
-    let (mut b, old_expiry) = old.unwrap_or((Bucket { e: now - tau, ep, cur: 0, prev: 0, x: 0, nodes: Vec::new() }, 0));
+    let (mut b, old_expiry) = old.unwrap_or((
+        Bucket {
+            e: now - tau,
+            ep,
+            cur: 0,
+            prev: 0,
+            x: 0,
+            nodes: Vec::new(),
+        },
+        0,
+    ));
     if ep < b.ep {
         ep = b.ep;
     } else if ep > b.ep {
@@ -259,6 +317,13 @@ fn token_bucket(
     let elapsed = (now - b.e).max(0);
     let mut tokens = elapsed / per;
     let mut frac = elapsed - tokens * per;
+    // Refill is capped by the holdings as they stood while it accrued (this node's included):
+    // a token spent late in the interval must not buy refill for the time it was still held.
+    let old_room = (cap - b.cur - b.prev - had).max(0);
+    if tokens >= old_room {
+        tokens = old_room;
+        frac = 0;
+    }
     tokens += rok;
     let room = (cap - b.cur - b.prev - kfree).max(0);
     if tokens >= room {
@@ -305,7 +370,13 @@ fn token_bucket(
         b.nodes.retain(|n| n.1 >= ep - 1);
     }
     let expires_ms = if refresh { b.x } else { old_expiry };
-    (Ok(grant), Some(Entry { state: State::Bucket(b), expires_ms }))
+    (
+        Ok(grant),
+        Some(Entry {
+            state: State::Bucket(b),
+            expires_ms,
+        }),
+    )
 }
 
 fn fixed_window(
@@ -350,7 +421,13 @@ fn fixed_window(
         Some((_, x)) if same => x,
         _ => now.div_euclid(1000) + reset + 1,
     };
-    (Ok(grant), Some(Entry { state: State::Fixed(wm * TWO32 + used), expires_ms }))
+    (
+        Ok(grant),
+        Some(Entry {
+            state: State::Fixed(wm * TWO32 + used),
+            expires_ms,
+        }),
+    )
 }
 
 #[allow(clippy::type_complexity)]
@@ -425,7 +502,13 @@ fn sliding_window(
         Some((_, x)) if !moved => x,
         _ => now.div_euclid(1000) + ceil_div((w + 2) * win - now, 1000) + 1,
     };
-    (Ok(grant), Some(Entry { state: State::Sliding { w, prev, cur }, expires_ms }))
+    (
+        Ok(grant),
+        Some(Entry {
+            state: State::Sliding { w, prev, cur },
+            expires_ms,
+        }),
+    )
 }
 
 /// A manual clock for [`MemoryStore::with_time_source`]: microseconds since the Unix epoch,

@@ -56,10 +56,10 @@ mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 
-pub use keys::{KeyConfigError, KeyEncoder, StoreKey};
-pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisConfig, RedisStore};
+pub use keys::{KeyConfigError, KeyEncoder, StoreKey};
+pub use memory::{ManualTime, MemoryStore, TimeSource};
 
 /// Identifies a node (one process that links tollgate) to the store. Pick it at random when the
 /// process starts, so that a restarted process is a new node.
@@ -172,10 +172,18 @@ impl Limits {
         let period_us = ceil_us(window);
         // The sliding estimate multiplies a count by a part of the window: keep it below 2^52.
         let tick_us = match algorithm {
-            StoreAlgorithm::SlidingWindow => (u128::from(capacity) * u128::from(period_us)).div_ceil(1 << 51).max(1) as u64,
+            StoreAlgorithm::SlidingWindow => {
+                (u128::from(capacity) * u128::from(period_us)).div_ceil(1 << 51).max(1) as u64
+            }
             _ => 1,
         };
-        Ok(Limits { algorithm, capacity, period_us, lease_ms: 0, tick_us })
+        Ok(Limits {
+            algorithm,
+            capacity,
+            period_us,
+            lease_ms: 0,
+            tick_us,
+        })
     }
 
     /// The store form of a [`Policy`]: its algorithm, capacity (`burst` for a token bucket) and
@@ -309,7 +317,10 @@ pub struct StoreError {
 impl StoreError {
     /// An error of the given class.
     pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
-        StoreError { class, message: message.into() }
+        StoreError {
+            class,
+            message: message.into(),
+        }
     }
 
     /// The class of the failure.
@@ -372,7 +383,12 @@ pub trait Store: Send + Sync {
 /// Values shared by both implementations: the numbers a claim is clamped to.
 pub(crate) fn clamped(c: &Claim) -> (u64, u64, u64, u64) {
     let l = &c.limits;
-    (l.clamp(c.kept), l.clamp(c.returned), l.clamp(c.wanted), c.window.min(MAX_STORE_NUMBER))
+    (
+        l.clamp(c.kept),
+        l.clamp(c.returned),
+        l.clamp(c.wanted),
+        c.window.min(MAX_STORE_NUMBER),
+    )
 }
 
 #[cfg(test)]

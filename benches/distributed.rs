@@ -1,0 +1,169 @@
+//! Distributed mode against a redis-server this bench starts on a loopback port.
+//!
+//! Prints:
+//! `distributed hot_path tollgate_checks_per_s=<x> naive_checks_per_s=<y> ratio=<x/y>`: one
+//! thread checking one key, tollgate (claimed quota, synced by its node every 100 ms) against
+//! a limiter that runs one EVALSHA token-bucket script per check on the same Redis;
+//! `distributed redis_us_per_key_sync=<z>`: Redis server CPU per key per sync, from
+//! `INFO commandstats`, for batches of 1000 keys.
+
+#[path = "../tests/common/redis_server.rs"]
+mod redis_server;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis_server::RedisServer;
+use tollgate::store::{Claim, KeyEncoder, Limits, RedisConfig, RedisStore, Store};
+use tollgate::{Limiter, Node, Policy};
+
+/// One token bucket per key, advanced on every call with the server's clock: the usual
+/// "one round trip per request" design.
+const NAIVE: &str = r#"
+local t = redis.call('TIME')
+local now = t[1] * 1000000 + t[2]
+local cap, per = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new = tat + per
+if new - now > cap * per then return 0 end
+redis.call('SET', KEYS[1], new, 'PX', math.ceil(cap * per / 1000) + 1000)
+return 1
+"#;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let server = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // The naive limiter: one EVALSHA per check, one at a time.
+    let naive = rt.block_on(async {
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut con = client.get_multiplexed_async_connection().await.unwrap();
+        let script = redis::Script::new(NAIVE);
+        let mut rounds = Vec::new();
+        for _ in 0..3 {
+            let start = Instant::now();
+            let mut n = 0u64;
+            while start.elapsed() < Duration::from_millis(700) {
+                let allowed: i64 = script
+                    .key("naive:{k}")
+                    .arg(1_000_000_000u64)
+                    .arg(1u64)
+                    .invoke_async(&mut con)
+                    .await
+                    .unwrap();
+                black_box(allowed);
+                n += 1;
+            }
+            rounds.push(n as f64 / start.elapsed().as_secs_f64());
+        }
+        median(rounds)
+    });
+
+    // tollgate: the same Redis behind a node; the check loop runs on this thread while the
+    // runtime's worker runs the sync task.
+    let store = rt
+        .block_on(RedisStore::connect(RedisConfig::new(server.url())))
+        .unwrap();
+    let node = {
+        let _guard = rt.enter();
+        Node::builder(Arc::new(store))
+            .sync_interval(Duration::from_millis(100))
+            .start()
+            .unwrap()
+    };
+    let limiter: Limiter = Limiter::builder(Policy::per_second(1_000_000).burst(4_000_000_000))
+        .name("bench")
+        .node(&node)
+        .build()
+        .unwrap();
+    assert!(rt.block_on(limiter.check_async("hot")).is_allowed());
+    // Let demand-based claims grow.
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_millis(500) {
+        black_box(limiter.check("hot"));
+    }
+    let mut rounds = Vec::new();
+    for _ in 0..5 {
+        let start = Instant::now();
+        let (mut n, mut allowed) = (0u64, 0u64);
+        while n % 4096 != 0 || start.elapsed() < Duration::from_millis(400) {
+            allowed += limiter.check("hot").is_allowed() as u64;
+            n += 1;
+        }
+        assert!(
+            allowed * 10 >= n * 9,
+            "the node did not keep up: {allowed} of {n} allowed"
+        );
+        rounds.push(allowed as f64 / start.elapsed().as_secs_f64());
+    }
+    let ours = median(rounds);
+    println!(
+        "distributed hot_path tollgate_checks_per_s={ours:.0} naive_checks_per_s={naive:.0} ratio={:.0}",
+        ours / naive
+    );
+    rt.block_on(node.shutdown());
+
+    // Redis CPU per key per sync: batches of 1000 keys through the store.
+    let us_per_key = rt.block_on(async {
+        let store = RedisStore::connect(RedisConfig::new(server.url())).await.unwrap();
+        let enc = KeyEncoder::default();
+        let limits = Limits::from_policy(&Policy::per_second(100).burst(200), Duration::from_secs(1)).unwrap();
+        let claims: Vec<Claim> = (0..1000u32)
+            .map(|i| Claim {
+                key: enc.encode("cpu", i.to_string().as_bytes()),
+                limits,
+                kept: 0,
+                returned: 0,
+                wanted: 2,
+                window: 0,
+            })
+            .collect();
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut con = client.get_multiplexed_async_connection().await.unwrap();
+        store.claim(1, &claims).await.unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        for i in 0..50u64 {
+            let with_holdings: Vec<Claim> = claims
+                .iter()
+                .map(|c| Claim {
+                    kept: i % 2,
+                    ..c.clone()
+                })
+                .collect();
+            store.claim(1, &with_holdings).await.unwrap();
+        }
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let line = info
+            .lines()
+            .find(|l| l.starts_with("cmdstat_evalsha:"))
+            .expect("evalsha in commandstats");
+        let field = |name: &str| -> f64 {
+            line.split([':', ','])
+                .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        field("usec") / (field("calls") * claims.len() as f64)
+    });
+    println!("distributed redis_us_per_key_sync={us_per_key:.2}");
+}

@@ -1,0 +1,560 @@
+//! [`RedisStore`]: the claim protocol on one Redis server, through the Lua scripts in `lua/`.
+//!
+//! Each script handles a batch of keys in one `EVALSHA` (`redis::Script` loads it again after
+//! `NOSCRIPT`, which means the script did not run, so that retry is safe). Claims of a batch are
+//! grouped by algorithm; the (at most three) script calls of one sync are sent together on the
+//! multiplexed connection, so a sync costs one round trip. The connection is a
+//! `ConnectionManager`: it reconnects in the background, and every call is bounded by the
+//! response timeout.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script, Value};
+
+use super::{
+    clamped, Claim, ClaimOutcome, ErrorClass, Grant, KeyError, Limits, NodeId, Store, StoreAlgorithm, StoreError,
+    StoreFuture, StoreKey, MAX_KEYS_PER_CALL,
+};
+
+const TOKEN_BUCKET_LUA: &str = include_str!("../../lua/token_bucket.lua");
+const FIXED_WINDOW_LUA: &str = include_str!("../../lua/fixed_window.lua");
+const SLIDING_WINDOW_LUA: &str = include_str!("../../lua/sliding_window.lua");
+const REGISTRY_LUA: &str = include_str!("../../lua/registry.lua");
+
+/// Bytes per key in a script reply: status byte and six doubles.
+const REPLY_WIDTH: usize = 49;
+
+/// Bytes per key in the claim argument: five doubles.
+const CLAIM_WIDTH: usize = 40;
+
+const NO_OVERRIDE: u64 = u64::MAX;
+
+/// How to reach Redis.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisConfig {
+    url: String,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    reconnect_retries: usize,
+}
+
+impl RedisConfig {
+    /// A `redis://[user:password@]host[:port][/db]` URL, or `rediss://` (TLS: feature
+    /// `redis-tls`, certificate and host name verified). Timeouts default to 1 s.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            reconnect_retries: 6,
+        }
+    }
+
+    /// Bound on each connection attempt.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Bound on each call: a sync that takes longer fails as [`ErrorClass::Transient`].
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How many times a reconnection is retried (with exponential backoff) before a call fails;
+    /// the next call starts over.
+    pub fn reconnect_retries(mut self, retries: usize) -> Self {
+        self.reconnect_retries = retries;
+        self
+    }
+
+    /// The URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl From<&str> for RedisConfig {
+    fn from(url: &str) -> Self {
+        RedisConfig::new(url)
+    }
+}
+
+impl From<String> for RedisConfig {
+    fn from(url: String) -> Self {
+        RedisConfig::new(url)
+    }
+}
+
+impl From<&String> for RedisConfig {
+    fn from(url: &String) -> Self {
+        RedisConfig::new(url.as_str())
+    }
+}
+
+/// The claim protocol on a single Redis server (7.0 or later recommended; 6.2 works).
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    time_override: Arc<AtomicU64>,
+}
+
+struct Scripts {
+    token_bucket: Script,
+    fixed_window: Script,
+    sliding_window: Script,
+    registry: Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore").finish_non_exhaustive()
+    }
+}
+
+/// Classifies a client error.
+pub(crate) fn classify(e: &RedisError) -> StoreError {
+    let message = e.to_string();
+    if let Some(code) = e.code() {
+        // Redis refuses large requests before authentication with this instead of NOAUTH.
+        if code == "ERR" && e.detail().is_some_and(|d| d.contains("unauthenticated")) {
+            return StoreError::new(ErrorClass::Config, message);
+        }
+        return StoreError::from_code(code, message);
+    }
+    if e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        return StoreError::new(ErrorClass::Transient, message);
+    }
+    let class = match e.kind() {
+        redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::InvalidClientConfig => ErrorClass::Config,
+        redis::ErrorKind::Io | redis::ErrorKind::ClusterConnectionNotFound => ErrorClass::Transient,
+        _ => ErrorClass::Protocol,
+    };
+    StoreError::new(class, message)
+}
+
+impl RedisStore {
+    fn manager_config(config: &RedisConfig) -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.response_timeout))
+            .set_number_of_retries(config.reconnect_retries)
+            .set_max_delay(Duration::from_secs(2))
+    }
+
+    fn client(config: &RedisConfig) -> Result<redis::Client, StoreError> {
+        #[cfg(feature = "redis-tls")]
+        if config.url.starts_with("rediss://") {
+            // The process may have chosen a provider already; otherwise use ring.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        redis::Client::open(config.url.as_str()).map_err(|e| StoreError::new(ErrorClass::Config, e.to_string()))
+    }
+
+    fn from_manager(conn: ConnectionManager) -> Self {
+        RedisStore {
+            conn,
+            scripts: Arc::new(Scripts {
+                token_bucket: Script::new(TOKEN_BUCKET_LUA),
+                fixed_window: Script::new(FIXED_WINDOW_LUA),
+                sliding_window: Script::new(SLIDING_WINDOW_LUA),
+                registry: Script::new(REGISTRY_LUA),
+            }),
+            time_override: Arc::new(AtomicU64::new(NO_OVERRIDE)),
+        }
+    }
+
+    /// Connects now (bounded by the connect timeout); fails if Redis cannot be reached.
+    /// Accepts a [`RedisConfig`] or a URL.
+    pub async fn connect(config: impl Into<RedisConfig>) -> Result<Self, StoreError> {
+        let config = config.into();
+        let client = Self::client(&config)?;
+        let conn = ConnectionManager::new_with_config(client, Self::manager_config(&config))
+            .await
+            .map_err(|e| classify(&e))?;
+        Ok(Self::from_manager(conn))
+    }
+
+    /// Returns at once and connects on first use, so a service can start while Redis is down.
+    /// Must be called inside a tokio runtime.
+    pub fn connect_lazy(config: impl Into<RedisConfig>) -> Result<Self, StoreError> {
+        let config = config.into();
+        let client = Self::client(&config)?;
+        let conn =
+            ConnectionManager::new_lazy_with_config(client, Self::manager_config(&config)).map_err(|e| classify(&e))?;
+        Ok(Self::from_manager(conn))
+    }
+
+    /// Tests only: makes the scripts use this time (microseconds since the Unix epoch) instead
+    /// of Redis `TIME`, so that replies can be compared with a [`super::MemoryStore`] on a manual
+    /// clock. Production code never calls this: node clocks are not trusted for global state.
+    #[doc(hidden)]
+    pub fn set_time_override_us(&self, us: Option<u64>) {
+        let v = us.map_or(NO_OVERRIDE, |u| u.min(super::MAX_STORE_NUMBER));
+        self.time_override.store(v, Ordering::Relaxed);
+    }
+
+    fn time_arg(&self) -> String {
+        match self.time_override.load(Ordering::Relaxed) {
+            NO_OVERRIDE => String::new(),
+            us => us.to_string(),
+        }
+    }
+
+    fn script(&self, algorithm: StoreAlgorithm) -> &Script {
+        match algorithm {
+            StoreAlgorithm::TokenBucket => &self.scripts.token_bucket,
+            StoreAlgorithm::FixedWindow => &self.scripts.fixed_window,
+            StoreAlgorithm::SlidingWindow => &self.scripts.sliding_window,
+        }
+    }
+
+    /// One script call for claims (indices into `claims`) that share an algorithm.
+    async fn call(
+        &self,
+        node: NodeId,
+        algorithm: StoreAlgorithm,
+        claims: &[Claim],
+        idx: &[usize],
+    ) -> Result<Vec<ClaimOutcome>, StoreError> {
+        let mut policies: Vec<Limits> = Vec::new();
+        let mut pidx = Vec::with_capacity(idx.len());
+        for &i in idx {
+            let l = claims[i].limits;
+            let p = match policies.iter().position(|q| *q == l) {
+                Some(p) => p,
+                None => {
+                    policies.push(l);
+                    policies.len() - 1
+                }
+            };
+            pidx.push(p + 1);
+        }
+        let script = self.script(algorithm);
+        let mut inv = script.prepare_invoke();
+        inv.arg(node.to_string()).arg(self.time_arg()).arg(policies.len());
+        for l in &policies {
+            match algorithm {
+                StoreAlgorithm::TokenBucket => inv.arg(l.capacity()).arg(l.period_us()).arg(l.lease_ms()),
+                StoreAlgorithm::FixedWindow => inv.arg(l.capacity()).arg(l.period_us()),
+                StoreAlgorithm::SlidingWindow => inv.arg(l.capacity()).arg(l.period_us()).arg(l.tick_us()),
+            };
+        }
+        // Per-key numbers travel as one binary argument (doubles, exact below 2^53): parsing
+        // five string arguments per key costs the server more than the rest of the script.
+        let mut blob = Vec::with_capacity(idx.len() * CLAIM_WIDTH);
+        for (&i, &p) in idx.iter().zip(&pidx) {
+            let c = &claims[i];
+            let (kept, ret, want, window) = clamped(c);
+            inv.key(c.key.as_bytes());
+            for v in [p as u64, kept, ret, want, window] {
+                blob.extend_from_slice(&(v as f64).to_le_bytes());
+            }
+        }
+        inv.arg(blob);
+        let mut conn = self.conn.clone();
+        let reply: Value = inv.invoke_async(&mut conn).await.map_err(|e| classify(&e))?;
+        decode_reply(reply, idx.len())
+    }
+
+    async fn claim_batch(&self, node: NodeId, claims: &[Claim]) -> Result<Vec<ClaimOutcome>, StoreError> {
+        let mut groups: [Vec<usize>; 3] = Default::default();
+        for (i, c) in claims.iter().enumerate() {
+            let g = match c.limits.algorithm() {
+                StoreAlgorithm::TokenBucket => 0,
+                StoreAlgorithm::FixedWindow => 1,
+                StoreAlgorithm::SlidingWindow => 2,
+            };
+            groups[g].push(i);
+        }
+        const ALGS: [StoreAlgorithm; 3] = [
+            StoreAlgorithm::TokenBucket,
+            StoreAlgorithm::FixedWindow,
+            StoreAlgorithm::SlidingWindow,
+        ];
+        let mut calls = Vec::new();
+        for (g, idx) in groups.iter().enumerate() {
+            for chunk in idx.chunks(MAX_KEYS_PER_CALL) {
+                calls.push((chunk, self.call(node, ALGS[g], claims, chunk)));
+            }
+        }
+        let (chunks, futures): (Vec<_>, Vec<_>) = calls.into_iter().unzip();
+        let results = join_all(futures).await;
+        let mut out: Vec<ClaimOutcome> = vec![Err(KeyError::Other(String::new())); claims.len()];
+        for (chunk, res) in chunks.into_iter().zip(results) {
+            for (&i, r) in chunk.iter().zip(res?) {
+                out[i] = r;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Polls all futures to completion concurrently, keeping their order.
+async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut results: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(move |cx: &mut Context<'_>| {
+        let mut pending = false;
+        for (f, r) in futures.iter_mut().zip(results.iter_mut()) {
+            if r.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => *r = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(results.iter_mut().filter_map(Option::take).collect())
+        }
+    })
+    .await
+}
+
+fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn as_text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::ServerError(e) => format!("{} {}", e.code(), e.details().unwrap_or_default()),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Decodes a script reply for `n` keys; never panics, whatever the shape.
+pub(crate) fn decode_reply(reply: Value, n: usize) -> Result<Vec<ClaimOutcome>, StoreError> {
+    let items = match reply {
+        Value::Array(items) => items,
+        Value::ServerError(e) => return Err(StoreError::from_code(e.code(), as_text(&Value::ServerError(e.clone())))),
+        other => {
+            return Err(StoreError::new(
+                ErrorClass::Protocol,
+                format!("unexpected script reply: {other:?}"),
+            ))
+        }
+    };
+    let bad = |what: String| StoreError::new(ErrorClass::Protocol, what);
+    let blob = match items.first() {
+        Some(Value::BulkString(b)) if b.len() == n * REPLY_WIDTH => b,
+        other => return Err(bad(format!("script reply for {n} keys starts with {other:?}"))),
+    };
+    let mut out: Vec<ClaimOutcome> = blob.chunks_exact(REPLY_WIDTH).map(decode_one).collect();
+    let rest = &items[1..];
+    if rest.len() % 2 != 0 {
+        return Err(bad(format!(
+            "script reply has an odd error list of {} values",
+            rest.len()
+        )));
+    }
+    for pair in rest.chunks_exact(2) {
+        let i = as_u64(&pair[0])
+            .and_then(|i| usize::try_from(i).ok())
+            .filter(|&i| (1..=n).contains(&i));
+        let Some(i) = i else {
+            return Err(bad(format!("script reply names key {:?}", pair[0])));
+        };
+        let msg = as_text(&pair[1]);
+        out[i - 1] = Err(if msg.starts_with("WRONGTYPE") {
+            KeyError::WrongType(msg)
+        } else if msg.starts_with("CORRUPT") {
+            KeyError::Corrupt
+        } else {
+            KeyError::Other(msg)
+        });
+    }
+    Ok(out)
+}
+
+/// A reply number: a double holding a non-negative integer below 2^53.
+fn number(b: &[u8]) -> Option<u64> {
+    let v = f64::from_le_bytes(b.try_into().ok()?);
+    (v >= 0.0 && v <= super::MAX_STORE_NUMBER as f64 && v.fract() == 0.0).then_some(v as u64)
+}
+
+fn decode_one(b: &[u8]) -> ClaimOutcome {
+    match b[0] {
+        0 => {
+            let mut f = [0u64; 6];
+            for (slot, chunk) in f.iter_mut().zip(b[1..].chunks_exact(8)) {
+                *slot = number(chunk).ok_or_else(|| KeyError::Other(format!("bad reply value {chunk:?}")))?;
+            }
+            Ok(Grant {
+                granted: f[0],
+                remaining: f[1],
+                ms_to_next_token: f[2],
+                ms_to_reset: f[3],
+                window: f[4],
+                revoked: f[5],
+            })
+        }
+        // Failed: the message follows in the error list (a missing one leaves this).
+        1 => Err(KeyError::Other("failed without a message".into())),
+        s => Err(KeyError::Other(format!("bad reply status {s}"))),
+    }
+}
+
+impl Store for RedisStore {
+    fn claim<'a>(&'a self, node: NodeId, claims: &'a [Claim]) -> StoreFuture<'a, Vec<ClaimOutcome>> {
+        Box::pin(self.claim_batch(node, claims))
+    }
+
+    fn heartbeat<'a>(&'a self, registry: &'a StoreKey, node: NodeId, ttl: Duration) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let ttl_ms = ttl.as_millis().clamp(1, 1 << 40) as u64;
+            let mut conn = self.conn.clone();
+            let v: Value = self
+                .scripts
+                .registry
+                .key(registry.as_bytes())
+                .arg(node.to_string())
+                .arg(ttl_ms)
+                .arg(self.time_arg())
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| classify(&e))?;
+            as_u64(&v)
+                .ok_or_else(|| StoreError::new(ErrorClass::Protocol, format!("unexpected heartbeat reply: {v:?}")))
+        })
+    }
+
+    fn leave<'a>(&'a self, registry: &'a StoreKey, node: NodeId) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let _: Value = redis::cmd("ZREM")
+                .arg(registry.as_bytes())
+                .arg(node.to_string())
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| classify(&e))?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Nil),
+            any::<i64>().prop_map(Value::Int),
+            proptest::collection::vec(any::<u8>(), 0..8).prop_map(Value::BulkString),
+            "[A-Z]{0,10}".prop_map(Value::SimpleString),
+            Just(Value::Okay),
+            any::<f64>().prop_map(Value::Double),
+            any::<bool>().prop_map(Value::Boolean),
+            (0i64..3).prop_map(Value::Int),
+        ];
+        leaf.prop_recursive(3, 64, 16, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..16).prop_map(Value::Array),
+                proptest::collection::vec((inner.clone(), inner), 0..4).prop_map(Value::Map),
+            ]
+        })
+    }
+
+    fn entry(status: u8, vals: [f64; 6]) -> Vec<u8> {
+        let mut b = vec![status];
+        for v in vals {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_never_panics(v in arb_value(), n in 0usize..3) {
+            let _ = decode_reply(v, n);
+        }
+
+        #[test]
+        fn decoding_arbitrary_blobs_never_panics(b in proptest::collection::vec(any::<u8>(), 0..120), errs in proptest::collection::vec(arb_value(), 0..4)) {
+            let n = b.len() / REPLY_WIDTH;
+            let mut items = vec![Value::BulkString(b)];
+            items.extend(errs);
+            let _ = decode_reply(Value::Array(items), n);
+        }
+
+        #[test]
+        fn well_formed_replies_decode(vals in proptest::collection::vec(0u64..1 << 53, 6)) {
+            let f: Vec<f64> = vals.iter().map(|&v| v as f64).collect();
+            let blob = entry(0, [f[0], f[1], f[2], f[3], f[4], f[5]]);
+            let out = decode_reply(Value::Array(vec![Value::BulkString(blob)]), 1).unwrap();
+            let g = out[0].clone().unwrap();
+            prop_assert_eq!(g.granted, vals[0]);
+            prop_assert_eq!(g.window, vals[4]);
+            prop_assert_eq!(g.revoked, vals[5]);
+        }
+    }
+
+    #[test]
+    fn per_key_errors_and_bad_shapes() {
+        let mut blob = entry(1, [0.0; 6]);
+        blob.extend(entry(0, [5.0, 4.0, 0.0, 9.0, 0.0, 0.0]));
+        blob.extend(entry(0, [-1.0, 0.0, 0.0, 0.0, 0.0, 0.0]));
+        blob.extend(entry(0, [0.5, 0.0, 0.0, 0.0, 0.0, 0.0]));
+        blob.extend(entry(0, [f64::NAN, 0.0, 0.0, 0.0, 0.0, 0.0]));
+        let wt = Value::BulkString(b"WRONGTYPE Operation against a key".to_vec());
+        let reply = Value::Array(vec![Value::BulkString(blob.clone()), Value::Int(1), wt.clone()]);
+        let out = decode_reply(reply, 5).unwrap();
+        assert!(matches!(out[0], Err(KeyError::WrongType(_))));
+        assert_eq!(out[1].as_ref().unwrap().granted, 5);
+        assert!(out[2].is_err() && out[3].is_err() && out[4].is_err());
+        // Wrong length, key index out of range, odd error list, other shapes.
+        assert_eq!(
+            decode_reply(Value::Array(vec![Value::BulkString(blob.clone())]), 4)
+                .unwrap_err()
+                .class(),
+            ErrorClass::Protocol
+        );
+        let bad_index = Value::Array(vec![Value::BulkString(blob.clone()), Value::Int(6), wt.clone()]);
+        assert_eq!(decode_reply(bad_index, 5).unwrap_err().class(), ErrorClass::Protocol);
+        let odd = Value::Array(vec![Value::BulkString(blob), Value::Int(1)]);
+        assert_eq!(decode_reply(odd, 5).unwrap_err().class(), ErrorClass::Protocol);
+        assert_eq!(decode_reply(Value::Nil, 0).unwrap_err().class(), ErrorClass::Protocol);
+        assert_eq!(
+            decode_reply(Value::Array(vec![]), 0).unwrap_err().class(),
+            ErrorClass::Protocol
+        );
+    }
+
+    #[test]
+    fn error_codes_are_classified() {
+        use super::super::classify_code;
+        for (code, class) in [
+            ("LOADING", ErrorClass::Transient),
+            ("BUSY", ErrorClass::Transient),
+            ("TRYAGAIN", ErrorClass::Transient),
+            ("CLUSTERDOWN", ErrorClass::Transient),
+            ("READONLY", ErrorClass::Topology),
+            ("MOVED", ErrorClass::Topology),
+            ("NOAUTH", ErrorClass::Config),
+            ("WRONGPASS", ErrorClass::Config),
+            ("NOPERM", ErrorClass::Config),
+            ("OOM", ErrorClass::Resource),
+            ("ERR", ErrorClass::Protocol),
+        ] {
+            assert_eq!(classify_code(code), class, "{code}");
+        }
+    }
+}

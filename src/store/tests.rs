@@ -1,0 +1,267 @@
+//! Unit tests of the store semantics on [`MemoryStore`] (the Redis scripts are checked against
+//! the same semantics in `tests/store_redis.rs`).
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+
+const T0: u64 = 1_700_000_000_000_000;
+
+fn setup() -> (MemoryStore, ManualTime) {
+    let t = ManualTime::new(T0);
+    (MemoryStore::with_time_source(t.source()), t)
+}
+
+fn tb(cap: u64, per_sec: u64) -> Limits {
+    Limits::token_bucket(cap, per_sec, Duration::from_secs(1), Duration::from_millis(300)).unwrap()
+}
+
+fn claim(key: &StoreKey, limits: Limits, kept: u64, returned: u64, wanted: u64, window: u64) -> Claim {
+    Claim {
+        key: key.clone(),
+        limits,
+        kept,
+        returned,
+        wanted,
+        window,
+    }
+}
+
+fn one(s: &MemoryStore, node: NodeId, c: Claim) -> Grant {
+    s.claim_now(node, &[c]).pop().unwrap().unwrap()
+}
+
+#[test]
+fn limits_validation() {
+    assert_eq!(tb(10, 5).period_us(), 200_000);
+    assert_eq!(
+        Limits::token_bucket(0, 1, Duration::from_secs(1), Duration::from_secs(1)),
+        Err(LimitsError::Capacity(0))
+    );
+    assert_eq!(
+        Limits::token_bucket(1, 0, Duration::from_secs(1), Duration::from_secs(1)),
+        Err(LimitsError::Points)
+    );
+    assert_eq!(
+        Limits::token_bucket(1, 1, Duration::from_secs(1), Duration::ZERO),
+        Err(LimitsError::Lease)
+    );
+    assert_eq!(
+        Limits::token_bucket(
+            u32::MAX.into(),
+            1,
+            Duration::from_secs(366 * 24 * 3600),
+            Duration::from_secs(1)
+        ),
+        Err(LimitsError::Span)
+    );
+    // Faster than one token per microsecond is rounded to one per microsecond.
+    assert_eq!(
+        Limits::token_bucket(10, 10_000_000, Duration::from_secs(1), Duration::from_secs(1))
+            .unwrap()
+            .period_us(),
+        1
+    );
+    assert_eq!(
+        Limits::fixed_window(1, Duration::from_micros(999)),
+        Err(LimitsError::Window)
+    );
+    let big = Limits::sliding_window(u32::MAX.into(), Duration::from_secs(366 * 24 * 3600)).unwrap();
+    assert!(big.tick_us() > 1 && big.tick_us() < big.period_us());
+    assert!(u128::from(big.capacity()) * u128::from(big.period_us() / big.tick_us() + 1) <= 1 << 52);
+    assert_eq!(
+        Limits::sliding_window(100, Duration::from_secs(60)).unwrap().tick_us(),
+        1
+    );
+    let p = crate::Policy::per_minute(100).burst(20);
+    let l = Limits::from_policy(&p, Duration::from_secs(1)).unwrap();
+    assert_eq!((l.capacity(), l.period_us(), l.lease_ms()), (20, 600_000, 1000));
+}
+
+#[test]
+fn token_bucket_grant_return_refill() {
+    let (s, t) = setup();
+    let k = StoreKey::from_raw("k");
+    let l = tb(10, 10); // 10 per second, 100 ms per token
+    let g = one(&s, 1, claim(&k, l, 0, 0, 4, 0));
+    assert_eq!(
+        (g.granted, g.remaining, g.ms_to_next_token, g.ms_to_reset),
+        (4, 6, 0, 400)
+    );
+    // Node 1 spent 1, returns 3: back to 9 in the store.
+    let g = one(&s, 1, claim(&k, l, 0, 3, 0, 0));
+    assert_eq!((g.granted, g.remaining, g.ms_to_reset), (0, 9, 100));
+    let g = one(&s, 2, claim(&k, l, 0, 0, 20, 0));
+    assert_eq!((g.granted, g.remaining), (9, 0));
+    assert_eq!(g.ms_to_next_token, 100);
+    t.advance(Duration::from_millis(250));
+    // Node 2 still holds 9: the 2.5 tokens of refill cannot go beyond capacity - holdings.
+    let g = one(&s, 3, claim(&k, l, 0, 0, 20, 0));
+    assert_eq!((g.granted, g.remaining, g.ms_to_next_token), (1, 0, 100));
+    // Node 2 spent its 9: room again, and the refill continues from there.
+    t.advance(Duration::from_millis(250));
+    let g = one(&s, 2, claim(&k, l, 0, 0, 20, 0));
+    assert_eq!((g.granted, g.remaining, g.ms_to_next_token), (2, 0, 50));
+    // Partial progress towards the next token is kept across syncs.
+    t.advance(Duration::from_millis(50));
+    assert_eq!(one(&s, 2, claim(&k, l, 2, 0, 1, 0)).granted, 1);
+}
+
+#[test]
+fn held_cap_and_lease() {
+    let (s, t) = setup();
+    let k = StoreKey::from_raw("k");
+    let l = tb(10, 10);
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 6, 0)).granted, 6);
+    assert_eq!(one(&s, 2, claim(&k, l, 0, 0, 6, 0)).granted, 4);
+    // Idle for a long time, both nodes keep syncing (every 100 ms) and keep what they hold:
+    // the store must not refill past their holdings.
+    for _ in 0..20 {
+        t.advance(Duration::from_millis(100));
+        let a = one(&s, 1, claim(&k, l, 6, 0, 0, 0));
+        let b = one(&s, 2, claim(&k, l, 4, 0, 0, 0));
+        assert_eq!((a.remaining, b.remaining, a.revoked, b.revoked), (0, 0, 0, 0));
+    }
+    // Node 2 spends its 4 and says so: now 4 can refill (over 400 ms).
+    let g = one(&s, 2, claim(&k, l, 0, 0, 0, 0));
+    assert_eq!(g.remaining, 0);
+    for _ in 0..10 {
+        t.advance(Duration::from_millis(100));
+        assert_eq!(one(&s, 1, claim(&k, l, 6, 0, 0, 0)).revoked, 0);
+    }
+    let g = one(&s, 2, claim(&k, l, 0, 0, 10, 0));
+    assert_eq!((g.granted, g.remaining), (4, 0));
+    // Node 1 stops syncing. Its lease (300 ms epochs: 300..600 ms) runs out, then its 6 refill.
+    // Node 2 keeps syncing (a node that does not sync for two leases loses its holdings too).
+    for _ in 0..10 {
+        t.advance(Duration::from_millis(100));
+        assert_eq!(one(&s, 2, claim(&k, l, 4, 0, 0, 0)).revoked, 0);
+    }
+    let g = one(&s, 2, claim(&k, l, 4, 0, 10, 0));
+    assert_eq!(g.granted, 6);
+    // Node 1 comes back claiming to keep 6: the store no longer counts them; nothing is free,
+    // so all 6 are revoked.
+    let g = one(&s, 1, claim(&k, l, 6, 0, 1, 0));
+    assert_eq!((g.granted, g.revoked), (0, 6));
+    // A node cannot keep or return more than the store believes it holds.
+    let g = one(&s, 2, claim(&k, l, 0, 50, 0, 0));
+    assert_eq!(g.remaining, 10);
+}
+
+#[test]
+fn kept_tokens_are_claimed_again_after_state_loss() {
+    let (s, _t) = setup();
+    let k = StoreKey::from_raw("k");
+    let l = tb(10, 10);
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 7, 0)).granted, 7);
+    s.clear();
+    let g = one(&s, 1, claim(&k, l, 7, 0, 5, 0));
+    assert_eq!((g.granted, g.revoked, g.remaining), (3, 0, 0));
+}
+
+#[test]
+fn fixed_window_rollover_and_void_claims() {
+    let (s, t) = setup();
+    let k = StoreKey::from_raw("k");
+    let l = Limits::fixed_window(10, Duration::from_secs(1)).unwrap();
+    let w0 = T0 / 1_000_000;
+    let g = one(&s, 1, claim(&k, l, 0, 0, 8, 0));
+    assert_eq!((g.granted, g.remaining, g.window, g.ms_to_reset), (8, 2, w0, 1000));
+    let g = one(&s, 2, claim(&k, l, 0, 0, 8, 0));
+    assert_eq!((g.granted, g.remaining, g.ms_to_next_token), (2, 0, 1000));
+    t.advance(Duration::from_millis(400));
+    let g = one(&s, 1, claim(&k, l, 5, 3, 0, w0));
+    assert_eq!((g.remaining, g.revoked, g.ms_to_reset), (3, 0, 600));
+    t.advance(Duration::from_millis(600));
+    // New window: node 1's claim from the old window is void.
+    let g = one(&s, 1, claim(&k, l, 5, 5, 4, w0));
+    assert_eq!((g.granted, g.remaining, g.window, g.revoked), (4, 6, w0 + 1, 5));
+    assert_eq!(s.pttl(&k), Some(1001));
+}
+
+#[test]
+fn sliding_window_weights_previous_window() {
+    let (s, t) = setup();
+    let k = StoreKey::from_raw("k");
+    let l = Limits::sliding_window(10, Duration::from_secs(1)).unwrap();
+    let w0 = T0 / 1_000_000;
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 10, 0)).granted, 10);
+    t.advance(Duration::from_millis(1250));
+    // 250 ms into the next window: the previous 10 weigh ceil(10 * 0.75) = 8.
+    let g = one(&s, 1, claim(&k, l, 3, 3, 10, w0));
+    assert_eq!((g.granted, g.remaining, g.window, g.revoked), (2, 0, w0 + 1, 3));
+    // The next token comes when the weight drops to 7: 10 * (1 - e) <= 7, e >= 300 ms.
+    assert_eq!(g.ms_to_next_token, 50);
+    t.advance(Duration::from_millis(50));
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 10, w0 + 1)).granted, 1);
+}
+
+#[test]
+fn wrong_type_fails_alone() {
+    let (s, _t) = setup();
+    let bad = StoreKey::from_raw("bad");
+    let good = StoreKey::from_raw("good");
+    s.put_foreign(&bad);
+    let out = s.claim_now(
+        1,
+        &[claim(&bad, tb(5, 5), 0, 0, 1, 0), claim(&good, tb(5, 5), 0, 0, 1, 0)],
+    );
+    assert!(matches!(out[0], Err(KeyError::WrongType(_))));
+    assert_eq!(out[1].as_ref().unwrap().granted, 1);
+}
+
+#[test]
+fn registry_counts_live_nodes() {
+    let (s, t) = setup();
+    let r = KeyEncoder::default().registry_key();
+    assert_eq!(s.heartbeat_now(&r, 1, Duration::from_millis(500)), 1);
+    assert_eq!(s.heartbeat_now(&r, 2, Duration::from_millis(500)), 2);
+    t.advance(Duration::from_millis(400));
+    assert_eq!(s.heartbeat_now(&r, 2, Duration::from_millis(500)), 2);
+    t.advance(Duration::from_millis(200));
+    assert_eq!(s.heartbeat_now(&r, 2, Duration::from_millis(500)), 1);
+    s.leave_now(&r, 2);
+    assert_eq!(s.heartbeat_now(&r, 3, Duration::from_millis(500)), 1);
+}
+
+/// A node as the protocol expects it to behave: it spends from what it holds, keeps or returns
+/// the rest at each sync, and drops revoked tokens.
+#[derive(Clone, Debug, Default)]
+struct SimNode {
+    held: u64,
+}
+
+proptest! {
+    /// Invariant: tokens in the store + tokens held by live nodes <= capacity, whatever the
+    /// nodes do and however time moves (including nodes that stop syncing).
+    #[test]
+    fn store_plus_holdings_never_exceed_capacity(
+        ops in proptest::collection::vec((0usize..4, 0u64..15, 0u64..15, 0u64..15, 0u64..400), 1..120),
+    ) {
+        let (s, t) = setup();
+        let k = StoreKey::from_raw("k");
+        let l = tb(12, 20);
+        let mut nodes = vec![SimNode::default(); 4];
+        let mut last_sync = [0u64; 4];
+        let mut now_ms = 0;
+        for (n, spend, ret, want, dt) in ops {
+            t.advance(Duration::from_millis(dt));
+            now_ms += dt;
+            let node = &mut nodes[n];
+            let spend = spend.min(node.held);
+            node.held -= spend;
+            let ret = ret.min(node.held);
+            let kept = node.held - ret;
+            let g = one(&s, n as u64, claim(&k, l, kept, ret, want, 0));
+            node.held = kept - g.revoked + g.granted;
+            last_sync[n] = now_ms;
+            // Holdings count for at least one lease after the node's last sync.
+            let live: u64 =
+                nodes.iter().zip(last_sync).filter(|(_, at)| now_ms - at < l.lease_ms()).map(|(nd, _)| nd.held).sum();
+            prop_assert!(g.remaining + live <= 12, "remaining {} + held {} > 12", g.remaining, live);
+            prop_assert!(g.revoked <= kept);
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! The store against real `redis-server` processes, one per test, on ephemeral loopback ports.
+//!
+//! Needs `redis-server` on the PATH (`apt-get install redis-server`). Every loop is bounded in
+//! count and time, and all traffic goes to 127.0.0.1.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use tollgate::store::{
+    Claim, ClaimOutcome, ErrorClass, Grant, KeyEncoder, KeyError, Limits, ManualTime, MemoryStore, NodeId, RedisConfig,
+    RedisStore, Store, StoreKey,
+};
+
+#[path = "common/redis_server.rs"]
+mod redis_server;
+
+/// The test's redis-server, with the clients the tests use.
+struct Server(redis_server::RedisServer);
+
+impl Server {
+    fn start() -> Server {
+        Server(redis_server::RedisServer::start())
+    }
+
+    fn start_with(extra: &[&str]) -> Server {
+        Server(redis_server::RedisServer::start_with(extra))
+    }
+
+    fn url(&self) -> String {
+        self.0.url()
+    }
+
+    async fn store(&self) -> RedisStore {
+        RedisStore::connect(RedisConfig::new(self.url()))
+            .await
+            .expect("connect to the test redis-server")
+    }
+
+    async fn raw(&self) -> ConnectionManager {
+        let client = redis::Client::open(self.url()).unwrap();
+        ConnectionManager::new(client).await.unwrap()
+    }
+}
+
+const T0: u64 = 1_700_000_000_200_000;
+
+fn tb(cap: u64, per_sec: u64, lease_ms: u64) -> Limits {
+    Limits::token_bucket(cap, per_sec, Duration::from_secs(1), Duration::from_millis(lease_ms)).unwrap()
+}
+
+fn claim(key: &StoreKey, limits: Limits, kept: u64, returned: u64, wanted: u64, window: u64) -> Claim {
+    Claim {
+        key: key.clone(),
+        limits,
+        kept,
+        returned,
+        wanted,
+        window,
+    }
+}
+
+async fn one(s: &dyn Store, node: NodeId, c: Claim) -> Grant {
+    s.claim(node, std::slice::from_ref(&c))
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap()
+}
+
+/// A small deterministic generator (no extra dependency; same sequence every run).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// The same operations through MemoryStore and RedisStore, at the same (explicit) times, must
+/// give identical replies: grants, remaining, timings, window ids, revocations and errors.
+#[tokio::test]
+async fn memory_and_redis_give_identical_replies() {
+    let server = Server::start();
+    let redis = server.store().await;
+    let clock = ManualTime::new(T0);
+    let memory = MemoryStore::with_time_source(clock.source());
+    let enc = KeyEncoder::new("cmp:").unwrap();
+    let policies = [
+        tb(10, 10, 300),
+        tb(50, 1000, 100),
+        tb(3, 1, 1000),
+        Limits::fixed_window(20, Duration::from_millis(500)).unwrap(),
+        Limits::fixed_window(5, Duration::from_millis(7)).unwrap(),
+        Limits::sliding_window(20, Duration::from_millis(500)).unwrap(),
+        Limits::sliding_window(7, Duration::from_millis(30)).unwrap(),
+    ];
+    let keys: Vec<(StoreKey, Limits)> = (0..14)
+        .map(|i| {
+            (
+                enc.encode(&format!("p{}", i % policies.len()), format!("id{i}").as_bytes()),
+                policies[i % policies.len()],
+            )
+        })
+        .collect();
+    // What each (node, key) believes it holds and in which window.
+    let mut held = vec![vec![(0u64, 0u64); keys.len()]; 4];
+    let mut rng = Lcg(7);
+    let mut compared = 0;
+    for step in 0..1500 {
+        let advance = match rng.next(10) {
+            0..=5 => rng.next(20),
+            6..=8 => rng.next(300),
+            _ => rng.next(2500),
+        };
+        clock.advance(Duration::from_millis(advance));
+        clock.set_us(clock.now_us() + rng.next(1000));
+        redis.set_time_override_us(Some(clock.now_us()));
+        let node = rng.next(4) as usize;
+        let mut batch = Vec::new();
+        let mut which = Vec::new();
+        for (i, (key, limits)) in keys.iter().enumerate() {
+            if rng.next(3) != 0 {
+                continue;
+            }
+            let (h, w) = held[node][i];
+            let spent = rng.next(h + 1);
+            let left = h - spent;
+            let returned = if rng.next(3) == 0 { rng.next(left + 1) } else { 0 };
+            // Now and then a node lies: keeps or returns more than it has.
+            let extra = if rng.next(20) == 0 { rng.next(10) } else { 0 };
+            let window = if rng.next(30) == 0 { w + 1 } else { w };
+            batch.push(claim(
+                key,
+                *limits,
+                left - returned + extra,
+                returned,
+                rng.next(25),
+                window,
+            ));
+            which.push(i);
+        }
+        let a = memory.claim(node as u64, &batch).await.unwrap();
+        let b = redis.claim(node as u64, &batch).await.unwrap();
+        assert_eq!(a, b, "step {step}: memory and redis disagree for batch {batch:?}");
+        for ((i, c), out) in which.iter().zip(&batch).zip(&a) {
+            let g = out.as_ref().unwrap();
+            held[node][*i] = (c.kept - g.revoked.min(c.kept) + g.granted, g.window);
+        }
+        compared += a.len();
+    }
+    assert!(compared > 5000, "{compared}");
+}
+
+async fn assert_all_keys_have_ttl(server: &Server) -> usize {
+    let mut raw = server.raw().await;
+    let mut cursor: u64 = 0;
+    let mut seen = 0;
+    for _ in 0..10_000 {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        for k in keys {
+            let ttl: i64 = redis::cmd("PTTL").arg(&k).query_async(&mut raw).await.unwrap();
+            assert!(ttl != -1, "key {:?} has PTTL {ttl}", String::from_utf8_lossy(&k));
+            seen += 1;
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    seen
+}
+
+/// Real Redis time: grants, returns, refill, and a TTL on every key.
+#[tokio::test]
+async fn token_bucket_on_redis_time() {
+    let server = Server::start();
+    let s = server.store().await;
+    let enc = KeyEncoder::default();
+    let k = enc.encode("api", b"user-1");
+    let l = tb(100, 1000, 200); // 1 token per ms
+    let g = one(&s, 1, claim(&k, l, 0, 0, 60, 0)).await;
+    assert_eq!(g.granted, 60);
+    assert!(g.remaining <= 40);
+    let g = one(&s, 2, claim(&k, l, 0, 0, 100, 0)).await;
+    assert!(g.granted <= 40 + 5, "{g:?}");
+    assert_eq!(g.remaining, 0);
+    assert!(g.ms_to_next_token >= 1 && g.ms_to_next_token <= 2, "{g:?}");
+    // Node 1 spent 10 and returns 50 (its lease is fresh): they are available again.
+    let g = one(&s, 1, claim(&k, l, 0, 50, 0, 0)).await;
+    assert!(g.remaining >= 50, "{g:?}");
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let g = one(&s, 3, claim(&k, l, 0, 0, 100, 0)).await;
+    assert!(g.granted >= 50 && g.granted <= 100, "{g:?}");
+    assert!(assert_all_keys_have_ttl(&server).await >= 1);
+}
+
+async fn with_time(redis: &RedisStore, t: &ManualTime, d: Duration) {
+    t.advance(d);
+    redis.set_time_override_us(Some(t.now_us()));
+}
+
+/// The held cap and the lease on Redis (explicit time, so the test is exact).
+#[tokio::test]
+async fn held_cap_and_lease_on_redis() {
+    let server = Server::start();
+    let s = server.store().await;
+    let t = ManualTime::new(T0);
+    with_time(&s, &t, Duration::ZERO).await;
+    let k = StoreKey::from_raw("tg:{000}1:kr1");
+    let l = tb(10, 10, 300);
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 6, 0)).await.granted, 6);
+    assert_eq!(one(&s, 2, claim(&k, l, 0, 0, 6, 0)).await.granted, 4);
+    // Both keep syncing what they hold: an idle second must not refill past their holdings.
+    for _ in 0..10 {
+        with_time(&s, &t, Duration::from_millis(100)).await;
+        assert_eq!(one(&s, 1, claim(&k, l, 6, 0, 0, 0)).await.remaining, 0);
+        assert_eq!(one(&s, 2, claim(&k, l, 4, 0, 0, 0)).await.remaining, 0);
+    }
+    // Node 1 stops syncing; node 2 goes on. After node 1's lease, its 6 refill for node 2.
+    for _ in 0..10 {
+        with_time(&s, &t, Duration::from_millis(100)).await;
+        assert_eq!(one(&s, 2, claim(&k, l, 4, 0, 0, 0)).await.revoked, 0);
+    }
+    let g = one(&s, 2, claim(&k, l, 4, 0, 10, 0)).await;
+    assert_eq!((g.granted, g.remaining), (6, 0));
+    // Node 1 comes back and claims to keep 6: nothing is free, so they are revoked.
+    let g = one(&s, 1, claim(&k, l, 6, 0, 1, 0)).await;
+    assert_eq!((g.granted, g.revoked), (0, 6));
+    // Returning more than it holds gives back only what the store believes it holds.
+    let g = one(&s, 2, claim(&k, l, 0, 1000, 0, 0)).await;
+    assert_eq!(g.remaining, 10);
+    // Full and nobody holds anything: the key is gone.
+    let mut raw = server.raw().await;
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(k.as_bytes())
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
+}
+
+/// Window rollover and the void rule, for both window algorithms, on Redis.
+#[tokio::test]
+async fn windows_roll_over_and_void_old_claims() {
+    let server = Server::start();
+    let s = server.store().await;
+    let t = ManualTime::new(1_700_000_000_000_000);
+    with_time(&s, &t, Duration::ZERO).await;
+    let w0 = 1_700_000_000;
+    let fixed = Limits::fixed_window(10, Duration::from_secs(1)).unwrap();
+    let k = StoreKey::from_raw("fw");
+    let g = one(&s, 1, claim(&k, fixed, 0, 0, 8, 0)).await;
+    assert_eq!((g.granted, g.remaining, g.window, g.ms_to_reset), (8, 2, w0, 1000));
+    with_time(&s, &t, Duration::from_millis(400)).await;
+    let g = one(&s, 1, claim(&k, fixed, 3, 5, 20, w0)).await;
+    assert_eq!((g.granted, g.remaining, g.revoked, g.ms_to_reset), (7, 0, 0, 600));
+    assert_eq!(g.ms_to_next_token, 600);
+    with_time(&s, &t, Duration::from_millis(600)).await;
+    let g = one(&s, 1, claim(&k, fixed, 10, 10, 4, w0)).await;
+    assert_eq!((g.granted, g.remaining, g.window, g.revoked), (4, 6, w0 + 1, 10));
+
+    let sliding = Limits::sliding_window(10, Duration::from_secs(1)).unwrap();
+    let k = StoreKey::from_raw("sw");
+    assert_eq!(one(&s, 1, claim(&k, sliding, 0, 0, 10, 0)).await.granted, 10);
+    with_time(&s, &t, Duration::from_millis(1250)).await;
+    let g = one(&s, 1, claim(&k, sliding, 3, 3, 10, w0 + 1)).await;
+    assert_eq!(
+        (g.granted, g.remaining, g.window, g.revoked, g.ms_to_next_token),
+        (2, 0, w0 + 2, 3, 50)
+    );
+    assert!(assert_all_keys_have_ttl(&server).await >= 2);
+}
+
+/// SCRIPT FLUSH (or a restart, or an LRU eviction of scripts) is invisible to the caller.
+#[tokio::test]
+async fn noscript_is_transparent() {
+    let server = Server::start();
+    let s = server.store().await;
+    let mut raw = server.raw().await;
+    let k = StoreKey::from_raw("ns");
+    let fixed = Limits::fixed_window(100, Duration::from_secs(60)).unwrap();
+    for round in 0..3 {
+        let g = one(&s, 1, claim(&k, tb(100, 100, 500), 0, 0, 1, 0)).await;
+        assert_eq!(g.granted, 1, "round {round}");
+        let g = one(&s, 1, claim(&StoreKey::from_raw("nsf"), fixed, 0, 0, 1, 0)).await;
+        assert_eq!(g.granted, 1, "round {round}");
+        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut raw).await.unwrap();
+    }
+}
+
+/// A key holding another type fails alone; the rest of the batch proceeds.
+#[tokio::test]
+async fn wrongtype_fails_one_key_only() {
+    let server = Server::start();
+    let s = server.store().await;
+    let mut raw = server.raw().await;
+    let _: () = redis::cmd("LPUSH")
+        .arg("bad")
+        .arg("x")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("badhash")
+        .arg("f")
+        .arg("v")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let (a, b) = (StoreKey::from_raw("a"), StoreKey::from_raw("b"));
+    let bad = StoreKey::from_raw("bad");
+    let fixed = Limits::fixed_window(5, Duration::from_secs(10)).unwrap();
+    let sliding = Limits::sliding_window(5, Duration::from_secs(10)).unwrap();
+    let batch = vec![
+        claim(&a, tb(5, 5, 500), 0, 0, 2, 0),
+        claim(&bad, tb(5, 5, 500), 0, 0, 2, 0),
+        claim(&StoreKey::from_raw("badhash"), fixed, 0, 0, 2, 0),
+        claim(&bad, sliding, 0, 0, 2, 0),
+        claim(&b, fixed, 0, 0, 2, 0),
+    ];
+    let out: Vec<ClaimOutcome> = s.claim(9, &batch).await.unwrap();
+    assert_eq!(out[0].as_ref().unwrap().granted, 2);
+    assert!(matches!(out[1], Err(KeyError::WrongType(_))), "{:?}", out[1]);
+    assert!(matches!(out[2], Err(KeyError::WrongType(_))), "{:?}", out[2]);
+    assert!(matches!(out[3], Err(KeyError::WrongType(_))), "{:?}", out[3]);
+    assert_eq!(out[4].as_ref().unwrap().granted, 2);
+}
+
+/// Every key the scripts write has a TTL, under random traffic with real Redis time.
+#[tokio::test]
+async fn every_key_has_a_ttl() {
+    let server = Server::start();
+    let s = server.store().await;
+    let enc = KeyEncoder::new("ttl:").unwrap();
+    let policies = [
+        tb(20, 200, 50),
+        Limits::fixed_window(20, Duration::from_millis(50)).unwrap(),
+        Limits::sliding_window(20, Duration::from_millis(50)).unwrap(),
+    ];
+    let mut rng = Lcg(3);
+    for round in 0..40 {
+        let batch: Vec<Claim> = (0..30)
+            .map(|i| {
+                let l = policies[i % 3];
+                claim(
+                    &enc.encode(&format!("n{}", i % 3), format!("k{}", rng.next(60)).as_bytes()),
+                    l,
+                    rng.next(3),
+                    rng.next(3),
+                    rng.next(8),
+                    0,
+                )
+            })
+            .collect();
+        // A key may appear twice in a batch: allowed, applied in order.
+        let out = s.claim(rng.next(3), &batch).await.unwrap();
+        assert!(out.iter().all(Result::is_ok), "round {round}");
+        if round % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let reg = enc.registry_key();
+    s.heartbeat(&reg, 1, Duration::from_millis(500)).await.unwrap();
+    assert!(assert_all_keys_have_ttl(&server).await > 10);
+}
+
+#[tokio::test]
+async fn heartbeat_counts_live_nodes() {
+    let server = Server::start();
+    let s = server.store().await;
+    let reg = KeyEncoder::default().registry_key();
+    assert_eq!(s.heartbeat(&reg, 1, Duration::from_millis(300)).await.unwrap(), 1);
+    assert_eq!(s.heartbeat(&reg, 2, Duration::from_millis(300)).await.unwrap(), 2);
+    assert_eq!(s.heartbeat(&reg, 3, Duration::from_millis(50)).await.unwrap(), 3);
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(s.heartbeat(&reg, 1, Duration::from_millis(300)).await.unwrap(), 2);
+    s.leave(&reg, 2).await.unwrap();
+    assert_eq!(s.heartbeat(&reg, 1, Duration::from_millis(300)).await.unwrap(), 1);
+    let mut raw = server.raw().await;
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(reg.as_bytes())
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 301, "{ttl}");
+}
+
+#[tokio::test]
+async fn errors_are_classified() {
+    // Nothing listens on this port: a transient error, not a panic.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = RedisConfig::new(format!("redis://127.0.0.1:{port}/"))
+        .connect_timeout(Duration::from_millis(200))
+        .reconnect_retries(0);
+    let err = RedisStore::connect(config.clone()).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Transient, "{err}");
+    let lazy = RedisStore::connect_lazy(config).unwrap();
+    let err = lazy
+        .claim(1, &[claim(&StoreKey::from_raw("k"), tb(1, 1, 100), 0, 0, 1, 0)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Transient, "{err}");
+
+    let bad_url = RedisStore::connect(RedisConfig::new("http://127.0.0.1/"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_url.class(), ErrorClass::Config, "{bad_url}");
+
+    // A server with a password, no password given: NOAUTH is a configuration error.
+    let server = Server::start_with(&["--requirepass", "s3cret"]);
+    let store = RedisStore::connect_lazy(RedisConfig::new(server.url()).reconnect_retries(0)).unwrap();
+    let err = store
+        .claim(1, &[claim(&StoreKey::from_raw("k"), tb(1, 1, 100), 0, 0, 1, 0)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Config, "{err}");
+    let wrong = format!("redis://:nope@127.0.0.1:{}/", server.0.port);
+    let err = RedisStore::connect(RedisConfig::new(wrong).reconnect_retries(0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Config, "{err}");
+}
+
+/// Redis server CPU per key per sync, from `INFO commandstats` (run with `--ignored
+/// --nocapture`). Steady state: 100 keys per call, 8 nodes taking turns, every key synced
+/// by every node, as a sync task would.
+#[tokio::test]
+#[ignore]
+async fn redis_cpu_per_key_per_sync() {
+    let server = Server::start();
+    let s = Arc::new(server.store().await);
+    let mut raw = server.raw().await;
+    let enc = KeyEncoder::default();
+    const KEYS: usize = 100;
+    const CALLS: usize = 2000;
+    for (name, limits) in [
+        ("token_bucket", tb(1000, 10_000, 300)),
+        (
+            "fixed_window",
+            Limits::fixed_window(1_000_000, Duration::from_secs(60)).unwrap(),
+        ),
+        (
+            "sliding_window",
+            Limits::sliding_window(1_000_000, Duration::from_secs(60)).unwrap(),
+        ),
+    ] {
+        let keys: Vec<StoreKey> = (0..KEYS)
+            .map(|i| enc.encode(name, format!("user-{i}").as_bytes()))
+            .collect();
+        let mut held = vec![vec![(0u64, 0u64); KEYS]; 8];
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        for call in 0..CALLS {
+            let node = call % 8;
+            let batch: Vec<Claim> = keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    let (h, w) = held[node][i];
+                    claim(k, limits, h / 2, h / 4, 10, w)
+                })
+                .collect();
+            let out = s.claim(node as u64, &batch).await.unwrap();
+            for (i, (o, c)) in out.iter().zip(&batch).enumerate() {
+                let g = o.as_ref().unwrap();
+                held[node][i] = (c.kept - g.revoked + g.granted, g.window);
+            }
+        }
+        let wall = started.elapsed();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let line = info
+            .lines()
+            .find(|l| l.starts_with("cmdstat_evalsha:"))
+            .expect("evalsha stats");
+        let usec_per_call: f64 = line
+            .split(',')
+            .find_map(|f| f.strip_prefix("usec_per_call="))
+            .and_then(|v| v.parse().ok())
+            .expect("usec_per_call");
+        println!(
+            "store {name}: redis_us_per_key_sync={:.2} ({usec_per_call:.1} us per call of {KEYS} keys; {CALLS} calls in {:.2} s wall)",
+            usec_per_call / KEYS as f64,
+            wall.as_secs_f64()
+        );
+    }
+}
