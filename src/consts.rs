@@ -32,3 +32,7 @@ pub(crate) const MIN_SWEEP_INTERVAL_NS: u64 = 20_000_000;
 /// Tick of the cached clock's updater thread. Checks read a time that lags by at most about
 /// this much (more when the machine is overloaded), which only ever admits less, never more.
 pub(crate) const CACHED_CLOCK_TICK: Duration = Duration::from_millis(1);
+
+/// Claimed tokens stop being spendable this long before the store stops counting them: it
+/// covers the cached clock's lag and the store rounding a window's end up to a millisecond.
+pub(crate) const CLAIM_MARGIN_NS: u64 = 5_000_000;

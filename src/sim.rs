@@ -1,7 +1,7 @@
 //! The simulation behind `tollgate tune`: N nodes share one limit through a store, under a
 //! load shape, and an oracle measures what they admitted against the ideal.
 //!
-//! [`run_virtual`] runs on virtual time ([`MemoryStore`](crate::store::MemoryStore) and a
+//! [`run_virtual`] runs on virtual time ([`MemoryStore`] and a
 //! [`ManualClock`]): deterministic for a seed, and minutes of traffic take a fraction of a
 //! second. [`run_real`] runs on the wall clock against any store (a real Redis), each node
 //! with its own sync task.

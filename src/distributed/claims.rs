@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 
 use super::identifier::Identifier;
 use super::node::{ColdStart, Member, NodeInner};
+use crate::consts::CLAIM_MARGIN_NS;
 use crate::store::{Claim, ClaimOutcome, Limits, StoreAlgorithm};
 
 /// A key idle (nothing held, no demand) for this many syncs is forgotten.
@@ -375,11 +376,18 @@ where
             s.after = s.after.saturating_sub(void);
             s.window = grant.window;
         }
-        let valid_until = if windowed {
-            sent_at.saturating_add(grant.ms_to_reset.saturating_mul(ms))
-        } else {
-            sent_at.saturating_add(node.lease.as_nanos() as u64)
+        // Until when the tokens may be spent: the end of their window, or one lease after
+        // this sync was sent (the store counts them for one to two leases after receiving
+        // it), less a margin for clock lag and rounding.
+        let span_ns = match self.limits.algorithm() {
+            StoreAlgorithm::TokenBucket => node.lease.as_nanos() as u64,
+            StoreAlgorithm::FixedWindow => grant.ms_to_reset.saturating_mul(ms),
+            // The store reports the end of the next window, once this one's count decays.
+            StoreAlgorithm::SlidingWindow => {
+                grant.ms_to_reset.saturating_mul(ms).saturating_sub(self.limits.period_us().saturating_mul(1000))
+            }
         };
+        let valid_until = sent_at.saturating_add(span_ns).saturating_sub(CLAIM_MARGIN_NS);
         // Extend validity before adding tokens only if the tokens already held share it;
         // new tokens become spendable with the new validity.
         cell.valid_until.store(valid_until.max(1), Ordering::Release);
