@@ -54,6 +54,8 @@ struct SyncState {
     /// Clock time of the key's last sync.
     last: u64,
     claimed: bool,
+    /// What the store believes this node holds for the key (as of the last applied grant).
+    told: u64,
     idle: u32,
     cold_given: u64,
 }
@@ -324,7 +326,7 @@ where
             // once what this node still holds, so it stops counting spent tokens against the
             // capacity; otherwise stay silent: an exhausted key hammered by a client, or an idle
             // one, costs the store nothing.
-            let just_idle = raw == 0 && s.idle == 0 && s.claimed && !drain;
+            let just_idle = raw == 0 && s.idle == 0 && s.claimed && !drain && s.told > 0;
             if raw == 0 {
                 s.idle = s.idle.saturating_add(1);
             }
@@ -383,9 +385,10 @@ where
             StoreAlgorithm::TokenBucket => node.lease.as_nanos() as u64,
             StoreAlgorithm::FixedWindow => grant.ms_to_reset.saturating_mul(ms),
             // The store reports the end of the next window, once this one's count decays.
-            StoreAlgorithm::SlidingWindow => {
-                grant.ms_to_reset.saturating_mul(ms).saturating_sub(self.limits.period_us().saturating_mul(1000))
-            }
+            StoreAlgorithm::SlidingWindow => grant
+                .ms_to_reset
+                .saturating_mul(ms)
+                .saturating_sub(self.limits.period_us().saturating_mul(1000)),
         };
         let valid_until = sent_at.saturating_add(span_ns).saturating_sub(CLAIM_MARGIN_NS);
         // Extend validity before adding tokens only if the tokens already held share it;
@@ -393,6 +396,7 @@ where
         cell.valid_until.store(valid_until.max(1), Ordering::Release);
         cell.tokens.fetch_add(granted, Ordering::AcqRel);
         s.after += granted;
+        s.told = s.after;
         s.claimed = true;
         // Cold-start units spent while the first claim was in flight are owed too.
         let late = s.cold_given.saturating_sub(cell.cold.swap(0, Ordering::AcqRel));
