@@ -36,3 +36,7 @@ pub(crate) const CACHED_CLOCK_TICK: Duration = Duration::from_millis(1);
 /// Claimed tokens stop being spendable this long before the store stops counting them: it
 /// covers the cached clock's lag and the store rounding a window's end up to a millisecond.
 pub(crate) const CLAIM_MARGIN_NS: u64 = 5_000_000;
+
+/// The shortest lease, and the shortest window of a distributed window policy: claimed tokens
+/// must stay spendable well beyond `CLAIM_MARGIN_NS`.
+pub(crate) const MIN_CLAIM_SPAN: Duration = Duration::from_millis(50);

@@ -104,5 +104,7 @@ pub use consts::{DEFAULT_MAX_KEYS, MAX_CAPACITY, MAX_DURATION, MAX_RATE_PER_SEC,
 pub use decision::{Decision, InsufficientCapacity};
 pub use direct::DirectLimiter;
 pub use distributed::{ColdStart, Identifier, Node, NodeBuilder, NodeError, NodeStats};
-pub use limiter::{check_all, Bound, BuildError, Jitter, Layer, Limiter, LimiterBuilder, WhenFull};
+pub use limiter::{
+    check_all, check_all_async, sizing_advice, Bound, BuildError, Jitter, Layer, Limiter, LimiterBuilder, WhenFull,
+};
 pub use policy::{Algorithm, Policy, PolicyError, PolicySpec};

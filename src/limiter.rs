@@ -92,6 +92,7 @@ pub struct LimiterBuilder<K> {
     max_keys: usize,
     when_full: WhenFull,
     clock: Option<Clock>,
+    node_clock: Option<Clock>,
     _keys: std::marker::PhantomData<fn(K)>,
 }
 
@@ -114,7 +115,8 @@ impl<K: Hash + Eq + Send + Sync + 'static> LimiterBuilder<K> {
         self
     }
 
-    /// The time source (default [`Clock::cached`]).
+    /// The time source (default [`Clock::cached`]). In distributed mode the node's clock is
+    /// used instead.
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = Some(clock);
         self
@@ -139,7 +141,8 @@ impl<K: Hash + Eq + Send + Sync + 'static> LimiterBuilder<K> {
                 table: Table::new(self.max_keys),
                 overflow: Cell::default(),
                 when_full: self.when_full,
-                clock: self.clock.unwrap_or_default(),
+                // In distributed mode checks compare claim validity with the node's clock.
+                clock: self.node_clock.or(self.clock).unwrap_or_default(),
                 policy: self.policy,
             }),
         })
@@ -153,7 +156,7 @@ impl<K: Hash + Eq + Send + Sync + Clone + Identifier + 'static> LimiterBuilder<K
     /// `block_duration` is not available in distributed mode.
     pub fn node(mut self, node: &Node) -> Self {
         let inner = node.inner.clone();
-        self.clock = Some(inner.clock.clone());
+        self.node_clock = Some(inner.clock.clone());
         self.dist = Some(Box::new(move |name, policy, max_keys| {
             if policy.get_block_duration().is_some() {
                 return Err(BuildError::Distributed(
@@ -162,10 +165,47 @@ impl<K: Hash + Eq + Send + Sync + Clone + Identifier + 'static> LimiterBuilder<K
             }
             let limits = crate::store::Limits::from_policy(policy, inner.lease)
                 .map_err(|e| BuildError::Distributed(e.to_string()))?;
-            Ok(DistKeys::new(inner, name, limits, max_keys))
+            if let Some(advice) = sizing_advice(policy, inner.sync_interval) {
+                tracing::warn!(limiter = name, "{advice}");
+            }
+            if policy.get_algorithm() != crate::Algorithm::TokenBucket
+                && policy.duration() < crate::consts::MIN_CLAIM_SPAN
+            {
+                return Err(BuildError::Distributed(format!(
+                    "duration: a window must be at least {} ms in distributed mode",
+                    crate::consts::MIN_CLAIM_SPAN.as_millis()
+                )));
+            }
+            // The store key names the policy too: a changed policy starts from fresh state
+            // instead of reading another algorithm's state.
+            let namespace = intern(&format!(
+                "{name}/{}/{}/{}/{}",
+                policy.get_algorithm().as_str(),
+                policy.points(),
+                policy.duration().as_millis(),
+                policy.capacity()
+            ));
+            DistKeys::new(inner, namespace, limits, max_keys).map_err(BuildError::Distributed)
         }));
         self
     }
+}
+
+/// The sizing rule of distributed mode: a key can use its whole rate only when its capacity
+/// covers what refills during two sync intervals; otherwise the bucket overflows between
+/// syncs. Returns the advice when `policy` breaks the rule.
+pub fn sizing_advice(policy: &Policy, sync_interval: Duration) -> Option<String> {
+    if policy.get_algorithm() != crate::Algorithm::TokenBucket {
+        return None;
+    }
+    let needed = (policy.points() as f64 * 2.0 * sync_interval.as_secs_f64() / policy.duration().as_secs_f64()).ceil();
+    ((policy.capacity() as f64) < needed).then(|| {
+        format!(
+            "capacity {} is below 2 x rate x sync_interval = {needed:.0}: the bucket overflows between syncs and \
+             utilization drops; raise burst to at least {needed:.0} or shorten the sync interval",
+            policy.capacity()
+        )
+    })
 }
 
 struct Inner<K> {
@@ -229,6 +269,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
             max_keys: DEFAULT_MAX_KEYS,
             when_full: WhenFull::default(),
             clock: None,
+            node_clock: None,
             _keys: std::marker::PhantomData,
         }
     }
@@ -532,6 +573,9 @@ pub trait Layer: sealed::Sealed {
     fn take(&self, cost: u64) -> Decision;
     #[doc(hidden)]
     fn give_back(&self, taken: &Decision);
+    /// Distributed mode, a key with no claim yet: the node's sync notification and interval.
+    #[doc(hidden)]
+    fn unclaimed(&self) -> Option<(&tokio::sync::Notify, Duration)>;
 }
 
 mod sealed {
@@ -556,6 +600,15 @@ where
         let now = self.limiter.inner.clock.now_ns();
         self.limiter
             .give_back(self.key, taken.cost, taken.now, taken.source, now);
+    }
+
+    fn unclaimed(&self) -> Option<(&tokio::sync::Notify, Duration)> {
+        let dist = self.limiter.inner.dist.as_ref()?;
+        if dist.is_claimed(self.key) {
+            return None;
+        }
+        let node = dist.node();
+        Some((&node.synced, node.sync_interval))
     }
 }
 
@@ -617,4 +670,62 @@ pub fn check_all(cost: u64, layers: &[&dyn Layer]) -> Result<Decision, Insuffici
         name: "",
         extra: 0,
     }))
+}
+
+/// [`check_all`] for the async request path: in distributed mode, the keys this node holds
+/// no claim for yet are registered together (one early sync) and the check waits for their
+/// first claims, at most one sync interval, instead of applying the cold-start rule at once.
+/// In local mode it answers at once, exactly as [`check_all`].
+///
+/// With [`ColdStart::Optimistic`](crate::ColdStart::Optimistic), registering a key may spend
+/// some of its cold-start allowance without admitting anything (it cannot be handed back):
+/// the limit admits less, never more.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use tollgate::{check_all_async, store::MemoryStore, Limiter, Node, Policy};
+///
+/// let node = Node::builder(Arc::new(MemoryStore::new()))
+///     .sync_interval(Duration::from_millis(50))
+///     .start()
+///     .unwrap();
+/// let ip: Limiter = Limiter::builder(Policy::per_minute(100)).name("ip").node(&node).build().unwrap();
+/// let user: Limiter = Limiter::builder(Policy::per_minute(10)).name("user").node(&node).build().unwrap();
+/// let d = check_all_async(1, &[&ip.bind("192.0.2.1"), &user.bind("alice")]).await.unwrap();
+/// assert!(d.is_allowed());
+/// node.shutdown().await;
+/// # }
+/// ```
+pub async fn check_all_async(cost: u64, layers: &[&(dyn Layer + Sync)]) -> Result<Decision, InsufficientCapacity> {
+    for layer in layers {
+        layer.capacity_check(cost)?;
+    }
+    if let Some((synced, interval)) = layers.iter().find_map(|l| l.unclaimed()) {
+        let deadline = tokio::time::Instant::now() + interval;
+        loop {
+            let notified = synced.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let mut waiting = false;
+            for layer in layers {
+                if layer.unclaimed().is_some() {
+                    // Registers the key, records the demand its first claim is sized from and
+                    // asks for an early sync. Before a claim this is denied (taking nothing)
+                    // unless the cold start is optimistic; then it is handed back.
+                    let d = layer.take(cost);
+                    if d.is_allowed() {
+                        layer.give_back(&d);
+                    }
+                    waiting = true;
+                }
+            }
+            if !waiting || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+    }
+    let plain: Vec<&dyn Layer> = layers.iter().map(|l| *l as &dyn Layer).collect();
+    check_all(cost, &plain)
 }

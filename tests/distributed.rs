@@ -274,3 +274,83 @@ fn start_outside_a_runtime_is_a_clear_error() {
         .unwrap_err();
     assert!(bad.to_string().contains("sync_interval"), "{bad}");
 }
+
+#[test]
+fn the_sizing_rule_is_checked() {
+    use tollgate::sizing_advice;
+    let interval = Duration::from_millis(100);
+    assert!(sizing_advice(&Policy::per_second(1000).burst(200), interval).is_none());
+    let advice = sizing_advice(&Policy::per_second(1000).burst(199), interval).unwrap();
+    assert!(
+        advice.contains("below 2 x rate") && advice.contains("at least 200"),
+        "{advice}"
+    );
+    assert!(sizing_advice(&Policy::per_second(1000).burst(200), Duration::from_millis(50)).is_none());
+    assert!(sizing_advice(&Policy::per_minute(100), interval).is_none());
+}
+
+#[tokio::test]
+async fn keys_without_demand_are_forgotten_and_cost_the_store_nothing() {
+    let w = World::new();
+    let node = w.node(1);
+    let l: Limiter = Limiter::builder(Policy::per_second(10))
+        .name("idle")
+        .node(&node)
+        .build()
+        .unwrap();
+    for k in 0..50 {
+        l.check(&format!("k{k}"));
+    }
+    for _ in 0..5 {
+        w.advance(Duration::from_millis(100));
+        node.sync_once().await;
+        for k in 0..50 {
+            l.check(&format!("k{k}"));
+        }
+    }
+    assert_eq!(l.len(), 50);
+    // One idle minute.
+    for _ in 0..600 {
+        w.advance(Duration::from_millis(100));
+        node.sync_once().await;
+    }
+    assert_eq!(l.len(), 0, "idle keys are forgotten");
+    let claims = node.stats().claims;
+    for _ in 0..100 {
+        w.advance(Duration::from_millis(100));
+        node.sync_once().await;
+    }
+    assert_eq!(node.stats().claims, claims, "forgotten keys cost the store nothing");
+}
+
+#[test]
+fn two_limiters_with_the_same_name_and_policy_on_one_node_are_refused() {
+    let w = World::new();
+    let node = w.node(1);
+    let a: Limiter = Limiter::builder(Policy::per_second(10))
+        .name("api")
+        .node(&node)
+        .build()
+        .unwrap();
+    let err = Limiter::<String>::builder(Policy::per_second(10))
+        .name("api")
+        .node(&node)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("already runs on this node"), "{err}");
+    // Another policy under the same name is another store key (a reload that changes it).
+    let _b: Limiter = Limiter::builder(Policy::per_second(20))
+        .name("api")
+        .node(&node)
+        .build()
+        .unwrap();
+    drop(a);
+    let _again: Limiter = Limiter::builder(Policy::per_second(10))
+        .name("api")
+        .node(&node)
+        .build()
+        .unwrap();
+    // Windows shorter than the claim margin allows are refused.
+    let short = Policy::new(10, Duration::from_millis(20)).algorithm(Algorithm::FixedWindow);
+    assert!(Limiter::<String>::builder(short).name("w").node(&node).build().is_err());
+}

@@ -82,7 +82,14 @@ impl<K> DistKeys<K>
 where
     K: Hash + Eq + Send + Sync + Clone + Identifier + 'static,
 {
-    pub(crate) fn new(node: Arc<NodeInner>, namespace: &'static str, limits: Limits, max_keys: usize) -> Arc<Self> {
+    /// Fails when a live limiter of this node already uses `namespace`: the store records one
+    /// holding per node and key, which two limiters would overwrite.
+    pub(crate) fn new(
+        node: Arc<NodeInner>,
+        namespace: &'static str,
+        limits: Limits,
+        max_keys: usize,
+    ) -> Result<Arc<Self>, String> {
         let keys = Arc::new(DistKeys {
             map: HashMap::builder()
                 .hasher(ahash::RandomState::new())
@@ -96,8 +103,8 @@ where
             node: node.clone(),
         });
         let weak: std::sync::Weak<dyn Member> = Arc::downgrade(&keys) as _;
-        node.register(weak);
-        keys
+        node.register(namespace, weak)?;
+        Ok(keys)
     }
 }
 
@@ -165,7 +172,7 @@ where
                 }
                 return self.outcome(cell, true, left, now);
             }
-        } else if valid_until == 0 && spendable(&cell.cold).is_ok() {
+        } else if valid_until == 0 && !self.node.is_stopped() && spendable(&cell.cold).is_ok() {
             self.node.request_priority();
             return self.outcome(cell, true, 0, now);
         }
@@ -291,10 +298,12 @@ where
         };
         let raw = spent + denied + cold_used;
         let per_interval = (raw as u128 * interval as u128 / elapsed.max(1) as u128) as u64;
-        s.demand = per_interval.max(s.demand - s.demand / 4);
+        // Decays by a quarter per sync, down to 0 (so an unused key is eventually forgotten).
+        s.demand = per_interval.max(s.demand * 3 / 4);
         s.last = now;
         let exhausted = now < cell.exhausted_until.load(Ordering::Relaxed);
-        let target = if drain {
+        let target = if drain || (raw == 0 && !valid) {
+            // Shutting down, or no demand since the held tokens expired: claim nothing.
             0
         } else {
             let t = (s.demand as u128 * node.headroom_percent as u128 / 100) as u64;
@@ -321,7 +330,7 @@ where
             target.saturating_sub(kept) + s.debt.min(capacity)
         };
         cell.low.store(target / 4, Ordering::Relaxed);
-        if returned == 0 && wanted == 0 && s.debt == 0 {
+        if returned == 0 && wanted == 0 && (s.debt == 0 || exhausted) {
             // Nothing to ask for or give back. When the key has just gone quiet, tell the store
             // once what this node still holds, so it stops counting spent tokens against the
             // capacity; otherwise stay silent: an exhausted key hammered by a client, or an idle

@@ -9,6 +9,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::clock::Clock;
+use crate::consts::MIN_CLAIM_SPAN;
 use crate::store::{Claim, ClaimOutcome, KeyEncoder, NodeId, Store, StoreKey};
 
 /// What the synchronous check does for a key this node holds no claim for yet.
@@ -115,7 +116,7 @@ pub(crate) struct NodeInner {
     pub(crate) headroom_percent: u64,
     pub(crate) clock: Clock,
     registry: StoreKey,
-    members: Mutex<Vec<Weak<dyn Member>>>,
+    members: Mutex<Vec<(&'static str, Weak<dyn Member>)>>,
     priority: AtomicBool,
     wake: tokio::sync::Notify,
     pub(crate) synced: tokio::sync::Notify,
@@ -152,7 +153,7 @@ impl Node {
             cold_start: ColdStart::default(),
             encoder: KeyEncoder::default(),
             headroom_percent: 200,
-            clock: Clock::default(),
+            clock: Clock::precise(),
             id: None,
         }
     }
@@ -243,8 +244,9 @@ impl NodeBuilder {
         self
     }
 
-    /// The clock checks and leases are timed with (default [`Clock::cached`]). Limiters on this
-    /// node use it too.
+    /// The clock checks and leases are timed with (default [`Clock::precise`]: a claimed
+    /// token's validity ends a few milliseconds before the store stops counting it, a margin a
+    /// stalled cached clock could overrun). Limiters on this node use it too.
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self
@@ -272,8 +274,11 @@ impl NodeBuilder {
         let lease = self
             .lease
             .unwrap_or_else(|| (self.sync_interval * 4).max(Duration::from_secs(1)));
-        if lease <= self.sync_interval {
-            return Err(NodeError::Config("lease: must be longer than sync_interval".into()));
+        if lease <= self.sync_interval || lease < MIN_CLAIM_SPAN {
+            return Err(NodeError::Config(format!(
+                "lease: must be longer than sync_interval and at least {} ms",
+                MIN_CLAIM_SPAN.as_millis()
+            )));
         }
         Ok(Arc::new(NodeInner {
             id: self.id.unwrap_or_else(random_id),
@@ -359,10 +364,20 @@ async fn run(weak: Weak<NodeInner>) {
 }
 
 impl NodeInner {
-    pub(crate) fn register(&self, member: Weak<dyn Member>) {
+    pub(crate) fn register(&self, namespace: &'static str, member: Weak<dyn Member>) -> Result<(), String> {
         let mut members = self.members.lock();
-        members.retain(|m| m.strong_count() > 0);
-        members.push(member);
+        members.retain(|(_, m)| m.strong_count() > 0);
+        if members.iter().any(|(n, _)| *n == namespace) {
+            return Err(format!(
+                "a limiter with the same name and policy ({namespace}) already runs on this node"
+            ));
+        }
+        members.push((namespace, member));
+        Ok(())
+    }
+
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
     }
 
     /// Asks for an early sync (coalesced: one flag, one wake-up until the next sync).
@@ -376,7 +391,7 @@ impl NodeInner {
     async fn sync(&self, drain: bool) {
         let _one_at_a_time = self.sync_lock.lock().await;
         self.priority.store(false, Ordering::Release);
-        let members: Vec<Arc<dyn Member>> = self.members.lock().iter().filter_map(Weak::upgrade).collect();
+        let members: Vec<Arc<dyn Member>> = self.members.lock().iter().filter_map(|(_, m)| m.upgrade()).collect();
         let sent_at = self.clock.now_ns();
         let mut claims = Vec::new();
         let mut tickets = Vec::with_capacity(members.len());
