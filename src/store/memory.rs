@@ -389,11 +389,25 @@ fn fixed_window(
     claim_w: i64,
 ) -> Applied {
     let (cap, win) = (l.capacity() as i64, l.period_us() as i64);
-    let w = now.div_euclid(win);
-    let wm = w % TWO20;
+    let mut w = now.div_euclid(win);
+    let mut wm = w % TWO20;
     let (mut used, same) = match old {
-        Some((n, _)) if n / TWO32 == wm => (n % TWO32, true),
-        _ => (0, false),
+        Some((n, _)) => {
+            let swm = n / TWO32;
+            let d = (swm - wm).rem_euclid(TWO20);
+            if d == 0 {
+                (n % TWO32, true)
+            } else if d < TWO20 / 2 {
+                // The stored window is ahead: the clock stepped back. Answer in the stored
+                // window rather than open an earlier one next to it.
+                w += d;
+                wm = swm;
+                (n % TWO32, true)
+            } else {
+                (0, false)
+            }
+        }
+        None => (0, false),
     };
     let mut revoked = 0;
     if claim_w == w {

@@ -265,3 +265,20 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn fixed_window_clock_stepping_back_answers_in_the_stored_window() {
+    let (s, t) = setup();
+    let k = StoreKey::from_raw("k");
+    let l = Limits::fixed_window(10, Duration::from_secs(1)).unwrap();
+    let w0 = T0 / 1_000_000;
+    t.advance(Duration::from_secs(1));
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 10, 0)).granted, 10);
+    // The store's clock steps back into the previous window: no second capacity.
+    t.set_us(T0 + 500_000);
+    let g = one(&s, 2, claim(&k, l, 0, 0, 10, 0));
+    assert_eq!((g.granted, g.remaining, g.window), (0, 0, w0 + 1));
+    // Back in the stored window, its count is intact.
+    t.set_us(T0 + 1_500_000);
+    assert_eq!(one(&s, 2, claim(&k, l, 0, 0, 10, 0)).granted, 0);
+}
