@@ -88,10 +88,14 @@
 
 mod algorithm;
 mod clock;
+#[cfg(feature = "http")]
+pub mod config;
 mod consts;
 mod decision;
 mod direct;
 mod distributed;
+#[cfg(feature = "http")]
+pub mod http;
 mod limiter;
 mod local;
 mod policy;

@@ -1,0 +1,104 @@
+//! An axum server limited by the tiers file.
+//!
+//! ```text
+//! cargo run --example axum_server --features http
+//! curl -i localhost:3000/                                    # anonymous: 20 per minute
+//! curl -i -H 'x-demo-user: alice' localhost:3000/            # free: 100 per minute
+//! curl -i -H 'x-demo-user: bob' -H 'x-demo-tier: premium' localhost:3000/
+//! curl -i -X POST -H 'x-demo-user: alice' localhost:3000/api/ai/generate   # 10 per hour
+//! ```
+//!
+//! Settings (environment):
+//!
+//! * `TIERS_FILE`: the configuration (default: `rate-limit-tiers.json` of this crate); edited
+//!   files are reloaded within 2 s, and a broken edit is rejected while the old rules serve.
+//! * `BIND`: the address to listen on (default `127.0.0.1:3000`).
+//! * `REDIS_URL`: distributed mode through Redis (build with `--features http,redis`); local
+//!   mode without it.
+//!
+//! The demo authentication trusts the `x-demo-user` and `x-demo-tier` headers: a real service
+//! sets [`UserId`] and [`Tier`] from a verified token instead.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use tollgate::config::{Config, LiveConfig};
+use tollgate::http::{RateLimitLayer, Tier, UserId};
+
+/// Demo authentication: the user and tier come from headers.
+async fn demo_auth(mut req: Request, next: Next) -> Response {
+    let (user, tier) = {
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        (header("x-demo-user"), header("x-demo-tier"))
+    };
+    if let Some(user) = user {
+        req.extensions_mut().insert(UserId(user.into()));
+        // An authenticated user without a plan is on the default tier (`free`).
+        if let Some(tier) = tier {
+            req.extensions_mut().insert(Tier(tier.into()));
+        }
+    }
+    next.run(req).await
+}
+
+async fn live_config(
+    path: &str,
+    config: Config,
+) -> Result<(LiveConfig, Option<tollgate::Node>), Box<dyn std::error::Error>> {
+    let builder = LiveConfig::builder().config(config.clone()).file(path);
+    let Ok(url) = std::env::var("REDIS_URL") else {
+        println!("local mode");
+        return Ok((builder.build()?, None));
+    };
+    #[cfg(feature = "redis")]
+    {
+        use std::sync::Arc;
+        let store = tollgate::store::RedisStore::connect(url.as_str()).await?;
+        let mut node = tollgate::Node::builder(Arc::new(store));
+        if let Some(redis) = &config.redis {
+            node = redis.apply(node);
+        }
+        let node = node.start()?;
+        println!("distributed mode through {url}");
+        Ok((builder.node(&node).build()?, Some(node)))
+    }
+    #[cfg(not(feature = "redis"))]
+    {
+        eprintln!("REDIS_URL={url} is set, but this build has no `redis` feature: local mode");
+        Ok((builder.build()?, None))
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let path = std::env::var("TIERS_FILE")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/rate-limit-tiers.json").to_string());
+    let config = Config::from_file(&path)?;
+    let (live, node) = live_config(&path, config).await?;
+    let _watcher = live.watch(Duration::from_secs(2))?;
+
+    let app = Router::new()
+        .route("/", get(|| async { "hello\n" }))
+        .route("/api/ai/generate", post(|| async { "an expensive answer\n" }))
+        .layer(RateLimitLayer::new(live))
+        // Outermost: authentication runs before the rate limit.
+        .layer(middleware::from_fn(demo_auth));
+
+    let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:3000".into());
+    let listener = tokio::net::TcpListener::bind(&bind).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    if let Some(node) = node {
+        node.shutdown().await;
+    }
+    Ok(())
+}

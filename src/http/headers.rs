@@ -1,0 +1,214 @@
+//! Rate-limit response headers and the bodies of 429, 403 and key-error responses.
+
+use std::time::Duration;
+
+use ::http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use ::http::{HeaderMap, Response, StatusCode};
+use bytes::Bytes;
+
+use crate::config::{BodyStyle, HeaderStyle, Limit};
+use crate::Decision;
+
+/// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-10).
+pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `RateLimit` (draft-ietf-httpapi-ratelimit-headers-10).
+pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+/// `X-RateLimit-Limit` (legacy).
+pub static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+/// `X-RateLimit-Remaining` (legacy).
+pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+/// `X-RateLimit-Reset` (legacy; seconds from now).
+pub static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// The problem type of a 429 in `application/problem+json`.
+pub const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
+
+/// Whole seconds, rounded up: a wait of 1 ns is 1 s, never 0.
+pub fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// The `Retry-After` value of a denial: its wait rounded up to whole seconds, at least 1.
+pub fn retry_after_secs(d: &Decision) -> u64 {
+    d.retry_after().map_or(1, ceil_secs).max(1)
+}
+
+fn number(n: u64) -> HeaderValue {
+    HeaderValue::from(n)
+}
+
+/// Headers computed before the inner service runs, added to its response.
+#[derive(Default)]
+pub(crate) struct Attach {
+    policy: Option<HeaderValue>,
+    state: Option<HeaderValue>,
+    legacy: Option<Box<[HeaderValue; 3]>>,
+}
+
+impl Attach {
+    /// The headers for `decision`, taken against `applied` (the limits the request passed
+    /// through, in order), whose `RateLimit-Policy` value is `policy`.
+    pub(crate) fn new(style: HeaderStyle, policy: Option<&HeaderValue>, applied: &[&Limit], d: &Decision) -> Attach {
+        if applied.is_empty() {
+            return Attach::default();
+        }
+        let mut out = Attach::default();
+        let reset = ceil_secs(d.reset_after());
+        if matches!(style, HeaderStyle::Draft | HeaderStyle::Both) {
+            out.policy = policy.cloned();
+            out.state = Some(state_value(d.policy(), d.remaining(), reset));
+        }
+        if matches!(style, HeaderStyle::Legacy | HeaderStyle::Both) {
+            let own = applied.iter().find(|l| l.name() == d.policy());
+            let limit = own.map_or(d.limit(), |l| l.limiter.policy().points());
+            out.legacy = Some(Box::new([number(limit), number(d.remaining()), number(reset)]));
+        }
+        out
+    }
+
+    pub(crate) fn apply(self, headers: &mut HeaderMap) {
+        if let Some(p) = self.policy {
+            headers.insert(RATELIMIT_POLICY.clone(), p);
+        }
+        if let Some(s) = self.state {
+            headers.insert(RATELIMIT.clone(), s);
+        }
+        if let Some([l, r, t]) = self.legacy.map(|b| *b) {
+            headers.insert(X_RATELIMIT_LIMIT.clone(), l);
+            headers.insert(X_RATELIMIT_REMAINING.clone(), r);
+            headers.insert(X_RATELIMIT_RESET.clone(), t);
+        }
+    }
+}
+
+/// `"name";r=<remaining>;t=<reset>`, built on the stack.
+fn state_value(name: &str, remaining: u64, reset: u64) -> HeaderValue {
+    let mut buf = [0u8; 160];
+    let mut len = 0;
+    let mut push = |bytes: &[u8]| {
+        let end = (len + bytes.len()).min(buf.len());
+        buf[len..end].copy_from_slice(&bytes[..end - len]);
+        len = end;
+    };
+    let name = escape(name);
+    push(b"\"");
+    push(name.as_bytes());
+    push(b"\";r=");
+    push(digits(remaining, &mut [0; 20]));
+    push(b";t=");
+    push(digits(reset, &mut [0; 20]));
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+fn digits(mut n: u64, out: &mut [u8; 20]) -> &[u8] {
+    let mut i = out.len();
+    loop {
+        i -= 1;
+        out[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &out[i..];
+        }
+    }
+}
+
+fn escape(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.contains(['"', '\\']) {
+        name.replace('\\', "\\\\").replace('"', "\\\"").into()
+    } else {
+        name.into()
+    }
+}
+
+fn json_response(status: StatusCode, content_type: &'static str, body: serde_json::Value) -> Response<Bytes> {
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let mut r = Response::new(Bytes::from(bytes));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// The 429 for a denial by `layer`.
+pub(crate) fn too_many_requests(body: BodyStyle, layer: &str, d: &Decision, attach: Attach) -> Response<Bytes> {
+    let secs = retry_after_secs(d);
+    let message = format!("Too many requests. Please retry after {secs} seconds.");
+    let mut r = match body {
+        BodyStyle::Json => json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "application/json",
+            serde_json::json!({
+                "error": "Rate limit exceeded",
+                "message": message,
+                "retry_after": secs,
+                "layer": layer,
+                "policy": d.policy(),
+            }),
+        ),
+        BodyStyle::Problem => json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "application/problem+json",
+            serde_json::json!({
+                "type": QUOTA_EXCEEDED,
+                "title": "Request cannot be satisfied as assigned quota has been exceeded",
+                "status": 429,
+                "detail": message,
+                "violated-policies": [d.policy()],
+                "retry_after": secs,
+                "layer": layer,
+            }),
+        ),
+    };
+    r.headers_mut().insert(RETRY_AFTER, number(secs));
+    attach.apply(r.headers_mut());
+    r
+}
+
+/// The 403 for a deny-listed client.
+pub(crate) fn forbidden(body: BodyStyle) -> Response<Bytes> {
+    let message = "This client is not allowed to use this service.";
+    match body {
+        BodyStyle::Json => json_response(
+            StatusCode::FORBIDDEN,
+            "application/json",
+            serde_json::json!({"error": "Forbidden", "message": message, "layer": "deny"}),
+        ),
+        BodyStyle::Problem => json_response(
+            StatusCode::FORBIDDEN,
+            "application/problem+json",
+            serde_json::json!({"title": "Forbidden", "status": 403, "detail": message, "layer": "deny"}),
+        ),
+    }
+}
+
+/// The answer when the client address is unknown (no `ConnectInfo` or `PeerAddr`).
+pub(crate) fn key_error(status: u16) -> Response<Bytes> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(
+        status,
+        "application/json",
+        serde_json::json!({
+            "error": status.canonical_reason().unwrap_or("Error"),
+            "message": "The rate limiter could not determine the client address.",
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_round_up() {
+        assert_eq!(ceil_secs(Duration::ZERO), 0);
+        assert_eq!(ceil_secs(Duration::from_nanos(1)), 1);
+        assert_eq!(ceil_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(ceil_secs(Duration::from_secs(3)), 3);
+        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(
+            state_value("user:free", 0, 12345678901234),
+            r#""user:free";r=0;t=12345678901234"#
+        );
+        assert_eq!(state_value("x", u64::MAX, 7), r#""x";r=18446744073709551615;t=7"#);
+    }
+}

@@ -1,0 +1,646 @@
+//! The tower `Layer`, its `Service` and response future.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use ::http::request::Parts;
+use ::http::{Request, Response, StatusCode};
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::headers::{self, Attach};
+use super::key::{self, KeyBuf};
+use super::{PeerAddr, ShadowVerdict, Tier, UserId};
+use crate::config::{Limit, LiveConfig, Rules};
+use crate::{check_all, check_all_async, Decision};
+
+/// Reads a tier name from a request.
+pub type TierResolver = Arc<dyn Fn(&Parts) -> Option<Cow<'static, str>> + Send + Sync>;
+
+/// Reads a user id from a request.
+pub type UserResolver = Arc<dyn Fn(&Parts) -> Option<Cow<'static, str>> + Send + Sync>;
+
+/// Counts of what the layer did, other than plain admissions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Requests answered 429.
+    pub denied: u64,
+    /// Requests that would have been answered 429 or 403, let through in shadow mode.
+    pub shadow_denied: u64,
+    /// Requests answered 403 (deny list).
+    pub forbidden: u64,
+    /// Requests that skipped every limit (allow list).
+    pub allow_listed: u64,
+    /// Requests whose client address could not be determined.
+    pub key_errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    denied: AtomicU64,
+    shadow_denied: AtomicU64,
+    forbidden: AtomicU64,
+    allow_listed: AtomicU64,
+    key_errors: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+struct Shared {
+    live: LiveConfig,
+    tier: Option<TierResolver>,
+    user: Option<UserResolver>,
+    counters: Counters,
+}
+
+/// The rate-limiting middleware: a tower [`Layer`] that wraps a service in [`RateLimit`].
+///
+/// All services it makes (one per connection with hyper and axum) share one state: the
+/// [`LiveConfig`] with its limiters, the resolvers and the counters.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::convert::Infallible;
+/// use tollgate::config::{Config, LiveConfig};
+/// use tollgate::http::{PeerAddr, RateLimitLayer};
+/// use tower::{service_fn, Layer, Service, ServiceExt};
+///
+/// let live = LiveConfig::new(Config::from_json(r#"{"tiers": {"anonymous": {"points": 1, "duration": 60}}}"#).unwrap()).unwrap();
+/// let layer = RateLimitLayer::new(live);
+/// let mut svc = layer.layer(service_fn(|_req: http::Request<String>| async {
+///     Ok::<_, Infallible>(http::Response::new(String::from("hello")))
+/// }));
+/// let request = || {
+///     let mut r = http::Request::new(String::new());
+///     r.extensions_mut().insert(PeerAddr("192.0.2.1:5000".parse().unwrap()));
+///     r
+/// };
+/// let ok = svc.ready().await.unwrap().call(request()).await.unwrap();
+/// assert_eq!(ok.headers()["ratelimit"], r#""user:anonymous";r=0;t=60"#);
+/// let no = svc.ready().await.unwrap().call(request()).await.unwrap();
+/// assert_eq!(no.status(), 429);
+/// assert_eq!(no.headers()["retry-after"], "60");
+/// assert_eq!(layer.stats().denied, 1);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for RateLimitLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("live", &self.shared.live)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`RateLimitLayer`].
+pub struct RateLimitLayerBuilder {
+    live: LiveConfig,
+    tier: Option<TierResolver>,
+    user: Option<UserResolver>,
+}
+
+impl RateLimitLayerBuilder {
+    /// How a request's tier is found (default: the [`Tier`] extension). A tier that is not in
+    /// the configuration, or none, falls back to `default_tier` for identified requests and
+    /// `anonymous_tier` for the others.
+    ///
+    /// ```
+    /// # use tollgate::{config::{Config, LiveConfig}, http::RateLimitLayer};
+    /// #[derive(Clone)]
+    /// struct Auth { plan: &'static str }
+    ///
+    /// let layer = RateLimitLayer::builder(LiveConfig::new(Config::seed()).unwrap())
+    ///     .tier_resolver(|parts| parts.extensions.get::<Auth>().map(|a| a.plan.into()))
+    ///     .build();
+    /// ```
+    pub fn tier_resolver<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<Cow<'static, str>> + Send + Sync + 'static,
+    {
+        self.tier = Some(Arc::new(f));
+        self
+    }
+
+    /// How a request's user id is found (default: the [`UserId`] extension).
+    pub fn user_resolver<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<Cow<'static, str>> + Send + Sync + 'static,
+    {
+        self.user = Some(Arc::new(f));
+        self
+    }
+
+    /// The layer.
+    pub fn build(self) -> RateLimitLayer {
+        RateLimitLayer {
+            shared: Arc::new(Shared {
+                live: self.live,
+                tier: self.tier,
+                user: self.user,
+                counters: Counters::default(),
+            }),
+        }
+    }
+}
+
+impl RateLimitLayer {
+    /// A layer with the default resolvers ([`Tier`] and [`UserId`] extensions).
+    pub fn new(live: LiveConfig) -> Self {
+        Self::builder(live).build()
+    }
+
+    /// Starts building a layer.
+    pub fn builder(live: LiveConfig) -> RateLimitLayerBuilder {
+        RateLimitLayerBuilder {
+            live,
+            tier: None,
+            user: None,
+        }
+    }
+
+    /// The configuration in force (reload it through this handle).
+    pub fn live(&self) -> &LiveConfig {
+        &self.shared.live
+    }
+
+    /// What the layer did so far, other than plain admissions.
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        Stats {
+            denied: c.denied.load(Ordering::Relaxed),
+            shadow_denied: c.shadow_denied.load(Ordering::Relaxed),
+            forbidden: c.forbidden.load(Ordering::Relaxed),
+            allow_listed: c.allow_listed.load(Ordering::Relaxed),
+            key_errors: c.key_errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// The service [`RateLimitLayer`] makes: decides on each request before the inner service
+/// sees it.
+///
+/// Per request, in order:
+///
+/// 1. The client address: the [`PeerAddr`] extension, else axum's `ConnectInfo<SocketAddr>`.
+///    Neither present: answered with `response.key_error_status` (default 500: the server was
+///    not set up to record peer addresses). Behind trusted proxies, see
+///    [`client_ip`](super::client_ip).
+/// 2. The user: the user resolver, else the [`UserId`] extension; else the API-key header,
+///    hashed; else anonymous.
+/// 3. The deny list (address ranges, user ids): 403. The allow list: no limit, no headers.
+/// 4. The layers (ip, user by tier, endpoint), all-or-nothing: a denial takes nothing from the
+///    other layers. Denied: 429 with `Retry-After`, the rate-limit headers and a JSON body.
+///    Allowed: the inner service runs and its response gets the rate-limit headers of the
+///    layer closest to its limit.
+///
+/// In shadow mode, steps 3 and 4 never block: a request that would have been refused goes
+/// through with a [`ShadowVerdict`] in its request and response extensions, and is counted in
+/// [`Stats::shadow_denied`].
+///
+/// In distributed mode the decision waits for a key's first claim (at most one sync
+/// interval); in local mode it is made inside `call`, before the inner service is called.
+pub struct RateLimit<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S: Clone> Clone for RateLimit<S> {
+    fn clone(&self) -> Self {
+        RateLimit {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for RateLimit<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What to check a request against.
+struct Plan {
+    ip: Option<KeyBuf>,
+    ident: KeyBuf,
+    /// The user layer's limiter name (`user:<tier>`).
+    tier: Option<&'static str>,
+    endpoint: Option<usize>,
+}
+
+enum Prepared {
+    /// Allow-listed, or nothing to check.
+    Skip,
+    /// Refused before any limit (key error, deny list).
+    Respond(Box<Response<Bytes>>),
+    /// Refusal waived by shadow mode.
+    Shadow(ShadowVerdict),
+    Check(Plan),
+}
+
+enum Action {
+    Pass(Attach, Option<ShadowVerdict>),
+    Refuse(Response<Bytes>),
+}
+
+fn peer(parts: &Parts) -> Option<IpAddr> {
+    if let Some(p) = parts.extensions.get::<PeerAddr>() {
+        return Some(p.0.ip());
+    }
+    parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+impl Shared {
+    fn prepare(&self, rules: &Rules, parts: &Parts) -> Prepared {
+        let config = rules.config();
+        let Some(peer) = peer(parts) else {
+            bump(&self.counters.key_errors);
+            if config.shadow {
+                return Prepared::Skip;
+            }
+            return Prepared::Respond(Box::new(headers::key_error(config.response.key_error_status)));
+        };
+        let client = key::client_ip(peer, &parts.headers, &config.client_ip);
+        let user: Option<Cow<'static, str>> = match &self.user {
+            Some(f) => f(parts),
+            None => parts.extensions.get::<UserId>().map(|u| u.0.clone()),
+        };
+        let (allow, deny) = rules.has_lists();
+        if deny && config.deny.matches(Some(client), user.as_deref()) {
+            bump(&self.counters.forbidden);
+            if config.shadow {
+                bump(&self.counters.shadow_denied);
+                return Prepared::Shadow(ShadowVerdict {
+                    status: StatusCode::FORBIDDEN,
+                    layer: "deny",
+                    policy: "deny",
+                    retry_after: None,
+                });
+            }
+            return Prepared::Respond(Box::new(headers::forbidden(config.response.body)));
+        }
+        if allow && config.allow.matches(Some(client), user.as_deref()) {
+            bump(&self.counters.allow_listed);
+            return Prepared::Skip;
+        }
+        let ip = key::ip_key(client, &config.client_ip);
+        let api = match (&user, &config.api_key) {
+            (None, Some(a)) => parts
+                .headers
+                .get(&a.header)
+                .map(|v| key::api_key(v.as_bytes(), &rules.api_key_secret)),
+            _ => None,
+        };
+        let anonymous = user.is_none() && api.is_none();
+        let ident = match (&user, &api) {
+            (Some(u), _) => key::user_key(u),
+            (None, Some(k)) => *k,
+            (None, None) => key::anonymous_key(&ip),
+        };
+        let tier = if rules.tiers.is_empty() {
+            None
+        } else {
+            let name: Option<Cow<'static, str>> = match &self.tier {
+                Some(f) => f(parts),
+                None => parts.extensions.get::<Tier>().map(|t| t.0.clone()),
+            };
+            rules.tier(name.as_deref(), anonymous).map(|l| l.name())
+        };
+        let endpoint = rules.endpoint_index(parts.method.as_str(), parts.uri.path());
+        if rules.ip.is_none() && tier.is_none() && endpoint.is_none() {
+            return Prepared::Skip;
+        }
+        Prepared::Check(Plan {
+            ip: rules.ip.as_ref().map(|_| ip),
+            ident,
+            tier,
+            endpoint,
+        })
+    }
+
+    /// The limits of a plan, with their keys.
+    fn layers<'a>(rules: &'a Rules, plan: &'a Plan) -> ([Option<(&'a Limit, &'a str)>; 3], usize) {
+        let mut out = [None, None, None];
+        let mut n = 0;
+        if let (Some(l), Some(k)) = (&rules.ip, &plan.ip) {
+            out[n] = Some((l, k.as_str()));
+            n += 1;
+        }
+        if let Some(l) = plan
+            .tier
+            .and_then(|t| rules.tiers.get(t.strip_prefix("user:").unwrap_or(t)))
+        {
+            out[n] = Some((l, plan.ident.as_str()));
+            n += 1;
+        }
+        if let Some(l) = plan.endpoint.and_then(|i| rules.endpoints.get(i)) {
+            out[n] = Some((l, plan.ident.as_str()));
+            n += 1;
+        }
+        (out, n)
+    }
+
+    fn decide(&self, rules: &Rules, plan: &Plan) -> Action {
+        let (layers, n) = Self::layers(rules, plan);
+        let bound = layers.map(|l| l.map(|(l, k)| l.limiter.bind(k)));
+        let first: &dyn crate::Layer = bound[0].as_ref().expect("a plan has a layer");
+        let mut dyns = [first; 3];
+        for (slot, b) in dyns.iter_mut().zip(&bound) {
+            if let Some(b) = b {
+                *slot = b;
+            }
+        }
+        let d = check_all(1, &dyns[..n]);
+        self.act(
+            rules,
+            plan,
+            &layers[..n],
+            d.expect("a cost of 1 always fits a valid policy"),
+        )
+    }
+
+    async fn decide_async(&self, rules: &Rules, plan: &Plan) -> Action {
+        let (layers, n) = Self::layers(rules, plan);
+        let bound: Vec<_> = layers.iter().flatten().map(|(l, k)| l.limiter.bind(*k)).collect();
+        let dyns: Vec<&(dyn crate::Layer + Sync)> = bound.iter().map(|b| b as _).collect();
+        let d = check_all_async(1, &dyns).await;
+        self.act(
+            rules,
+            plan,
+            &layers[..n],
+            d.expect("a cost of 1 always fits a valid policy"),
+        )
+    }
+
+    fn act(&self, rules: &Rules, plan: &Plan, layers: &[Option<(&Limit, &str)>], d: Decision) -> Action {
+        let config = rules.config();
+        let first = layers[0].expect("a plan has a layer").0;
+        let mut applied = [first; 3];
+        for (slot, l) in applied.iter_mut().zip(layers) {
+            if let Some((l, _)) = l {
+                *slot = l;
+            }
+        }
+        let applied = &applied[..layers.len()];
+        let policy = rules.policy_value(plan.tier, plan.endpoint);
+        let attach = Attach::new(config.response.headers, policy, applied, &d);
+        if d.is_allowed() {
+            return Action::Pass(attach, None);
+        }
+        let layer = applied.iter().find(|l| l.name() == d.policy()).map_or("", |l| l.layer);
+        if config.shadow {
+            bump(&self.counters.shadow_denied);
+            return Action::Pass(
+                attach,
+                Some(ShadowVerdict {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    layer,
+                    policy: d.policy(),
+                    retry_after: d.retry_after(),
+                }),
+            );
+        }
+        bump(&self.counters.denied);
+        Action::Refuse(headers::too_many_requests(config.response.body, layer, &d, attach))
+    }
+}
+
+fn full<B>(r: Response<Bytes>) -> Response<ResponseBody<B>> {
+    r.map(|b| ResponseBody::Full { data: Some(b) })
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let rules = self.shared.live.load();
+        let (mut parts, body) = req.into_parts();
+        let plan = match self.shared.prepare(&rules, &parts) {
+            Prepared::Skip => return ResponseFuture::inner(self.inner.call(Request::from_parts(parts, body)), None),
+            Prepared::Respond(r) => return ResponseFuture::ready(full(*r)),
+            Prepared::Shadow(v) => {
+                parts.extensions.insert(v);
+                let fut = self.inner.call(Request::from_parts(parts, body));
+                return ResponseFuture::inner(fut, Some((Attach::default(), Some(v))));
+            }
+            Prepared::Check(plan) => plan,
+        };
+        if !rules.is_distributed() {
+            return match self.shared.decide(&rules, &plan) {
+                Action::Refuse(r) => ResponseFuture::ready(full(r)),
+                Action::Pass(attach, shadow) => {
+                    if let Some(v) = shadow {
+                        parts.extensions.insert(v);
+                    }
+                    let fut = self.inner.call(Request::from_parts(parts, body));
+                    ResponseFuture::inner(fut, Some((attach, shadow)))
+                }
+            };
+        }
+        // Distributed: the decision may wait for a first claim, so the call happens later, on
+        // the service that was polled ready (a fresh clone stays here).
+        let rules = arc_swap::Guard::into_inner(rules);
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        ResponseFuture::boxed(Box::pin(async move {
+            match shared.decide_async(&rules, &plan).await {
+                Action::Refuse(r) => Ok(full(r)),
+                Action::Pass(attach, shadow) => {
+                    if let Some(v) = shadow {
+                        parts.extensions.insert(v);
+                    }
+                    let response = inner.call(Request::from_parts(parts, body)).await?;
+                    Ok(finish(response, Some((attach, shadow))))
+                }
+            }
+        }))
+    }
+}
+
+fn finish<B>(response: Response<B>, attach: Option<(Attach, Option<ShadowVerdict>)>) -> Response<ResponseBody<B>> {
+    let mut response = response.map(|body| ResponseBody::Inner { body });
+    if let Some((attach, shadow)) = attach {
+        attach.apply(response.headers_mut());
+        if let Some(v) = shadow {
+            response.extensions_mut().insert(v);
+        }
+    }
+    response
+}
+
+type BoxedResponse<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+
+pin_project! {
+    /// The response future of [`RateLimit`].
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        state: State<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, B, E> {
+        Inner {
+            #[pin]
+            future: F,
+            attach: Option<(Attach, Option<ShadowVerdict>)>,
+        },
+        Ready {
+            response: Option<Response<ResponseBody<B>>>,
+        },
+        Boxed {
+            future: BoxedResponse<B, E>,
+        },
+    }
+}
+
+impl<F, B, E> ResponseFuture<F, B, E> {
+    fn inner(future: F, attach: Option<(Attach, Option<ShadowVerdict>)>) -> Self {
+        ResponseFuture {
+            state: State::Inner { future, attach },
+        }
+    }
+
+    fn ready(response: Response<ResponseBody<B>>) -> Self {
+        ResponseFuture {
+            state: State::Ready {
+                response: Some(response),
+            },
+        }
+    }
+
+    fn boxed(future: BoxedResponse<B, E>) -> Self {
+        ResponseFuture {
+            state: State::Boxed { future },
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Inner { future, attach } => {
+                let response = ready!(future.poll(cx))?;
+                Poll::Ready(Ok(finish(response, attach.take())))
+            }
+            StateProj::Ready { response } => {
+                Poll::Ready(Ok(response.take().expect("ResponseFuture polled after completion")))
+            }
+            StateProj::Boxed { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+pin_project! {
+    /// The body of a [`RateLimit`] response: the inner service's, or the layer's own (429,
+    /// 403, key error).
+    #[project = BodyProj]
+    pub enum ResponseBody<B> {
+        /// The inner service's body.
+        Inner {
+            #[pin]
+            body: B,
+        },
+        /// A body produced by the layer.
+        Full {
+            data: Option<Bytes>,
+        },
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project() {
+            BodyProj::Inner { body } => body.poll_frame(cx),
+            BodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Inner { body } => body.is_end_stream(),
+            ResponseBody::Full { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Inner { body } => body.size_hint(),
+            ResponseBody::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ResponseBody::Inner { .. } => f.write_str("ResponseBody::Inner"),
+            ResponseBody::Full { data } => f.debug_struct("ResponseBody::Full").field("data", data).finish(),
+        }
+    }
+}

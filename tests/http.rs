@@ -1,0 +1,824 @@
+//! The HTTP layer against a real axum server on 127.0.0.1 and a real HTTP client (hyper-util).
+//! Every limiter runs on a manual clock, so the figures in headers are exact.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::routing::{get, post};
+use axum::Router;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::header::HeaderMap;
+use hyper::StatusCode;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use tollgate::config::{Config, LiveConfig};
+use tollgate::http::{RateLimitLayer, ShadowVerdict};
+use tollgate::store::MemoryStore;
+use tollgate::{ManualClock, Node};
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+struct Server {
+    addr: SocketAddr,
+    layer: RateLimitLayer,
+    clock: ManualClock,
+    live: LiveConfig,
+}
+
+/// Tiers small enough to exhaust in a few requests.
+const BASE: &str = r#"{
+    "tiers": {
+        "anonymous": {"points": 3, "duration": 60},
+        "free": {"points": 5, "duration": 60},
+        "premium": {"points": 100, "duration": 60}
+    },
+    "layers": {"ip": {"points": 50, "duration": 60}},
+    "endpoints": [{"method": "POST", "path": "/api/ai/generate", "policy": {"points": 2, "duration": 3600}}]
+}"#;
+
+/// `BASE` with some top-level fields replaced.
+fn with(fields: Value) -> String {
+    let mut base: Value = serde_json::from_str(BASE).unwrap();
+    for (k, v) in fields.as_object().unwrap() {
+        base[k] = v.clone();
+    }
+    base.to_string()
+}
+
+fn app(layer: RateLimitLayer) -> Router {
+    Router::new()
+        .route("/", get(|| async { "hello" }))
+        .route("/api/ai/generate", post(|| async { "generated" }))
+        .route(
+            "/whoami",
+            get(|req: Request| async move {
+                match req.extensions().get::<ShadowVerdict>() {
+                    Some(v) => format!("shadow:{}:{}", v.status.as_u16(), v.layer),
+                    None => "plain".to_string(),
+                }
+            }),
+        )
+        .layer(layer)
+}
+
+/// The layer with the demo resolvers: user id from `x-user`, tier from `x-tier`.
+fn layer(live: LiveConfig) -> RateLimitLayer {
+    let header = |name: &'static str| {
+        move |p: &axum::http::request::Parts| {
+            p.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(|s| s.to_owned().into())
+        }
+    };
+    RateLimitLayer::builder(live)
+        .user_resolver(header("x-user"))
+        .tier_resolver(header("x-tier"))
+        .build()
+}
+
+async fn serve_router(router: Router, connect_info: bool) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        if connect_info {
+            axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+                .await
+                .unwrap();
+        } else {
+            axum::serve(listener, router).await.unwrap();
+        }
+    });
+    addr
+}
+
+async fn start_live(live: LiveConfig, clock: ManualClock) -> Server {
+    let layer = layer(live.clone());
+    let addr = serve_router(app(layer.clone()), true).await;
+    Server {
+        addr,
+        layer,
+        clock,
+        live,
+    }
+}
+
+async fn start(json: &str) -> Server {
+    let clock = ManualClock::new();
+    let live = LiveConfig::builder()
+        .config(Config::from_json(json).unwrap())
+        .clock(clock.clock())
+        .build()
+        .unwrap();
+    start_live(live, clock).await
+}
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A client that opens a new connection for every request.
+fn fresh_connections() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http()
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+
+    fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).unwrap()
+    }
+}
+
+async fn send(c: &HttpClient, addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut b = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = c.request(b.body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Reply { status, headers, body }
+}
+
+async fn get_(c: &HttpClient, s: &Server, headers: &[(&str, &str)]) -> Reply {
+    send(c, s.addr, "GET", "/", headers).await
+}
+
+#[tokio::test]
+async fn headers_have_the_draft_syntax_and_429_has_body_and_retry_after() {
+    let s = start(BASE).await;
+    let c = client();
+    let r = get_(&c, &s, &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "hello");
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some(r#""ip";q=50;w=60, "user:anonymous";q=3;w=60"#)
+    );
+    // One token in 20 s comes back per 20 s; the tightest layer is reported.
+    assert_eq!(r.header("ratelimit"), Some(r#""user:anonymous";r=2;t=20"#));
+    assert_eq!(r.header("x-ratelimit-limit"), None, "legacy headers are opt-in");
+    assert_eq!(r.header("retry-after"), None);
+    get_(&c, &s, &[]).await;
+    let r = get_(&c, &s, &[]).await;
+    assert_eq!(r.header("ratelimit"), Some(r#""user:anonymous";r=0;t=60"#));
+
+    let r = get_(&c, &s, &[]).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("retry-after"), Some("20"));
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some(r#""ip";q=50;w=60, "user:anonymous";q=3;w=60"#)
+    );
+    assert_eq!(r.header("ratelimit"), Some(r#""user:anonymous";r=0;t=60"#));
+    assert_eq!(
+        r.json(),
+        json!({
+            "error": "Rate limit exceeded",
+            "message": "Too many requests. Please retry after 20 seconds.",
+            "retry_after": 20,
+            "layer": "user",
+            "policy": "user:anonymous",
+        })
+    );
+
+    // Half a second before the next token: Retry-After rounds up to 1, never 0.
+    s.clock.advance(Duration::from_millis(19_500));
+    let r = get_(&c, &s, &[]).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.json()["retry_after"], 1);
+    s.clock.advance(Duration::from_millis(500));
+    assert_eq!(get_(&c, &s, &[]).await.status, 200);
+    assert_eq!(get_(&c, &s, &[]).await.status, 429);
+    assert_eq!(s.layer.stats().denied, 3);
+}
+
+#[tokio::test]
+async fn legacy_headers_and_problem_json_on_request() {
+    let s = start(&with(json!({"response": {"headers": "both", "body": "problem"}}))).await;
+    let c = client();
+    let r = get_(&c, &s, &[("x-user", "alice")]).await;
+    assert_eq!(r.header("ratelimit"), Some(r#""user:free";r=4;t=12"#));
+    assert_eq!(r.header("x-ratelimit-limit"), Some("5"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("4"));
+    assert_eq!(r.header("x-ratelimit-reset"), Some("12"));
+    for _ in 0..4 {
+        assert_eq!(get_(&c, &s, &[("x-user", "alice")]).await.status, 200);
+    }
+    let r = get_(&c, &s, &[("x-user", "alice")]).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    assert_eq!(r.header("retry-after"), Some("12"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    let body = r.json();
+    assert_eq!(
+        body["type"],
+        "https://iana.org/assignments/http-problem-types#quota-exceeded"
+    );
+    assert_eq!(body["status"], 429);
+    assert_eq!(body["violated-policies"], json!(["user:free"]));
+    assert_eq!(body["layer"], "user");
+}
+
+#[tokio::test]
+async fn tiers_come_from_the_resolver_and_unknown_tiers_fall_back() {
+    let s = start(BASE).await;
+    let c = client();
+    let r = get_(&c, &s, &[("x-user", "p"), ("x-tier", "premium")]).await;
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some(r#""ip";q=50;w=60, "user:premium";q=100;w=60"#)
+    );
+    assert_eq!(r.header("ratelimit"), Some(r#""ip";r=49;t=2"#));
+    let r = get_(&c, &s, &[("x-user", "g"), ("x-tier", "gold")]).await;
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some(r#""ip";q=50;w=60, "user:free";q=5;w=60"#)
+    );
+}
+
+#[tokio::test]
+async fn state_is_shared_across_connections_and_clones() {
+    let s = start(BASE).await;
+    let (a, b) = (fresh_connections(), fresh_connections());
+    let mut allowed = 0;
+    for i in 0..8 {
+        let c = if i % 2 == 0 { &a } else { &b };
+        if get_(c, &s, &[]).await.status == 200 {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 3, "one bucket for the client, whatever the connection");
+}
+
+#[tokio::test]
+async fn spoofed_forwarding_headers_are_ignored_unless_the_peer_is_trusted() {
+    // No trusted proxy: X-Forwarded-For is the client's own claim and changes nothing.
+    let s = start(BASE).await;
+    let c = client();
+    let mut allowed = 0;
+    for i in 0..6 {
+        let xff = format!("203.0.113.{i}");
+        let r = get_(&c, &s, &[("x-forwarded-for", &xff), ("x-real-ip", &xff)]).await;
+        allowed += usize::from(r.status == 200);
+    }
+    assert_eq!(allowed, 3);
+
+    // 127.0.0.1 is a trusted proxy: the rightmost untrusted hop is the client.
+    let s = start(&with(json!({"client_ip": {"trusted_proxies": ["127.0.0.1/32"]}}))).await;
+    for i in 0..6 {
+        let xff = format!("203.0.113.{i}");
+        let r = get_(&c, &s, &[("x-forwarded-for", &xff)]).await;
+        assert_eq!(r.status, 200, "each forwarded client has its own bucket");
+    }
+    // A forged leftmost entry never becomes the key.
+    let mut allowed = 0;
+    for i in 0..6 {
+        let xff = format!("6.6.6.{i}, 198.51.100.1");
+        allowed += usize::from(get_(&c, &s, &[("x-forwarded-for", &xff)]).await.status == 200);
+    }
+    assert_eq!(allowed, 3);
+    // A malformed header falls back to the peer, never to a shared "unknown" bucket.
+    let r = get_(&c, &s, &[("x-forwarded-for", "not-an-ip")]).await;
+    assert_eq!(r.status, 200);
+    let rules = s.live.rules();
+    let ip = rules.ip_limiter().unwrap();
+    assert_eq!(ip.peek("127.0.0.1", 1).unwrap().remaining(), 48);
+    assert_eq!(ip.peek("198.51.100.1", 1).unwrap().remaining(), 46);
+}
+
+#[tokio::test]
+async fn ten_thousand_addresses_in_one_ipv6_64_share_one_bucket() {
+    let s = start(&with(json!({
+        "tiers": {"anonymous": {"points": 100, "duration": 60}},
+        "layers": {"ip": {"points": 1000, "duration": 60}},
+        "client_ip": {"trusted_proxies": ["127.0.0.1/32"]}
+    })))
+    .await;
+    let c = client();
+    let mut allowed = 0;
+    for i in 0..10_000u32 {
+        let xff = format!(
+            "2001:db8:7:42:{:x}:{:x}:{:x}:1",
+            i >> 8,
+            i & 0xff,
+            i.wrapping_mul(2_654_435_761) >> 16
+        );
+        allowed += usize::from(get_(&c, &s, &[("x-forwarded-for", &xff)]).await.status == 200);
+    }
+    assert_eq!(allowed, 100);
+    let rules = s.live.rules();
+    assert_eq!(rules.ip_limiter().unwrap().len(), 1);
+    assert_eq!(rules.tier_limiter("anonymous").unwrap().len(), 1);
+    assert_eq!(
+        rules
+            .ip_limiter()
+            .unwrap()
+            .peek("2001:db8:7:42::/64", 1)
+            .unwrap()
+            .remaining(),
+        899
+    );
+    // IPv4-mapped IPv6 is the IPv4 client.
+    get_(&c, &s, &[("x-forwarded-for", "198.51.100.9")]).await;
+    get_(&c, &s, &[("x-forwarded-for", "::ffff:198.51.100.9")]).await;
+    assert_eq!(
+        rules.ip_limiter().unwrap().peek("198.51.100.9", 1).unwrap().remaining(),
+        997
+    );
+}
+
+#[tokio::test]
+async fn an_endpoint_denial_takes_nothing_from_the_ip_and_user_layers() {
+    let s = start(BASE).await;
+    let c = client();
+    let alice = [("x-user", "alice")];
+    for _ in 0..2 {
+        let r = send(&c, s.addr, "POST", "/api/ai/generate", &alice).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("ratelimit-policy"),
+            Some(r#""ip";q=50;w=60, "user:free";q=5;w=60, "endpoint:POST /api/ai/generate";q=2;w=3600"#)
+        );
+    }
+    for _ in 0..10 {
+        let r = send(&c, s.addr, "POST", "/api/ai/generate", &alice).await;
+        assert_eq!(r.status, 429);
+        assert_eq!(r.json()["layer"], "endpoint");
+        assert_eq!(r.json()["policy"], "endpoint:POST /api/ai/generate");
+        assert_eq!(r.header("retry-after"), Some("1800"));
+    }
+    let rules = s.live.rules();
+    // Two requests were admitted; the ten denials took nothing.
+    assert_eq!(
+        rules.ip_limiter().unwrap().peek("127.0.0.1", 1).unwrap().remaining(),
+        47
+    );
+    assert_eq!(
+        rules
+            .tier_limiter("free")
+            .unwrap()
+            .peek("u:alice", 1)
+            .unwrap()
+            .remaining(),
+        2
+    );
+    // Alice still has three requests elsewhere.
+    for _ in 0..3 {
+        assert_eq!(get_(&c, &s, &alice).await.status, 200);
+    }
+    let r = get_(&c, &s, &alice).await;
+    assert_eq!((r.status.as_u16(), r.json()["layer"].clone()), (429, json!("user")));
+}
+
+#[tokio::test]
+async fn shadow_mode_never_blocks_and_reports() {
+    let s = start(&with(json!({"shadow": true, "deny": {"users": ["mallory"]}}))).await;
+    let c = client();
+    let mut shadowed = 0;
+    for i in 0..6 {
+        let r = send(&c, s.addr, "GET", "/whoami", &[]).await;
+        assert_eq!(r.status, 200);
+        if i >= 3 {
+            assert_eq!(r.text(), "shadow:429:user");
+            assert_eq!(r.header("ratelimit"), Some(r#""user:anonymous";r=0;t=60"#));
+            assert_eq!(r.header("retry-after"), None);
+            shadowed += 1;
+        } else {
+            assert_eq!(r.text(), "plain");
+        }
+    }
+    let r = send(&c, s.addr, "GET", "/whoami", &[("x-user", "mallory")]).await;
+    assert_eq!((r.status.as_u16(), r.text()), (200, "shadow:403:deny"));
+    let stats = s.layer.stats();
+    assert_eq!(
+        (stats.shadow_denied, stats.denied, stats.forbidden),
+        (shadowed + 1, 0, 1)
+    );
+}
+
+#[tokio::test]
+async fn allow_list_skips_limits_and_deny_list_answers_403() {
+    let s = start(&with(json!({
+        "client_ip": {"trusted_proxies": ["127.0.0.1/32"]},
+        "allow": {"users": ["vip"], "ips": ["198.51.100.0/24"]},
+        "deny": {"users": ["mallory"], "ips": ["203.0.113.66"]}
+    })))
+    .await;
+    let c = client();
+    for _ in 0..20 {
+        let r = get_(&c, &s, &[("x-user", "vip")]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("ratelimit"), None, "allow-listed requests are not counted");
+        let r = get_(&c, &s, &[("x-forwarded-for", "198.51.100.20")]).await;
+        assert_eq!(r.status, 200);
+    }
+    for headers in [[("x-user", "mallory")], [("x-forwarded-for", "203.0.113.66")]] {
+        let r = get_(&c, &s, &headers).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        assert_eq!(r.json()["error"], "Forbidden");
+    }
+    // Everyone else is limited as usual.
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(get_(&c, &s, &[]).await.status.as_u16());
+        }
+        v
+    };
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    let stats = s.layer.stats();
+    assert_eq!((stats.allow_listed, stats.forbidden), (40, 2));
+
+    // A deny range covering the server's own clients.
+    let s = start(&with(json!({"deny": {"ips": ["127.0.0.0/8"]}}))).await;
+    assert_eq!(get_(&c, &s, &[]).await.status, 403);
+}
+
+#[tokio::test]
+async fn api_keys_are_identities() {
+    let s = start(&with(json!({"api_key": {"header": "x-api-key"}}))).await;
+    let c = client();
+    let mut allowed = 0;
+    for _ in 0..7 {
+        allowed += usize::from(get_(&c, &s, &[("x-api-key", "sk_live_one")]).await.status == 200);
+    }
+    assert_eq!(
+        allowed, 5,
+        "an API key is an identified client: the default tier (free)"
+    );
+    let r = get_(&c, &s, &[("x-api-key", "sk_live_two")]).await;
+    assert_eq!(r.header("ratelimit"), Some(r#""user:free";r=4;t=12"#));
+    let free = s.live.rules().tier_limiter("free").unwrap().clone();
+    assert_eq!(
+        free.peek("sk_live_one", 1).unwrap().remaining(),
+        4,
+        "the raw key is not a key"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_client_address_gets_the_documented_status() {
+    for (json, status) in [
+        (BASE.to_string(), 500),
+        (with(json!({"response": {"key_error_status": 503}})), 503),
+    ] {
+        let live = LiveConfig::new(Config::from_json(&json).unwrap()).unwrap();
+        let layer = layer(live);
+        // Served without ConnectInfo: the layer cannot know the peer.
+        let addr = serve_router(app(layer.clone()), false).await;
+        let r = send(&client(), addr, "GET", "/", &[]).await;
+        assert_eq!(r.status.as_u16(), status);
+        assert!(r.json()["message"].as_str().unwrap().contains("client address"));
+        assert_eq!(layer.stats().key_errors, 1);
+    }
+}
+
+/// Writes through a rename, so that the watcher never reads a half-written file.
+fn write_atomic(path: &PathBuf, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn temp_file(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("tollgate-http-{}-{name}.json", std::process::id()))
+}
+
+#[tokio::test]
+async fn reload_rejects_a_broken_file_and_keeps_state_of_unchanged_policies() {
+    let path = temp_file("reload");
+    std::fs::write(&path, BASE).unwrap();
+    let clock = ManualClock::new();
+    let live = LiveConfig::builder().file(&path).clock(clock.clock()).build().unwrap();
+    let s = start_live(live.clone(), clock).await;
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(get_(&c, &s, &[]).await.status, 200);
+    }
+    assert_eq!(get_(&c, &s, &[]).await.status, 429);
+
+    // Broken: a bad value, then bad JSON. Both rejected; the old rules keep serving.
+    std::fs::write(&path, BASE.replace(r#""points": 3"#, r#""points": -5"#)).unwrap();
+    let err = live.reload().unwrap_err();
+    assert_eq!(err.to_string(), "tiers.anonymous.points: must be > 0 (got -5)");
+    std::fs::write(&path, "{\"tiers\": {").unwrap();
+    assert!(live.reload().is_err());
+    assert_eq!(live.generation(), 0);
+    let r = get_(&c, &s, &[]).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some(r#""ip";q=50;w=60, "user:anonymous";q=3;w=60"#)
+    );
+
+    // Only premium changes: the anonymous limiter, and the client's empty bucket, stay.
+    std::fs::write(&path, BASE.replace(r#""points": 100"#, r#""points": 200"#)).unwrap();
+    live.reload().unwrap();
+    assert_eq!(live.generation(), 1);
+    assert_eq!(get_(&c, &s, &[]).await.status, 429);
+
+    // The anonymous policy changes: a new limiter.
+    std::fs::write(&path, BASE.replace(r#""points": 3"#, r#""points": 4"#)).unwrap();
+    live.reload().unwrap();
+    let r = get_(&c, &s, &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("ratelimit"), Some(r#""user:anonymous";r=3;t=15"#));
+
+    // The watcher picks up changes by itself and rejects broken ones.
+    let watcher = live.watch(Duration::from_millis(5)).unwrap();
+    write_atomic(&path, &BASE.replace(r#""points": 3"#, r#""points": 10"#));
+    let mut waited = 0;
+    while live.generation() < 3 && waited < 400 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        waited += 1;
+    }
+    assert_eq!(live.generation(), 3, "the watcher reloaded the file");
+    assert_eq!(live.rules().config().tiers["anonymous"].points(), 10);
+    write_atomic(&path, &BASE.replace(r#""points": 3"#, r#""points": 0.5"#));
+    waited = 0;
+    while live.last_error().is_none() && waited < 400 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        waited += 1;
+    }
+    assert_eq!(
+        live.last_error().unwrap().to_string(),
+        "tiers.anonymous.points: must be a whole number (got 0.5)"
+    );
+    assert_eq!(live.generation(), 3);
+    drop(watcher);
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn every_invalid_value_is_reported_with_its_json_path() {
+    let tier = |extra: Value| {
+        let mut t = json!({"points": 10, "duration": 60});
+        for (k, v) in extra.as_object().unwrap() {
+            t[k] = v.clone();
+        }
+        json!({"tiers": {"free": t}}).to_string()
+    };
+    let doc = |fields: Value| {
+        let mut d = json!({"tiers": {"free": {"points": 10, "duration": 60}}});
+        for (k, v) in fields.as_object().unwrap() {
+            d[k] = v.clone();
+        }
+        d.to_string()
+    };
+    let endpoint = |e: Value| doc(json!({"endpoints": [e]}));
+    let policy = json!({"points": 1, "duration": 1});
+    let cases: Vec<(String, &str)> = vec![
+        (tier(json!({"points": -5})), "tiers.free.points: must be > 0 (got -5)"),
+        (tier(json!({"points": 0})), "tiers.free.points: must be > 0"),
+        (
+            tier(json!({"points": 1.5})),
+            "tiers.free.points: must be a whole number",
+        ),
+        (tier(json!({"points": 1e30})), "tiers.free.points: must be <="),
+        (tier(json!({"points": "ten"})), "tiers.free.points: invalid type"),
+        (tier(json!({"duration": 0})), "tiers.free.duration: must be > 0"),
+        (tier(json!({"duration": -1})), "tiers.free.duration: must be > 0"),
+        (
+            tier(json!({"duration": 5e-324})),
+            "tiers.free.duration: must be >= 0.001 s",
+        ),
+        (tier(json!({"duration": 1e12})), "tiers.free.duration: must be <="),
+        (tier(json!({"burst": 0})), "tiers.free.burst: must be > 0"),
+        (
+            tier(json!({"block_duration": 0})),
+            "tiers.free.block_duration: must be > 0",
+        ),
+        (
+            tier(json!({"algorithm": "leaky"})),
+            "tiers.free.algorithm: unknown variant `leaky`",
+        ),
+        (
+            tier(json!({"algorithm": "fixed_window", "burst": 5})),
+            "tiers.free.burst: only token_bucket",
+        ),
+        (tier(json!({"pionts": 3})), "tiers.free.pionts: unknown field `pionts`"),
+        (json!({"tiers": {}}).to_string(), "tiers: must name at least one tier"),
+        (
+            json!({"tiers": {"bad name": policy}}).to_string(),
+            "tiers.bad name: a tier name",
+        ),
+        (json!({"shadow": false}).to_string(), "missing field `tiers`"),
+        (
+            doc(json!({"default_tier": "gold"})),
+            "default_tier: no tier named \"gold\"",
+        ),
+        (
+            doc(json!({"anonymous_tier": "anon"})),
+            "anonymous_tier: no tier named \"anon\"",
+        ),
+        (
+            doc(json!({"layers": {"ip": {"points": 0, "duration": 1}}})),
+            "layers.ip.points: must be > 0",
+        ),
+        (doc(json!({"layers": {"user": "yes"}})), "layers.user: invalid type"),
+        (doc(json!({"layers": {"global": true}})), "layers.global: unknown field"),
+        (
+            endpoint(json!({"method": "post", "path": "/x", "policy": policy})),
+            "endpoints[0].method: must be",
+        ),
+        (
+            endpoint(json!({"path": "x", "policy": policy})),
+            "endpoints[0].path: must start with '/'",
+        ),
+        (
+            endpoint(json!({"path": "/a/**/b", "policy": policy})),
+            "endpoints[0].path: '**' may only be the last",
+        ),
+        (
+            endpoint(json!({"path": "/a*", "policy": policy})),
+            "endpoints[0].path: segment \"a*\"",
+        ),
+        (
+            endpoint(json!({"path": "/x", "policy": {"points": 1, "duration": -1}})),
+            "endpoints[0].policy.duration: must be > 0",
+        ),
+        (endpoint(json!({"path": "/x"})), "endpoints[0]: missing field `policy`"),
+        (
+            doc(json!({"endpoints": [{"path": "/x", "policy": policy}, {"path": "/x", "policy": policy}]})),
+            "endpoints[1].path: * /x is listed twice",
+        ),
+        (
+            doc(json!({"client_ip": {"trusted_proxies": ["10.0.0.1", "10.0.0.0/40"]}})),
+            "client_ip.trusted_proxies[1]: prefix must be <= 32 (got 40)",
+        ),
+        (
+            doc(json!({"client_ip": {"trusted_proxies": ["proxy"]}})),
+            "client_ip.trusted_proxies[0]: not an IP address",
+        ),
+        (
+            doc(json!({"client_ip": {"ipv6_prefix": 0}})),
+            "client_ip.ipv6_prefix: must be in 1..=128 (got 0)",
+        ),
+        (
+            doc(json!({"client_ip": {"ipv4_prefix": 33}})),
+            "client_ip.ipv4_prefix: must be in 1..=32 (got 33)",
+        ),
+        (
+            doc(json!({"client_ip": {"header": "via"}})),
+            "client_ip.header: unknown variant `via`",
+        ),
+        (
+            doc(json!({"api_key": {"header": "x api key"}})),
+            "api_key.header: not a header name",
+        ),
+        (
+            doc(json!({"api_key": {"header": "x-api-key", "secret": "xyz"}})),
+            "api_key.secret: must be 32 hex digits",
+        ),
+        (
+            doc(json!({"allow": {"ips": ["1.2.3.4/99"]}})),
+            "allow.ips[0]: prefix must be <= 32",
+        ),
+        (
+            doc(json!({"deny": {"users": ["ok", ""]}})),
+            "deny.users[1]: must not be empty",
+        ),
+        (doc(json!({"deny": {"user": ["x"]}})), "deny.user: unknown field"),
+        (
+            doc(json!({"block_duration": 0})),
+            "block_duration: must be a number of seconds",
+        ),
+        (
+            doc(json!({"block_duration": -3})),
+            "block_duration: must be a number of seconds",
+        ),
+        (doc(json!({"shadow": "true"})), "shadow: invalid type"),
+        (
+            doc(json!({"response": {"headers": "fancy"}})),
+            "response.headers: unknown variant `fancy`",
+        ),
+        (
+            doc(json!({"response": {"body": "xml"}})),
+            "response.body: unknown variant `xml`",
+        ),
+        (
+            doc(json!({"response": {"key_error_status": 200}})),
+            "response.key_error_status: must be an error status",
+        ),
+        (
+            doc(json!({"failure_policy": "panic"})),
+            "failure_policy: unknown variant `panic`",
+        ),
+        (
+            doc(json!({"redis": {"url": "http://x"}})),
+            "redis.url: must be a redis:// or rediss:// URL",
+        ),
+        (
+            doc(json!({"redis": {"url": "redis://x", "sync_interval": 0}})),
+            "redis.sync_interval: must be a number of seconds",
+        ),
+        (
+            doc(json!({"redis": {"url": "redis://x", "batch_size": 0}})),
+            "redis.batch_size: must be in",
+        ),
+        (
+            doc(json!({"redis": {"url": "redis://x", "key_prefix": "a{b"}})),
+            "redis.key_prefix: key prefix",
+        ),
+        (doc(json!({"max_keys": 0})), "max_keys: must be > 0"),
+        (doc(json!({"max_keys": -1})), "max_keys: invalid value"),
+        (doc(json!({"tiers2": {}})), "tiers2: unknown field"),
+        ("{\"tiers\": ".to_string(), "tiers: EOF while parsing"),
+    ];
+    for (json, want) in &cases {
+        let err = Config::from_json(json).expect_err(json).to_string();
+        assert!(err.starts_with(want), "{json}\n  got:  {err}\n  want: {want}...");
+    }
+
+    // Range problems are all reported at once.
+    let err = Config::from_json(
+        r#"{"tiers": {"free": {"points": -1, "duration": 60}, "pro": {"points": 1, "duration": 0}},
+            "client_ip": {"ipv6_prefix": 200}, "max_keys": 0}"#,
+    )
+    .unwrap_err();
+    let paths: Vec<&str> = err.problems().iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "tiers.free.points",
+            "tiers.pro.duration",
+            "client_ip.ipv6_prefix",
+            "max_keys"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn distributed_mode_serves_the_same_limits() {
+    let clock = ManualClock::new();
+    let node = Node::builder(Arc::new(MemoryStore::new()))
+        .sync_interval(Duration::from_millis(20))
+        .clock(clock.clock())
+        .start()
+        .unwrap();
+    // Rejected in distributed mode, with paths.
+    let err = LiveConfig::builder()
+        .config(Config::from_json(&with(json!({"block_duration": 30, "api_key": {"header": "x-api-key"}}))).unwrap())
+        .node(&node)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tiers.anonymous.block_duration: not available in distributed mode"),
+        "{err}"
+    );
+    assert!(err.contains("api_key.secret: required in distributed mode"), "{err}");
+
+    let live = LiveConfig::builder()
+        .config(Config::from_json(BASE).unwrap())
+        .node(&node)
+        .build()
+        .unwrap();
+    assert!(live.rules().is_distributed());
+    let s = start_live(live, clock).await;
+    let c = client();
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(get_(&c, &s, &[]).await.status.as_u16());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // The first request waits for its keys' first claims instead of being denied cold; the
+    // node admits the tier's 3 and no more (later claims come with later syncs).
+    assert_eq!(statuses[0], 200, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 3, "{statuses:?}");
+    assert_eq!(statuses[9], 429, "{statuses:?}");
+    let r = get_(&c, &s, &[]).await;
+    assert!(r.header("retry-after").is_some_and(|v| v.parse::<u64>().unwrap() >= 1));
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some(r#""ip";q=50;w=60, "user:anonymous";q=3;w=60"#)
+    );
+    node.shutdown().await;
+}
