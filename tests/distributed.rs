@@ -108,6 +108,10 @@ fn invariant_4_store_round_trips_per_admitted_request_stay_below_one_percent() {
     let r = run_virtual(&s);
     let round_trips = r.round_trips_per_s * 2.0;
     let per_admitted = round_trips / r.admitted as f64;
+    println!(
+        "{} checks, {} admitted, {round_trips} round trips: {per_admitted:.5} per admitted",
+        r.checks, r.admitted
+    );
     assert!(r.checks > 1_500_000, "{} checks", r.checks);
     assert!(
         per_admitted <= 0.01,

@@ -91,11 +91,7 @@ where
         max_keys: usize,
     ) -> Result<Arc<Self>, String> {
         let keys = Arc::new(DistKeys {
-            map: HashMap::builder()
-                .hasher(ahash::RandomState::new())
-                .capacity(max_keys.min(1 << 16))
-                .resize_mode(papaya::ResizeMode::Blocking)
-                .build(),
+            map: crate::local::table::keyed_map(max_keys),
             len: AtomicUsize::new(0),
             max_keys,
             namespace,
