@@ -44,7 +44,7 @@
 //! ```
 //!
 //! or with `"body": "problem"`, `application/problem+json` with type
-//! [`QUOTA_EXCEEDED`](headers::QUOTA_EXCEEDED) and `violated-policies`. A deny-listed client gets
+//! [`QUOTA_EXCEEDED`] and `violated-policies`. A deny-listed client gets
 //! a 403; a request whose client address is unknown gets `response.key_error_status` (500 by
 //! default, see [`RateLimit`]).
 //!
