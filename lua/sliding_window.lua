@@ -3,7 +3,8 @@
 -- KEYS[i]    the key of claim i (all keys of one batch share a slot in a cluster)
 -- ARGV[1]    node id (unused: window claims need no per-node record)
 -- ARGV[2]    time override in microseconds, '' in production (then Redis TIME is used)
--- ARGV[3]    P, the number of distinct policies in the batch
+-- ARGV[3]    P, the number of distinct policies in the batch (claims_prelude.lua, prepended
+--            to this script, reads the arguments and the time)
 -- then P x   capacity, window length in microseconds, weighting tick in microseconds
 -- then       one binary string: per key, struct '<ddddd' of policy index (1-based), kept,
 --            returned, wanted, window of the claim
@@ -20,35 +21,15 @@
 -- of status (0 ok, 1 failed), granted, remaining, ms to next token, ms to reset, window id,
 -- revoked; each failed key i is listed after it with its error message.
 
-local now
-if ARGV[2] ~= '' then
-  now = tonumber(ARGV[2])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local np = tonumber(ARGV[3])
-local pcap, pwin, ptick = {}, {}, {}
-local a = 4
-for p = 1, np do
-  pcap[p] = tonumber(ARGV[a])
-  pwin[p] = tonumber(ARGV[a + 1])
-  ptick[p] = tonumber(ARGV[a + 2])
-  a = a + 3
-end
-
-local spack, sunpack, fmt, floor, ceil = struct.pack, struct.unpack, string.format, math.floor, math.ceil
-local out, errs = {}, {}
-local blob = ARGV[a]
-if not blob or #blob ~= 40 * #KEYS then return redis.error_reply('ERR tollgate: claim data does not match the keys') end
-local pos = 1
-local FAILED = spack('<Bdddddd', 1, 0, 0, 0, 0, 0, 0)
+local policies, blob = read_claims(3) -- capacity, window in microseconds, weighting tick
+if not policies then return redis.error_reply('ERR tollgate: claim data does not match the keys') end
+local out, errs, pos = {}, {}, 1
 
 for i = 1, #KEYS do
   local key = KEYS[i]
   local p, kept, ret, want, claim_w
   p, kept, ret, want, claim_w, pos = sunpack('<ddddd', blob, pos)
-  local cap, win, tick = pcap[p], pwin[p], ptick[p]
+  local cap, win, tick = policies[p][1], policies[p][2], policies[p][3]
   local v = redis.pcall('GET', key)
   if type(v) == 'table' then
     out[i] = FAILED

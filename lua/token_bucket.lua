@@ -3,7 +3,8 @@
 -- KEYS[i]    the key of claim i (all keys of one batch share a slot in a cluster)
 -- ARGV[1]    node id (a decimal string; the hash field that records this node's holding)
 -- ARGV[2]    time override in microseconds, '' in production (then Redis TIME is used)
--- ARGV[3]    P, the number of distinct policies in the batch
+-- ARGV[3]    P, the number of distinct policies in the batch (claims_prelude.lua, prepended
+--            to this script, reads the arguments and the time)
 -- then P x   capacity, microseconds per token, lease in ms
 -- then       one binary string: per key, struct '<ddddd' of policy index (1-based), kept,
 --            returned, wanted, window (ignored here)
@@ -28,36 +29,16 @@
 -- All numbers stay below 2^53 (the client validates capacity * per <= 2^52).
 
 local node = ARGV[1]
-local now
-if ARGV[2] ~= '' then
-  now = tonumber(ARGV[2])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local now_ms = math.floor(now / 1000)
-local np = tonumber(ARGV[3])
-local pcap, pper, plea = {}, {}, {}
-local a = 4
-for p = 1, np do
-  pcap[p] = tonumber(ARGV[a])
-  pper[p] = tonumber(ARGV[a + 1])
-  plea[p] = tonumber(ARGV[a + 2])
-  a = a + 3
-end
-
-local spack, sunpack, fmt, floor, ceil = struct.pack, struct.unpack, string.format, math.floor, math.ceil
-local out, errs = {}, {}
-local blob = ARGV[a]
-if not blob or #blob ~= 40 * #KEYS then return redis.error_reply('ERR tollgate: claim data does not match the keys') end
-local pos = 1
-local FAILED = spack('<Bdddddd', 1, 0, 0, 0, 0, 0, 0)
+local now_ms = floor(now / 1000)
+local policies, blob = read_claims(3) -- capacity, microseconds per token, lease in ms
+if not policies then return redis.error_reply('ERR tollgate: claim data does not match the keys') end
+local out, errs, pos = {}, {}, 1
 
 for i = 1, #KEYS do
   local key = KEYS[i]
   local p, kept, ret, want, claim_w
   p, kept, ret, want, claim_w, pos = sunpack('<ddddd', blob, pos)
-  local cap, per, lease = pcap[p], pper[p], plea[p]
+  local cap, per, lease = policies[p][1], policies[p][2], policies[p][3]
   local tau = cap * per
   local ep = floor(now_ms / lease)
   local r = redis.pcall('HMGET', key, 's', node)

@@ -14,6 +14,14 @@ fn policy() -> Policy {
     Policy::per_second(1000).burst(2000)
 }
 
+/// The offered loads and spreads every accuracy test covers.
+const SHAPES: [(f64, Skew); 4] = [
+    (1.5, Skew::Uniform),
+    (1.5, Skew::Skewed),
+    (10.0, Skew::Uniform),
+    (10.0, Skew::Skewed),
+];
+
 fn scenario(load: f64, skew: Skew) -> Scenario {
     Scenario {
         load,
@@ -25,12 +33,7 @@ fn scenario(load: f64, skew: Skew) -> Scenario {
 
 #[test]
 fn invariant_2_no_over_admission_with_cold_start_deny() {
-    for (load, skew) in [
-        (1.5, Skew::Uniform),
-        (1.5, Skew::Skewed),
-        (10.0, Skew::Uniform),
-        (10.0, Skew::Skewed),
-    ] {
+    for (load, skew) in SHAPES {
         let r = run_virtual(&scenario(load, skew));
         assert_eq!(r.over_admitted, 0, "{load}x {skew:?}: {r:?}");
         // Nodes joining one by one while the others spend the quota.
@@ -65,12 +68,7 @@ fn invariant_2_over_admission_bounded_by_nodes_times_cold_start_allowance() {
 
 #[test]
 fn invariant_3_utilization_at_least_97_percent_at_100ms() {
-    for (load, skew) in [
-        (1.5, Skew::Uniform),
-        (1.5, Skew::Skewed),
-        (10.0, Skew::Uniform),
-        (10.0, Skew::Skewed),
-    ] {
+    for (load, skew) in SHAPES {
         let r = run_virtual(&scenario(load, skew));
         assert!(
             r.utilization >= 0.97,

@@ -22,9 +22,18 @@ use super::{
     StoreFuture, StoreKey, MAX_KEYS_PER_CALL,
 };
 
-const TOKEN_BUCKET_LUA: &str = include_str!("../../lua/token_bucket.lua");
-const FIXED_WINDOW_LUA: &str = include_str!("../../lua/fixed_window.lua");
-const SLIDING_WINDOW_LUA: &str = include_str!("../../lua/sliding_window.lua");
+const TOKEN_BUCKET_LUA: &str = concat!(
+    include_str!("../../lua/claims_prelude.lua"),
+    include_str!("../../lua/token_bucket.lua")
+);
+const FIXED_WINDOW_LUA: &str = concat!(
+    include_str!("../../lua/claims_prelude.lua"),
+    include_str!("../../lua/fixed_window.lua")
+);
+const SLIDING_WINDOW_LUA: &str = concat!(
+    include_str!("../../lua/claims_prelude.lua"),
+    include_str!("../../lua/sliding_window.lua")
+);
 const REGISTRY_LUA: &str = include_str!("../../lua/registry.lua");
 
 /// Bytes per key in a script reply: status byte and six doubles.
