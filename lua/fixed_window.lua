@@ -16,8 +16,9 @@
 -- with another window is void (its returned tokens are ignored and its kept tokens revoked).
 --
 -- Reply: {string, i1, message1, i2, message2, ...}: the string holds per key struct '<Bdddddd'
--- of status (0 ok, 1 failed), granted, remaining, ms to next token, ms to reset, window id,
--- revoked; each failed key i is listed after it with its error message.
+-- of status (0 ok, 1 failed, 2 ok but the window had lost this node's tokens), granted, remaining,
+-- ms to next token, ms to reset, window id, revoked; each failed key i is listed after it with its
+-- error message.
 
 local TWO32, TWO20 = 4294967296, 1048576
 local policies, blob = read_claims(2) -- capacity, window in microseconds
@@ -59,8 +60,10 @@ for i = 1, #KEYS do
         same = true
       end
     end
-    local revoked = 0
+    local revoked, status = 0, 0
     if claim_w == w then
+      -- Status 2: the window counts less than this node alone holds, so the store lost state.
+      if kept + ret > used then status = 2 end
       used = used - ret
       if used < 0 then used = 0 end
     else
@@ -75,7 +78,7 @@ for i = 1, #KEYS do
     local reset = ceil(((w + 1) * win - now) / 1000)
     local nxt = 0
     if remaining == 0 then nxt = reset end
-    out[i] = spack('<Bdddddd', 0, granted, remaining, nxt, reset, w, revoked)
+    out[i] = spack('<Bdddddd', status, granted, remaining, nxt, reset, w, revoked)
     if used == 0 then
       if v then redis.call('DEL', key) end
     elseif same then

@@ -4,7 +4,8 @@
 -- ARGV[1]  node id
 -- ARGV[2]  time to live in ms (>= 1)
 -- ARGV[3]  time override in microseconds, '' in production (then Redis TIME is used)
--- Reply: the number of live nodes, this one included.
+-- Reply: {the number of live nodes (this one included), the server's run_id}. A changed run_id
+-- tells nodes that the server restarted and may have lost its state.
 
 local now_ms
 if ARGV[3] ~= '' then
@@ -24,4 +25,5 @@ if last[2] then
   if ttl < 1 then ttl = 1 end
   redis.call('PEXPIRE', key, fmt('%d', ttl))
 end
-return n
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+return {n, run_id}

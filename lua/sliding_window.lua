@@ -18,8 +18,9 @@
 -- end of the window after its own, when its counts no longer matter.
 --
 -- Reply: {string, i1, message1, i2, message2, ...}: the string holds per key struct '<Bdddddd'
--- of status (0 ok, 1 failed), granted, remaining, ms to next token, ms to reset, window id,
--- revoked; each failed key i is listed after it with its error message.
+-- of status (0 ok, 1 failed, 2 ok but the window had lost this node's tokens), granted, remaining,
+-- ms to next token, ms to reset, window id, revoked; each failed key i is listed after it with its
+-- error message.
 
 local policies, blob = read_claims(3) -- capacity, window in microseconds, weighting tick
 if not policies then return redis.error_reply('ERR tollgate: claim data does not match the keys') end
@@ -57,8 +58,10 @@ for i = 1, #KEYS do
     end
     local wt = floor(win / tick)
     local rem = ceil((win - el) / tick)
-    local revoked = 0
+    local revoked, status = 0, 0
     if claim_w == w then
+      -- Status 2: the window counts less than this node alone holds, so the store lost state.
+      if kept + ret > cur then status = 2 end
       cur = cur - ret
       if cur < 0 then cur = 0 end
     else
@@ -91,7 +94,7 @@ for i = 1, #KEYS do
       nxt = ceil((at - now) / 1000)
       if nxt < 1 then nxt = 1 end
     end
-    out[i] = spack('<Bdddddd', 0, granted, remaining, nxt, reset, w, revoked)
+    out[i] = spack('<Bdddddd', status, granted, remaining, nxt, reset, w, revoked)
     if prev == 0 and cur == 0 then
       if v then redis.call('DEL', key) end
     elseif moved then

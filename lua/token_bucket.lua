@@ -24,8 +24,9 @@
 -- refill is capped by the holdings the store knew of during the time it accrued.
 --
 -- Reply: {string, i1, message1, i2, message2, ...}: the string holds per key struct '<Bdddddd'
--- of status (0 ok, 1 failed), granted, remaining, ms to next token, ms to reset, window (0),
--- revoked; each failed key i is listed after it with its error message.
+-- of status (0 ok, 1 failed, 2 ok but the store had lost this node's holding), granted, remaining,
+-- ms to next token, ms to reset, window (0), revoked; each failed key i is listed after it with its
+-- error message.
 -- All numbers stay below 2^53 (the client validates capacity * per <= 2^52).
 
 local node = ARGV[1]
@@ -112,7 +113,10 @@ for i = 1, #KEYS do
     local next_us = 0
     if tokens == 0 then next_us = per - frac end
     local reset_us = (cap - tokens) * per - frac
-    out[i] = spack('<Bdddddd', 0, granted, tokens, ceil(next_us / 1000), ceil(reset_us / 1000), 0, revoked)
+    -- Status 2: this node keeps more than the store knew it held, so the store lost state.
+    local status = 0
+    if kept > had then status = 2 end
+    out[i] = spack('<Bdddddd', status, granted, tokens, ceil(next_us / 1000), ceil(reset_us / 1000), 0, revoked)
     -- Persist, or forget a key that is indistinguishable from a fresh one.
     if cur + prev == 0 and tokens >= cap then
       if s then redis.call('DEL', key) end

@@ -364,19 +364,7 @@ impl Default for ResponseConfig {
     }
 }
 
-/// What a node does when the store is unreachable (distributed mode). Carried for the
-/// application and the node; the HTTP layer itself does not read it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailurePolicy {
-    /// Enforce `limit / live_nodes` locally (default).
-    #[default]
-    LocalShare,
-    /// Admit everything.
-    FailOpen,
-    /// Deny everything not already claimed.
-    FailClosed,
-}
+pub use crate::FailurePolicy;
 
 /// Store settings for distributed mode.
 #[derive(Clone, Debug, PartialEq)]

@@ -18,6 +18,9 @@ pub(crate) enum Source {
     /// Distributed mode: the key's claimed tokens answered. `state` holds the remaining
     /// quota, `now` the reset time and `extra` the retry time (nanoseconds).
     Claimed,
+    /// Distributed mode with the store unreachable: the failure policy answered. Same fields
+    /// as `Claimed`.
+    Degraded,
 }
 
 /// The answer to a check: allowed or not, and where the key stands.
@@ -62,7 +65,7 @@ impl Decision {
     pub fn remaining(&self) -> u64 {
         match self.source {
             Source::TableFull => 0,
-            Source::Claimed => self.state,
+            Source::Claimed | Source::Degraded => self.state,
             _ => self.rule.remaining(self.state, self.now),
         }
     }
@@ -71,7 +74,7 @@ impl Decision {
     pub fn reset_after(&self) -> Duration {
         match self.source {
             Source::TableFull => Duration::from_nanos(MIN_SWEEP_INTERVAL_NS),
-            Source::Claimed => Duration::from_nanos(self.now),
+            Source::Claimed | Source::Degraded => Duration::from_nanos(self.now),
             _ => Duration::from_nanos(self.rule.reset_after(self.state, self.now)),
         }
     }
@@ -84,7 +87,7 @@ impl Decision {
         }
         Some(match self.source {
             Source::TableFull => Duration::from_nanos(MIN_SWEEP_INTERVAL_NS),
-            Source::Claimed => Duration::from_nanos(self.extra.max(1)),
+            Source::Claimed | Source::Degraded => Duration::from_nanos(self.extra.max(1)),
             _ => Duration::from_nanos(self.rule.retry_after(self.state, self.now, self.cost).max(1)),
         })
     }
@@ -98,6 +101,12 @@ impl Decision {
     /// bucket (or the table-full denial) answered instead.
     pub fn is_untracked(&self) -> bool {
         matches!(self.source, Source::Overflow | Source::TableFull)
+    }
+
+    /// True when the store was unreachable and the node's failure policy answered (distributed
+    /// mode only; see [`FailurePolicy`](crate::FailurePolicy)).
+    pub fn is_degraded(&self) -> bool {
+        self.source == Source::Degraded
     }
 
     /// The cost the decision was for.
@@ -116,6 +125,7 @@ impl fmt::Debug for Decision {
             .field("reset_after", &self.reset_after())
             .field("retry_after", &self.retry_after())
             .field("untracked", &self.is_untracked())
+            .field("degraded", &self.is_degraded())
             .finish()
     }
 }

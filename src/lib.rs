@@ -107,7 +107,7 @@ pub use clock::{Clock, ManualClock};
 pub use consts::{DEFAULT_MAX_KEYS, MAX_CAPACITY, MAX_DURATION, MAX_RATE_PER_SEC, MAX_TIME_NS, MIN_DURATION};
 pub use decision::{Decision, InsufficientCapacity};
 pub use direct::DirectLimiter;
-pub use distributed::{ColdStart, Identifier, Node, NodeBuilder, NodeError, NodeStats};
+pub use distributed::{CircuitState, ColdStart, FailurePolicy, Identifier, Node, NodeBuilder, NodeError, NodeStats};
 pub use limiter::{
     check_all, check_all_async, sizing_advice, Bound, BuildError, Jitter, Layer, Limiter, LimiterBuilder, WhenFull,
 };

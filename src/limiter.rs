@@ -185,7 +185,8 @@ impl<K: Hash + Eq + Send + Sync + Clone + Identifier + 'static> LimiterBuilder<K
                 policy.duration().as_millis(),
                 policy.capacity()
             ));
-            DistKeys::new(inner, namespace, limits, max_keys).map_err(BuildError::Distributed)
+            let rule = policy.compile().map_err(|e| BuildError::Distributed(e.to_string()))?;
+            DistKeys::new(inner, namespace, limits, rule, max_keys).map_err(BuildError::Distributed)
         }));
         self
     }
@@ -424,7 +425,8 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
     {
         self.fits(cost)?;
         if let Some(dist) = &self.inner.dist {
-            if !dist.is_claimed(key) {
+            // While the store is unreachable nothing is waited for: the failure policy answers.
+            if !dist.is_claimed(key) && !dist.node().breaker.is_open() {
                 let node = dist.node();
                 let synced = node.synced.notified();
                 tokio::pin!(synced);
@@ -504,6 +506,8 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
     fn claimed(&self, o: Outcome, cost: u64) -> Decision {
         let source = if o.untracked {
             Source::TableFull
+        } else if o.degraded {
+            Source::Degraded
         } else {
             Source::Claimed
         };
@@ -550,6 +554,11 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
                 let guard = inner.table.guard();
                 if let Some(cell) = inner.table.get(key, &guard) {
                     cell.refund(&inner.rule, now, cost, taken_at);
+                }
+            }
+            Source::Degraded => {
+                if let Some(dist) = &inner.dist {
+                    dist.refund_degraded(key, cost, now);
                 }
             }
             Source::Overflow => inner.overflow.refund(&inner.rule, now, cost, taken_at),
@@ -604,7 +613,7 @@ where
 
     fn unclaimed(&self) -> Option<(&tokio::sync::Notify, Duration)> {
         let dist = self.limiter.inner.dist.as_ref()?;
-        if dist.is_claimed(self.key) {
+        if dist.is_claimed(self.key) || dist.node().breaker.is_open() {
             return None;
         }
         let node = dist.node();

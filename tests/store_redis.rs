@@ -381,13 +381,42 @@ async fn heartbeat_counts_live_nodes() {
     let server = Server::start();
     let s = server.store().await;
     let reg = KeyEncoder::default().registry_key();
-    assert_eq!(s.heartbeat(&reg, 1, Duration::from_millis(300)).await.unwrap(), 1);
-    assert_eq!(s.heartbeat(&reg, 2, Duration::from_millis(300)).await.unwrap(), 2);
-    assert_eq!(s.heartbeat(&reg, 3, Duration::from_millis(50)).await.unwrap(), 3);
+    assert_eq!(
+        s.heartbeat(&reg, 1, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .live_nodes,
+        1
+    );
+    assert_eq!(
+        s.heartbeat(&reg, 2, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .live_nodes,
+        2
+    );
+    assert_eq!(
+        s.heartbeat(&reg, 3, Duration::from_millis(50))
+            .await
+            .unwrap()
+            .live_nodes,
+        3
+    );
     tokio::time::sleep(Duration::from_millis(120)).await;
-    assert_eq!(s.heartbeat(&reg, 1, Duration::from_millis(300)).await.unwrap(), 2);
+    assert_eq!(
+        s.heartbeat(&reg, 1, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .live_nodes,
+        2
+    );
     s.leave(&reg, 2).await.unwrap();
-    assert_eq!(s.heartbeat(&reg, 1, Duration::from_millis(300)).await.unwrap(), 1);
+    let beat = s.heartbeat(&reg, 1, Duration::from_millis(300)).await.unwrap();
+    assert_eq!(beat.live_nodes, 1);
+    // The server identity is stable while the server runs (a hash of its run_id).
+    let again = s.heartbeat(&reg, 1, Duration::from_millis(300)).await.unwrap();
+    assert_ne!(beat.server, 0);
+    assert_eq!(again.server, beat.server);
     let mut raw = server.raw().await;
     let ttl: i64 = redis::cmd("PTTL")
         .arg(reg.as_bytes())

@@ -87,6 +87,30 @@ impl Rule {
         }
     }
 
+    /// One of `n` equal shares of this rule: the capacity divided by `n` (rounded down), and for
+    /// a token bucket the rate too, so that `n` shares together never exceed the whole. `None`
+    /// when a share would hold nothing.
+    pub(crate) fn share(&self, n: u64) -> Option<Rule> {
+        let n = n.max(1);
+        let capacity = self.capacity / n;
+        if capacity == 0 {
+            return None;
+        }
+        Some(match self.kind {
+            // n <= capacity, so period * n <= aux, which fits.
+            Kind::TokenBucket => {
+                let period = self.period.saturating_mul(n);
+                Rule {
+                    capacity,
+                    period,
+                    aux: capacity.saturating_mul(period),
+                    ..*self
+                }
+            }
+            _ => Rule { capacity, ..*self },
+        })
+    }
+
     /// Window algorithms pack counts into the bits the window index leaves free; the all-ones
     /// count is never valid so that the retired marker (`u64::MAX`) is never a real state.
     pub(crate) fn max_window_capacity(&self) -> u64 {

@@ -10,8 +10,10 @@ use papaya::HashMap;
 use parking_lot::Mutex;
 
 use super::identifier::Identifier;
-use super::node::{ColdStart, Member, NodeInner};
+use super::node::{ApplyReport, ColdStart, FailurePolicy, Member, NodeInner};
+use crate::algorithm::Rule;
 use crate::consts::CLAIM_MARGIN_NS;
+use crate::local::cell::Cell;
 use crate::store::{Claim, ClaimOutcome, Limits, StoreAlgorithm};
 
 /// A key idle (nothing held, no demand) for this many syncs is forgotten.
@@ -37,6 +39,11 @@ pub(crate) struct DistCell {
     store_remaining: AtomicU64,
     /// When the key would be back to a full quota (ns), as of the last sync.
     reset_at: AtomicU64,
+    /// The store failed this key alone at the last sync (`WRONGTYPE`, corrupt state): the
+    /// failure policy answers for it until a claim succeeds.
+    failed: std::sync::atomic::AtomicBool,
+    /// [`FailurePolicy::LocalShare`]: the key's state under this node's share of the policy.
+    share: Cell,
     sync: Mutex<SyncState>,
 }
 
@@ -67,6 +74,8 @@ pub(crate) struct Outcome {
     pub(crate) retry_after_ns: u64,
     pub(crate) reset_after_ns: u64,
     pub(crate) untracked: bool,
+    /// The failure policy answered (the store is unreachable, or failed this key).
+    pub(crate) degraded: bool,
 }
 
 pub(crate) struct DistKeys<K> {
@@ -75,6 +84,8 @@ pub(crate) struct DistKeys<K> {
     max_keys: usize,
     namespace: &'static str,
     limits: Limits,
+    /// The policy as local arithmetic (for the failure policy's share).
+    rule: Rule,
     node: Arc<NodeInner>,
 }
 
@@ -88,6 +99,7 @@ where
         node: Arc<NodeInner>,
         namespace: &'static str,
         limits: Limits,
+        rule: Rule,
         max_keys: usize,
     ) -> Result<Arc<Self>, String> {
         let keys = Arc::new(DistKeys {
@@ -96,6 +108,7 @@ where
             max_keys,
             namespace,
             limits,
+            rule,
             node: node.clone(),
         });
         let weak: std::sync::Weak<dyn Member> = Arc::downgrade(&keys) as _;
@@ -142,6 +155,7 @@ where
                         retry_after_ns: self.node.sync_interval.as_nanos() as u64,
                         reset_after_ns: 0,
                         untracked: true,
+                        degraded: false,
                     };
                 }
                 let fresh = DistCell::default();
@@ -168,7 +182,12 @@ where
                 }
                 return self.outcome(cell, true, left, now);
             }
-        } else if valid_until == 0 && !self.node.is_stopped() && spendable(&cell.cold).is_ok() {
+        }
+        // Held tokens do not cover it: the store decides, unless it is unreachable.
+        if self.node.breaker.is_open() || cell.failed.load(Ordering::Relaxed) {
+            return self.degraded(cell, cost, now, true);
+        }
+        if valid_until == 0 && !self.node.is_stopped() && spendable(&cell.cold).is_ok() {
             self.node.request_priority();
             return self.outcome(cell, true, 0, now);
         }
@@ -177,6 +196,71 @@ where
             self.node.request_priority();
         }
         self.outcome(cell, false, cell.tokens.load(Ordering::Relaxed), now)
+    }
+
+    /// The failure policy's answer (`take`: spend from the share; otherwise only look).
+    #[cold]
+    fn degraded(&self, cell: &DistCell, cost: u64, now: u64, take: bool) -> Outcome {
+        let node = &*self.node;
+        let wait = node
+            .breaker
+            .open_until()
+            .saturating_sub(now)
+            .max(node.sync_interval.as_nanos() as u64 / 10)
+            .max(1);
+        let answer = |allowed: bool, remaining: u64, retry_after_ns: u64, reset_after_ns: u64| Outcome {
+            allowed,
+            remaining,
+            retry_after_ns: if allowed { 0 } else { retry_after_ns },
+            reset_after_ns,
+            untracked: false,
+            degraded: true,
+        };
+        match node.failure_policy {
+            FailurePolicy::FailClosed => answer(false, 0, wait, 0),
+            FailurePolicy::FailOpen => {
+                if take {
+                    node.count_fail_open(cost);
+                }
+                answer(true, self.limits.capacity(), 0, 0)
+            }
+            FailurePolicy::LocalShare => match self.rule.share(node.share_divisor()) {
+                None => answer(false, 0, wait, 0),
+                Some(rule) => {
+                    let step = if take {
+                        cell.share.acquire(&rule, now, cost)
+                    } else {
+                        cell.share.peek(&rule, now, cost)
+                    };
+                    // The share's cell is never retired.
+                    let step = step.unwrap_or(crate::algorithm::Step {
+                        allowed: false,
+                        state: 0,
+                    });
+                    answer(
+                        step.allowed,
+                        rule.remaining(step.state, now),
+                        rule.retry_after(step.state, now, cost),
+                        rule.reset_after(step.state, now),
+                    )
+                }
+            },
+        }
+    }
+
+    /// Gives `cost` back to the failure policy's share of the key.
+    pub(crate) fn refund_degraded<Q>(&self, key: &Q, cost: u64, now: u64)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if self.node.failure_policy != FailurePolicy::LocalShare {
+            return;
+        }
+        let guard = self.map.guard();
+        if let (Some(cell), Some(rule)) = (self.map.get(key, &guard), self.rule.share(self.node.share_divisor())) {
+            cell.share.refund(&rule, now, cost, now);
+        }
     }
 
     fn outcome(&self, cell: &DistCell, allowed: bool, local: u64, now: u64) -> Outcome {
@@ -198,6 +282,7 @@ where
             retry_after_ns: retry,
             reset_after_ns: cell.reset_at.load(Ordering::Relaxed).saturating_sub(now),
             untracked: false,
+            degraded: false,
         }
     }
 
@@ -231,6 +316,9 @@ where
             Some(cell) => {
                 let valid = now < cell.valid_until.load(Ordering::Acquire);
                 let tokens = if valid { cell.tokens.load(Ordering::Acquire) } else { 0 };
+                if tokens < cost && (self.node.breaker.is_open() || cell.failed.load(Ordering::Relaxed)) {
+                    return self.degraded(cell, cost, now, false);
+                }
                 let cold = if cell.valid_until.load(Ordering::Acquire) == 0 {
                     cell.cold.load(Ordering::Acquire)
                 } else {
@@ -238,6 +326,7 @@ where
                 };
                 self.outcome(cell, tokens >= cost || cold >= cost, tokens, now)
             }
+            None if self.node.breaker.is_open() => self.degraded(&DistCell::default(), cost, now, false),
             None => {
                 let allowed = matches!(self.node.cold_start, ColdStart::Optimistic(n) if n >= cost);
                 let retry = if allowed {
@@ -251,6 +340,7 @@ where
                     retry_after_ns: retry,
                     reset_after_ns: 0,
                     untracked: false,
+                    degraded: false,
                 }
             }
         }
@@ -353,13 +443,30 @@ where
         })
     }
 
-    fn apply_one(&self, cell: &DistCell, outcome: Option<&ClaimOutcome>, sent_at: u64) {
-        let Some(Ok(grant)) = outcome else {
-            // Failed: nothing granted; what was returned is gone.
-            return;
+    fn apply_one(&self, cell: &DistCell, outcome: Option<&ClaimOutcome>, sent_at: u64, report: &mut ApplyReport) {
+        let grant = match outcome {
+            Some(Ok(grant)) => grant,
+            Some(Err(e)) => {
+                // This key alone failed: the failure policy answers for it until a claim
+                // succeeds; nothing was granted and what it returned is gone.
+                cell.failed.store(true, Ordering::Relaxed);
+                report.key_errors += 1;
+                if report.first_key_error.is_none() {
+                    report.first_key_error = Some(e.to_string());
+                }
+                return;
+            }
+            // The batch failed: nothing granted; what was returned is gone.
+            None => return,
         };
+        cell.failed.store(false, Ordering::Relaxed);
         let node = &*self.node;
         let mut s = cell.sync.lock();
+        // The store lost state only if this node's claim was still valid when it was sent
+        // (otherwise the store may rightly have forgotten it).
+        if grant.state_lost && s.claimed && sent_at < cell.valid_until.load(Ordering::Acquire) {
+            report.state_lost += 1;
+        }
         let now = node.clock.now_ns();
         let ms = 1_000_000u64;
         let mut granted = grant.granted;
@@ -461,14 +568,21 @@ where
         Box::new(Ticket(keys))
     }
 
-    fn apply(&self, _node: &NodeInner, ticket: Box<dyn Any + Send>, sent_at: u64, outcomes: &[Option<ClaimOutcome>]) {
+    fn apply(
+        &self,
+        _node: &NodeInner,
+        ticket: Box<dyn Any + Send>,
+        sent_at: u64,
+        outcomes: &[Option<ClaimOutcome>],
+        report: &mut ApplyReport,
+    ) {
         let Ok(ticket) = ticket.downcast::<Ticket<K>>() else {
             return;
         };
         let guard = self.map.guard();
         for (key, outcome) in ticket.0.iter().zip(outcomes) {
             if let Some(cell) = self.map.get(key, &guard) {
-                self.apply_one(cell, outcome.as_ref(), sent_at);
+                self.apply_one(cell, outcome.as_ref(), sent_at, report);
             }
         }
     }

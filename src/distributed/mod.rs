@@ -19,10 +19,12 @@
 //! stops counting them between one and two leases after that sync), and window tokens die
 //! with their window.
 
+mod breaker;
 mod claims;
 mod identifier;
 mod node;
 
+pub use breaker::CircuitState;
 pub(crate) use claims::{DistKeys, Outcome};
 pub use identifier::Identifier;
-pub use node::{ColdStart, Node, NodeBuilder, NodeError, NodeStats};
+pub use node::{ColdStart, FailurePolicy, Node, NodeBuilder, NodeError, NodeStats};

@@ -7,10 +7,12 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 
+use super::breaker::{Breaker, CircuitState, Permit, Transition};
 use crate::clock::Clock;
 use crate::consts::MIN_CLAIM_SPAN;
-use crate::store::{Claim, ClaimOutcome, KeyEncoder, NodeId, Store, StoreKey};
+use crate::store::{Claim, ClaimOutcome, ErrorClass, KeyEncoder, NodeId, Store, StoreError, StoreKey};
 
 /// What the synchronous check does for a key this node holds no claim for yet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -25,6 +27,37 @@ pub enum ColdStart {
     Optimistic(u64),
 }
 
+/// What checks do while the store is unreachable (the circuit is open), once the tokens this
+/// node already holds are spent. Held tokens stay usable in every policy, and no check ever
+/// waits for the store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Each node enforces its share of the limit on its own: the policy with its capacity
+    /// divided by the live nodes last seen in the registry (at least
+    /// [`NodeBuilder::expected_nodes`]), its rate too for a token bucket. All nodes together
+    /// admit at most `limit x actual nodes / nodes last seen` per window. A key whose share
+    /// rounds down to 0 is denied. The default.
+    #[default]
+    LocalShare,
+    /// Admit everything (opt-in). Each admission is counted in [`NodeStats::fail_open_admitted`]
+    /// and the opening of the circuit is logged as a warning.
+    FailOpen,
+    /// Deny everything held tokens do not cover.
+    FailClosed,
+}
+
+impl FailurePolicy {
+    /// The policy's name in configuration files (`local_share`, `fail_open`, `fail_closed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailurePolicy::LocalShare => "local_share",
+            FailurePolicy::FailOpen => "fail_open",
+            FailurePolicy::FailClosed => "fail_closed",
+        }
+    }
+}
+
 /// Why a node could not start.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NodeError {
@@ -34,21 +67,82 @@ pub enum NodeError {
     /// A setting is out of range.
     #[error("{0}")]
     Config(String),
+    /// [`NodeBuilder::connect`]: the store refused this node's credentials or permissions.
+    #[error("the store refused this node: {0}")]
+    Store(StoreError),
 }
 
-/// Counters of a node's sync activity.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Counters of a node's sync activity and health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeStats {
-    /// Syncs run.
+    /// Syncs run (including those the open circuit kept from the store).
     pub syncs: u64,
     /// Store calls made for claims (one per batch).
     pub round_trips: u64,
-    /// Store calls that failed (their grants are counted as lost).
+    /// Store calls that failed or timed out (their grants count as lost).
     pub failed_round_trips: u64,
     /// Claims sent (one per key per sync).
     pub claims: u64,
     /// Live nodes in the registry at the last heartbeat (this one included).
     pub live_nodes: u64,
+    /// The circuit breaker's state.
+    pub circuit: CircuitState,
+    /// Times the circuit opened (a failed probe reopening it included).
+    pub circuit_opened: u64,
+    /// Half-open probes sent.
+    pub probes: u64,
+    /// Failed syncs by class: transient (I/O, timeouts, `LOADING`, `BUSY`, ...).
+    pub transient_errors: u64,
+    /// Failed syncs by class: topology (`READONLY`, `MOVED`, ...; the connection is replaced).
+    pub topology_errors: u64,
+    /// Failed syncs by class: configuration (`NOAUTH`, `WRONGPASS`, `NOPERM`).
+    pub config_errors: u64,
+    /// Failed syncs by class: resource (`OOM`).
+    pub resource_errors: u64,
+    /// Failed syncs by class: protocol (unexpected replies, script errors).
+    pub protocol_errors: u64,
+    /// Keys whose claim failed alone (`WRONGTYPE`, corrupt state); the rest of their batch
+    /// went on. Such a key is answered by the failure policy until a claim succeeds.
+    pub key_errors: u64,
+    /// Times the store was found to have lost state: its server identity changed, or a key
+    /// held less than this node's valid claim. Nothing is refunded.
+    pub state_losses: u64,
+    /// Times the sync task panicked and was restarted.
+    pub task_restarts: u64,
+    /// Cost admitted by [`FailurePolicy::FailOpen`] while the circuit was open.
+    pub fail_open_admitted: u64,
+    /// Tokens returned in claims whose batch failed: the store may or may not have taken them
+    /// back; this node no longer holds them (admits less, never more).
+    pub unconfirmed_returns: u64,
+    /// Tokens wanted in claims whose batch failed: the store may have granted some of them
+    /// without this node ever receiving them (lost until their lease or window ends).
+    pub unconfirmed_wants: u64,
+}
+
+impl Default for NodeStats {
+    fn default() -> Self {
+        NodeStats {
+            syncs: 0,
+            round_trips: 0,
+            failed_round_trips: 0,
+            claims: 0,
+            live_nodes: 0,
+            circuit: CircuitState::Closed,
+            circuit_opened: 0,
+            probes: 0,
+            transient_errors: 0,
+            topology_errors: 0,
+            config_errors: 0,
+            resource_errors: 0,
+            protocol_errors: 0,
+            key_errors: 0,
+            state_losses: 0,
+            task_restarts: 0,
+            fail_open_admitted: 0,
+            unconfirmed_returns: 0,
+            unconfirmed_wants: 0,
+        }
+    }
 }
 
 /// Configures a [`Node`].
@@ -62,6 +156,11 @@ pub struct NodeBuilder {
     headroom_percent: u64,
     clock: Clock,
     id: Option<NodeId>,
+    failure_policy: FailurePolicy,
+    failure_threshold: u32,
+    open_backoff: Option<(Duration, Duration)>,
+    sync_timeout: Option<Duration>,
+    expected_nodes: u64,
 }
 
 /// One process's link to the store: it runs the sync task that exchanges quota for every
@@ -102,7 +201,53 @@ pub(crate) trait Member: Send + Sync {
     /// With `drain`, every held token is returned and nothing is wanted.
     fn prepare(&self, node: &NodeInner, now: u64, drain: bool, out: &mut Vec<Claim>) -> Box<dyn Any + Send>;
     /// Applies the outcomes of the claims `prepare` added (`None`: the batch failed).
-    fn apply(&self, node: &NodeInner, ticket: Box<dyn Any + Send>, sent_at: u64, outcomes: &[Option<ClaimOutcome>]);
+    fn apply(
+        &self,
+        node: &NodeInner,
+        ticket: Box<dyn Any + Send>,
+        sent_at: u64,
+        outcomes: &[Option<ClaimOutcome>],
+        report: &mut ApplyReport,
+    );
+}
+
+/// What a sync's outcomes showed beyond the grants.
+#[derive(Default)]
+pub(crate) struct ApplyReport {
+    /// Keys whose claim failed alone.
+    pub(crate) key_errors: u64,
+    /// The first such failure's message.
+    pub(crate) first_key_error: Option<String>,
+    /// Keys that held less in the store than this node's valid claim.
+    pub(crate) state_lost: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    syncs: AtomicU64,
+    round_trips: AtomicU64,
+    failed: AtomicU64,
+    claims: AtomicU64,
+    circuit_opened: AtomicU64,
+    probes: AtomicU64,
+    /// By [`ErrorClass`], in declaration order.
+    errors: [AtomicU64; 5],
+    key_errors: AtomicU64,
+    state_losses: AtomicU64,
+    task_restarts: AtomicU64,
+    fail_open_admitted: AtomicU64,
+    unconfirmed_returns: AtomicU64,
+    unconfirmed_wants: AtomicU64,
+}
+
+fn class_index(class: ErrorClass) -> usize {
+    match class {
+        ErrorClass::Transient => 0,
+        ErrorClass::Topology => 1,
+        ErrorClass::Config => 2,
+        ErrorClass::Resource => 3,
+        ErrorClass::Protocol => 4,
+    }
 }
 
 pub(crate) struct NodeInner {
@@ -115,6 +260,10 @@ pub(crate) struct NodeInner {
     pub(crate) encoder: KeyEncoder,
     pub(crate) headroom_percent: u64,
     pub(crate) clock: Clock,
+    pub(crate) failure_policy: FailurePolicy,
+    pub(crate) breaker: Breaker,
+    sync_timeout: Duration,
+    expected_nodes: u64,
     registry: StoreKey,
     members: Mutex<Vec<(&'static str, Weak<dyn Member>)>>,
     priority: AtomicBool,
@@ -126,10 +275,15 @@ pub(crate) struct NodeInner {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     last_heartbeat: AtomicU64,
     last_sync: AtomicU64,
-    syncs: AtomicU64,
-    round_trips: AtomicU64,
-    failed: AtomicU64,
-    claims: AtomicU64,
+    /// Clock time of the last sync that reached the store without error (0: none yet).
+    last_success: AtomicU64,
+    /// The server identity of the last heartbeat (0: none yet).
+    server: AtomicU64,
+    /// Whether the last sync saw per-key errors (one log line per incident).
+    key_errors_seen: AtomicBool,
+    /// Jitter source for the breaker's backoff.
+    rng: AtomicU64,
+    counters: Counters,
     live_nodes: AtomicU64,
 }
 
@@ -155,6 +309,11 @@ impl Node {
             headroom_percent: 200,
             clock: Clock::precise(),
             id: None,
+            failure_policy: FailurePolicy::default(),
+            failure_threshold: 3,
+            open_backoff: None,
+            sync_timeout: None,
+            expected_nodes: 1,
         }
     }
 
@@ -168,16 +327,49 @@ impl Node {
         self.inner.sync_interval
     }
 
-    /// Counters of sync activity.
+    /// Counters of sync activity and health.
     pub fn stats(&self) -> NodeStats {
         let i = &self.inner;
+        let c = &i.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         NodeStats {
-            syncs: i.syncs.load(Ordering::Relaxed),
-            round_trips: i.round_trips.load(Ordering::Relaxed),
-            failed_round_trips: i.failed.load(Ordering::Relaxed),
-            claims: i.claims.load(Ordering::Relaxed),
-            live_nodes: i.live_nodes.load(Ordering::Relaxed),
+            syncs: get(&c.syncs),
+            round_trips: get(&c.round_trips),
+            failed_round_trips: get(&c.failed),
+            claims: get(&c.claims),
+            live_nodes: get(&i.live_nodes),
+            circuit: i.breaker.state(),
+            circuit_opened: get(&c.circuit_opened),
+            probes: get(&c.probes),
+            transient_errors: get(&c.errors[0]),
+            topology_errors: get(&c.errors[1]),
+            config_errors: get(&c.errors[2]),
+            resource_errors: get(&c.errors[3]),
+            protocol_errors: get(&c.errors[4]),
+            key_errors: get(&c.key_errors),
+            state_losses: get(&c.state_losses),
+            task_restarts: get(&c.task_restarts),
+            fail_open_admitted: get(&c.fail_open_admitted),
+            unconfirmed_returns: get(&c.unconfirmed_returns),
+            unconfirmed_wants: get(&c.unconfirmed_wants),
         }
+    }
+
+    /// The circuit breaker's state.
+    pub fn circuit(&self) -> CircuitState {
+        self.inner.breaker.state()
+    }
+
+    /// Time since the last sync that reached the store without error (`None` before the
+    /// first one).
+    pub fn last_successful_sync_age(&self) -> Option<Duration> {
+        let at = self.inner.last_success.load(Ordering::Acquire);
+        (at != 0).then(|| Duration::from_nanos(self.inner.clock.now_ns().saturating_sub(at)))
+    }
+
+    /// The failure policy checks use while the circuit is open.
+    pub fn failure_policy(&self) -> FailurePolicy {
+        self.inner.failure_policy
     }
 
     /// True when a key asked for an early sync since the last one.
@@ -258,6 +450,45 @@ impl NodeBuilder {
         self
     }
 
+    /// What checks do while the store is unreachable (default [`FailurePolicy::LocalShare`]).
+    pub fn failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.failure_policy = policy;
+        self
+    }
+
+    /// Failed or timed-out syncs in a row that open the circuit (default 3). A configuration
+    /// error (`NOAUTH`, `WRONGPASS`, `NOPERM`) opens it at once.
+    pub fn failure_threshold(mut self, failures: u32) -> Self {
+        self.failure_threshold = failures;
+        self
+    }
+
+    /// How long the circuit stays open before a probe: `min` after it opens, doubling with
+    /// each failed probe up to `max`, less up to a quarter of random jitter (never below
+    /// `min`). A configuration error keeps it open for `max`. Default: half and one and a half
+    /// sync intervals, so syncing resumes within two intervals of the store coming back.
+    pub fn open_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.open_backoff = Some((min, max));
+        self
+    }
+
+    /// The longest a sync's store call may take before it counts as failed (its outcome is
+    /// then unknown, and taken as granting nothing). Default `max(sync_interval / 2, 50 ms)`:
+    /// with the default backoff, syncing resumes within `1.5 x sync_interval + sync_timeout`
+    /// (two intervals from 100 ms up) of the store answering again.
+    pub fn sync_timeout(mut self, timeout: Duration) -> Self {
+        self.sync_timeout = Some(timeout);
+        self
+    }
+
+    /// The fewest nodes [`FailurePolicy::LocalShare`] divides a limit by (default 1): set it to
+    /// the number of instances you run, so that a node that starts while the store is down
+    /// (and has never seen the registry) does not take the whole limit.
+    pub fn expected_nodes(mut self, nodes: u64) -> Self {
+        self.expected_nodes = nodes;
+        self
+    }
+
     fn inner(self) -> Result<Arc<NodeInner>, NodeError> {
         if self.sync_interval < Duration::from_millis(1) || self.sync_interval > Duration::from_secs(3600) {
             return Err(NodeError::Config("sync_interval: must be between 1 ms and 1 h".into()));
@@ -280,8 +511,27 @@ impl NodeBuilder {
                 MIN_CLAIM_SPAN.as_millis()
             )));
         }
+        if self.failure_threshold == 0 {
+            return Err(NodeError::Config("failure_threshold: must be > 0".into()));
+        }
+        let (min_open, max_open) = self
+            .open_backoff
+            .unwrap_or((self.sync_interval / 2, self.sync_interval * 3 / 2));
+        if min_open < Duration::from_millis(1) || max_open < min_open || max_open > Duration::from_secs(3600) {
+            return Err(NodeError::Config("open_backoff: need 1 ms <= min <= max <= 1 h".into()));
+        }
+        let sync_timeout = self
+            .sync_timeout
+            .unwrap_or_else(|| (self.sync_interval / 2).max(Duration::from_millis(50)));
+        if sync_timeout < Duration::from_millis(1) || sync_timeout > Duration::from_secs(3600) {
+            return Err(NodeError::Config("sync_timeout: must be between 1 ms and 1 h".into()));
+        }
+        if self.expected_nodes == 0 {
+            return Err(NodeError::Config("expected_nodes: must be > 0".into()));
+        }
+        let id = self.id.unwrap_or_else(random_id);
         Ok(Arc::new(NodeInner {
-            id: self.id.unwrap_or_else(random_id),
+            id,
             store: self.store,
             sync_interval: self.sync_interval,
             batch_size: self.batch_size,
@@ -291,6 +541,14 @@ impl NodeBuilder {
             encoder: self.encoder,
             headroom_percent: self.headroom_percent,
             clock: self.clock,
+            failure_policy: self.failure_policy,
+            breaker: Breaker::new(
+                self.failure_threshold,
+                min_open.as_nanos() as u64,
+                max_open.as_nanos() as u64,
+            ),
+            sync_timeout,
+            expected_nodes: self.expected_nodes,
             members: Mutex::new(Vec::new()),
             priority: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
@@ -301,19 +559,41 @@ impl NodeBuilder {
             task: Mutex::new(None),
             last_heartbeat: AtomicU64::new(0),
             last_sync: AtomicU64::new(0),
-            syncs: AtomicU64::new(0),
-            round_trips: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            claims: AtomicU64::new(0),
+            last_success: AtomicU64::new(0),
+            server: AtomicU64::new(0),
+            key_errors_seen: AtomicBool::new(false),
+            rng: AtomicU64::new(id | 1),
+            counters: Counters::default(),
             live_nodes: AtomicU64::new(1),
         }))
     }
 
-    /// Builds the node and spawns its sync task on the current tokio runtime.
+    /// Builds the node and spawns its sync task on the current tokio runtime. The store is
+    /// not contacted before the first sync: see [`connect`](Self::connect) to check the
+    /// credentials first.
     pub fn start(self) -> Result<Node, NodeError> {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| NodeError::NoRuntime)?;
         let inner = self.inner()?;
-        let task = handle.spawn(run(Arc::downgrade(&inner)));
+        let task = handle.spawn(supervise(Arc::downgrade(&inner)));
+        *inner.task.lock() = Some(task);
+        Ok(Node { inner })
+    }
+
+    /// Like [`start`](Self::start), after one heartbeat to the store: a configuration error
+    /// (wrong password, missing ACL permission) is returned as [`NodeError::Store`]. An
+    /// unreachable store is not an error: the node starts with that failure counted, and the
+    /// circuit breaker and the failure policy take it from there.
+    pub async fn connect(self) -> Result<Node, NodeError> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| NodeError::NoRuntime)?;
+        let inner = self.inner()?;
+        // A first connection may take longer than a sync is allowed to.
+        if let Err(e) = inner.heartbeat(inner.sync_timeout.max(Duration::from_secs(1))).await {
+            if e.class() == ErrorClass::Config {
+                return Err(NodeError::Store(e));
+            }
+            inner.failed(&e, inner.clock.now_ns());
+        }
+        let task = handle.spawn(supervise(Arc::downgrade(&inner)));
         *inner.task.lock() = Some(task);
         Ok(Node { inner })
     }
@@ -322,6 +602,37 @@ impl NodeBuilder {
     /// (simulations, tests, or a runtime of the caller's choosing).
     pub fn build_manual(self) -> Result<Node, NodeError> {
         Ok(Node { inner: self.inner()? })
+    }
+}
+
+/// Runs the sync loop; a panic inside it is caught, counted and logged, and the loop starts
+/// again one interval later (what a sync in flight had claimed counts as lost).
+async fn supervise(weak: Weak<NodeInner>) {
+    loop {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let outcome = handle.spawn(run(weak.clone())).await;
+        let Some(node) = weak.upgrade() else { return };
+        match outcome {
+            Err(e) if e.is_panic() => {
+                let payload = e.into_panic();
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                node.counters.task_restarts.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(node = node.id, panic = %msg, "tollgate: the sync task panicked; restarting it");
+                if node.stopped.load(Ordering::Acquire) {
+                    return;
+                }
+                let pause = node.sync_interval;
+                drop(node);
+                tokio::time::sleep(pause).await;
+            }
+            _ => return,
+        }
     }
 }
 
@@ -338,8 +649,15 @@ async fn run(weak: Weak<NodeInner>) {
         if node.stopped.load(Ordering::Acquire) {
             return;
         }
+        // While the circuit is open, wake when the open time ends, so the probe goes out then
+        // rather than at the next tick.
+        let mut wake_at = next;
+        if node.breaker.is_open() {
+            let open_for = node.breaker.open_until().saturating_sub(node.clock.now_ns());
+            wake_at = wake_at.min(tokio::time::Instant::now() + Duration::from_nanos(open_for));
+        }
         tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
+            _ = tokio::time::sleep_until(wake_at) => {}
             _ = node.wake.notified() => {
                 let earliest = last + min_gap;
                 tokio::select! {
@@ -388,9 +706,111 @@ impl NodeInner {
         }
     }
 
+    /// One heartbeat, bounded by the sync timeout; updates the live node count and checks
+    /// the server identity.
+    async fn heartbeat(&self, bound: Duration) -> Result<(), StoreError> {
+        let ttl = self.lease.max(self.sync_interval * 3);
+        let beat = match tokio::time::timeout(bound, self.store.heartbeat(&self.registry, self.id, ttl)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(timed_out(bound)),
+        };
+        self.live_nodes.store(beat.live_nodes.max(1), Ordering::Relaxed);
+        let before = self.server.swap(beat.server, Ordering::AcqRel);
+        if before != 0 && before != beat.server {
+            self.counters.state_losses.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                node = self.id,
+                "tollgate: the store restarted (its server identity changed): global counts start over"
+            );
+        }
+        Ok(())
+    }
+
+    /// Counts a failed sync, acts on its class and feeds the breaker.
+    fn failed(&self, e: &StoreError, now: u64) {
+        self.counters.errors[class_index(e.class())].fetch_add(1, Ordering::Relaxed);
+        if e.class() == ErrorClass::Topology {
+            // A replica, or a moved key: connect afresh so the next sync finds the primary.
+            self.store.reconnect();
+        }
+        let jitter = self.next_random();
+        match self.breaker.on_failure(now, e.class() == ErrorClass::Config, jitter) {
+            Some(Transition::Opened { for_ns, reopened }) => {
+                self.counters.circuit_opened.fetch_add(1, Ordering::Relaxed);
+                if reopened {
+                    tracing::debug!(node = self.id, error = %e, "tollgate: probe failed; circuit open again");
+                } else {
+                    tracing::warn!(
+                        node = self.id,
+                        class = ?e.class(),
+                        error = %e,
+                        open_ms = for_ns / 1_000_000,
+                        failure_policy = self.failure_policy.as_str(),
+                        "tollgate: store unavailable; circuit open, checks use the failure policy"
+                    );
+                }
+            }
+            Some(Transition::Closed) | None => {}
+        }
+    }
+
+    fn succeeded(&self, now: u64) {
+        self.last_success.store(now.max(1), Ordering::Release);
+        if self.breaker.on_success() == Some(Transition::Closed) {
+            tracing::info!(node = self.id, "tollgate: store reachable again; circuit closed");
+        }
+    }
+
+    fn next_random(&self) -> u64 {
+        // xorshift64: jitter only, no quality needed.
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.store(x, Ordering::Relaxed);
+        x
+    }
+
+    /// How many nodes [`FailurePolicy::LocalShare`] divides a limit by.
+    pub(crate) fn share_divisor(&self) -> u64 {
+        self.live_nodes.load(Ordering::Relaxed).max(self.expected_nodes).max(1)
+    }
+
+    pub(crate) fn count_fail_open(&self, cost: u64) {
+        self.counters.fail_open_admitted.fetch_add(cost, Ordering::Relaxed);
+    }
+
     async fn sync(&self, drain: bool) {
+        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        let permit = self.breaker.permit(self.clock.now_ns());
+        if permit == Permit::Wait && !drain {
+            // Open: the store is not touched; held tokens and the failure policy answer.
+            self.priority.store(false, Ordering::Release);
+            self.synced.notify_waiters();
+            return;
+        }
         let _one_at_a_time = self.sync_lock.lock().await;
         self.priority.store(false, Ordering::Release);
+        let mut beat_done = false;
+        if permit == Permit::Probe {
+            self.counters.probes.fetch_add(1, Ordering::Relaxed);
+            let now = self.clock.now_ns();
+            // The old connection may be a casualty of the outage (reset, or queued behind
+            // replies that never came): each probe goes out on a fresh one.
+            self.store.reconnect();
+            match self.heartbeat(self.sync_timeout).await {
+                Ok(()) => {
+                    self.last_heartbeat.store(now.max(1), Ordering::Relaxed);
+                    self.succeeded(now);
+                    beat_done = true;
+                }
+                Err(e) => {
+                    self.failed(&e, self.clock.now_ns());
+                    self.synced.notify_waiters();
+                    return;
+                }
+            }
+        }
         let members: Vec<Arc<dyn Member>> = self.members.lock().iter().filter_map(|(_, m)| m.upgrade()).collect();
         let sent_at = self.clock.now_ns();
         let mut claims = Vec::new();
@@ -401,33 +821,94 @@ impl NodeInner {
             tickets.push((start, claims.len(), ticket));
         }
         let mut outcomes: Vec<Option<ClaimOutcome>> = Vec::with_capacity(claims.len());
+        let mut error: Option<StoreError> = None;
         for batch in claims.chunks(self.batch_size) {
-            self.round_trips.fetch_add(1, Ordering::Relaxed);
-            match self.store.claim(self.id, batch).await {
-                Ok(replies) if replies.len() == batch.len() => outcomes.extend(replies.into_iter().map(Some)),
-                _ => {
+            let unconfirmed = |c: &Counters| {
+                let (r, w) = batch.iter().fold((0, 0), |(r, w), c| (r + c.returned, w + c.wanted));
+                c.unconfirmed_returns.fetch_add(r, Ordering::Relaxed);
+                c.unconfirmed_wants.fetch_add(w, Ordering::Relaxed);
+            };
+            if error.is_some() {
+                unconfirmed(&self.counters);
+                // After a failure the rest of the sync is not sent: it would most likely fail
+                // too, each batch after a timeout. Those claims count as failed (admits less).
+                outcomes.extend(batch.iter().map(|_| None));
+                continue;
+            }
+            self.counters.round_trips.fetch_add(1, Ordering::Relaxed);
+            let reply = tokio::time::timeout(self.sync_timeout, self.store.claim(self.id, batch)).await;
+            match reply {
+                Ok(Ok(replies)) if replies.len() == batch.len() => outcomes.extend(replies.into_iter().map(Some)),
+                other => {
                     // Failed or ambiguous: nothing granted, returns lost, never resent.
-                    self.failed.fetch_add(1, Ordering::Relaxed);
+                    self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    unconfirmed(&self.counters);
                     outcomes.extend(batch.iter().map(|_| None));
+                    error = Some(match other {
+                        Ok(Err(e)) => e,
+                        Ok(Ok(r)) => StoreError::new(
+                            ErrorClass::Protocol,
+                            format!("{} outcomes for {} claims", r.len(), batch.len()),
+                        ),
+                        Err(_) => timed_out(self.sync_timeout),
+                    });
                 }
             }
         }
-        self.claims.fetch_add(claims.len() as u64, Ordering::Relaxed);
+        self.counters.claims.fetch_add(claims.len() as u64, Ordering::Relaxed);
+        let mut report = ApplyReport::default();
         for (m, (start, end, ticket)) in members.iter().zip(tickets) {
-            m.apply(self, ticket, sent_at, &outcomes[start..end]);
+            m.apply(self, ticket, sent_at, &outcomes[start..end], &mut report);
         }
+        self.report(&report);
         let now = self.clock.now_ns();
         let heartbeat_every = self.sync_interval.max(Duration::from_secs(1)).as_nanos() as u64;
         let last = self.last_heartbeat.load(Ordering::Relaxed);
-        if !drain && (last == 0 || now.saturating_sub(last) >= heartbeat_every) {
+        let mut touched = beat_done || !claims.is_empty();
+        if error.is_none() && !drain && !beat_done && (last == 0 || now.saturating_sub(last) >= heartbeat_every) {
             self.last_heartbeat.store(now.max(1), Ordering::Relaxed);
-            let ttl = self.lease.max(self.sync_interval * 3);
-            if let Ok(n) = self.store.heartbeat(&self.registry, self.id, ttl).await {
-                self.live_nodes.store(n.max(1), Ordering::Relaxed);
+            touched = true;
+            if let Err(e) = self.heartbeat(self.sync_timeout).await {
+                error = Some(e);
             }
         }
+        match error {
+            Some(e) => self.failed(&e, self.clock.now_ns()),
+            // A sync with nothing to send proves nothing about the store.
+            None if touched => self.succeeded(now),
+            None => {}
+        }
         self.last_sync.store(now, Ordering::Relaxed);
-        self.syncs.fetch_add(1, Ordering::Relaxed);
         self.synced.notify_waiters();
     }
+
+    fn report(&self, r: &ApplyReport) {
+        if r.state_lost > 0 {
+            self.counters.state_losses.fetch_add(r.state_lost, Ordering::Relaxed);
+            tracing::warn!(
+                node = self.id,
+                keys = r.state_lost,
+                "tollgate: the store held less than this node's valid claims (state lost: restart, eviction or failover)"
+            );
+        }
+        self.counters.key_errors.fetch_add(r.key_errors, Ordering::Relaxed);
+        let seen = r.key_errors > 0;
+        if seen && !self.key_errors_seen.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                node = self.id,
+                keys = r.key_errors,
+                error = r.first_key_error.as_deref().unwrap_or(""),
+                "tollgate: claims failed for some keys; they use the failure policy, the others sync on"
+            );
+        } else if !seen {
+            self.key_errors_seen.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+fn timed_out(after: Duration) -> StoreError {
+    StoreError::new(
+        ErrorClass::Transient,
+        format!("no reply within the sync timeout ({} ms)", after.as_millis()),
+    )
 }

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 
 use super::{
-    clamped, Claim, ClaimOutcome, Grant, KeyError, Limits, NodeId, Store, StoreAlgorithm, StoreFuture, StoreKey,
+    clamped, Claim, ClaimOutcome, Grant, Heartbeat, KeyError, Limits, NodeId, Store, StoreAlgorithm, StoreFuture,
+    StoreKey,
 };
 
 /// A source of the store's time in microseconds since the Unix epoch.
@@ -55,6 +56,8 @@ struct Inner {
     keys: HashMap<StoreKey, Entry, ahash::RandomState>,
     registries: HashMap<StoreKey, HashMap<NodeId, i64>, ahash::RandomState>,
     ops_since_purge: usize,
+    /// The server identity reported by heartbeats; `clear` changes it, like a restart.
+    server: u64,
 }
 
 /// The store semantics in-process: the embedded default for one process, and the store of
@@ -100,8 +103,12 @@ impl MemoryStore {
     /// A store on the given clock (microseconds since the Unix epoch; values are clamped below
     /// 2^53 - 1). Use [`ManualTime`] for tests and simulations.
     pub fn with_time_source(time: TimeSource) -> Self {
+        let inner = Inner {
+            server: ahash::RandomState::new().hash_one(system_us()) | 1,
+            ..Inner::default()
+        };
         MemoryStore {
-            inner: Arc::default(),
+            inner: Arc::new(Mutex::new(inner)),
             time,
         }
     }
@@ -138,11 +145,13 @@ impl MemoryStore {
         );
     }
 
-    /// Forgets everything (emulates a store that lost its state).
+    /// Forgets everything, like a server restarted without persistence: the keys, the
+    /// registry and the server identity that heartbeats report.
     pub fn clear(&self) {
         let mut g = self.inner.lock();
         g.keys.clear();
         g.registries.clear();
+        g.server = g.server.wrapping_add(2);
     }
 
     fn now_us(&self) -> i64 {
@@ -164,14 +173,18 @@ impl MemoryStore {
     }
 
     /// Heartbeat, synchronously (see [`Store::heartbeat`]).
-    pub fn heartbeat_now(&self, registry: &StoreKey, node: NodeId, ttl: Duration) -> u64 {
+    pub fn heartbeat_now(&self, registry: &StoreKey, node: NodeId, ttl: Duration) -> Heartbeat {
         let now_ms = self.now_us().div_euclid(1000);
         let ttl = ttl.as_millis().clamp(1, 1 << 40) as i64;
         let mut g = self.inner.lock();
+        let server = g.server;
         let reg = g.registries.entry(registry.clone()).or_default();
         reg.insert(node, now_ms + ttl);
         reg.retain(|_, &mut until| until > now_ms);
-        reg.len() as u64
+        Heartbeat {
+            live_nodes: reg.len() as u64,
+            server,
+        }
     }
 
     /// Leave, synchronously (see [`Store::leave`]).
@@ -188,7 +201,7 @@ impl Store for MemoryStore {
         Box::pin(async move { Ok(out) })
     }
 
-    fn heartbeat<'a>(&'a self, registry: &'a StoreKey, node: NodeId, ttl: Duration) -> StoreFuture<'a, u64> {
+    fn heartbeat<'a>(&'a self, registry: &'a StoreKey, node: NodeId, ttl: Duration) -> StoreFuture<'a, Heartbeat> {
         let n = self.heartbeat_now(registry, node, ttl);
         Box::pin(async move { Ok(n) })
     }
@@ -347,6 +360,7 @@ fn token_bucket(
         ms_to_reset: ceil_div(reset_us, 1000) as u64,
         window: 0,
         revoked: revoked as u64,
+        state_lost: kept > had,
     };
     if b.cur + b.prev == 0 && tokens >= cap {
         return (Ok(grant), None);
@@ -410,7 +424,9 @@ fn fixed_window(
         None => (0, false),
     };
     let mut revoked = 0;
+    let mut state_lost = false;
     if claim_w == w {
+        state_lost = kept + ret > used;
         used = (used - ret).max(0);
     } else {
         revoked = kept;
@@ -427,6 +443,7 @@ fn fixed_window(
         ms_to_reset: reset as u64,
         window: w as u64,
         revoked: revoked as u64,
+        state_lost,
     };
     if used == 0 {
         return (Ok(grant), None);
@@ -475,7 +492,9 @@ fn sliding_window(
     let wt = win / tick;
     let rem = ceil_div(win - el, tick);
     let mut revoked = 0;
+    let mut state_lost = false;
     if claim_w == w {
+        state_lost = kept + ret > cur;
         cur = (cur - ret).max(0);
     } else {
         revoked = kept;
@@ -508,6 +527,7 @@ fn sliding_window(
         ms_to_reset: reset as u64,
         window: w as u64,
         revoked: revoked as u64,
+        state_lost,
     };
     if prev == 0 && cur == 0 {
         return (Ok(grant), None);

@@ -272,6 +272,21 @@ pub struct Grant {
     /// Tokens of `kept` the store does not accept: the node must remove them from what it holds.
     /// Non-zero after a lease ran out (token bucket) or a window ended (windows).
     pub revoked: u64,
+    /// The store knew of fewer tokens held by this node than the claim says it holds (token
+    /// bucket: its holding record is gone; windows: the window's count is below what this node
+    /// alone holds and returns): the store lost state (restart, eviction, failover) while the
+    /// node's claim was valid. Nothing is refunded: the node keeps what the store accepts.
+    pub state_lost: bool,
+}
+
+/// The store's answer to a heartbeat.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Heartbeat {
+    /// Live nodes in the registry, this one included.
+    pub live_nodes: u64,
+    /// Identifies the server process (a hash of Redis `run_id`): a change means the store
+    /// restarted, and may have lost its state.
+    pub server: u64,
 }
 
 /// A failure that concerns one key of a batch; the other keys proceed.
@@ -373,11 +388,16 @@ pub trait Store: Send + Sync {
     fn claim<'a>(&'a self, node: NodeId, claims: &'a [Claim]) -> StoreFuture<'a, Vec<ClaimOutcome>>;
 
     /// Registers `node` as alive for `ttl` (at least 1 ms) in the registry `registry` (see
-    /// [`KeyEncoder::registry_key`]) and answers the number of live nodes, this one included.
-    fn heartbeat<'a>(&'a self, registry: &'a StoreKey, node: NodeId, ttl: Duration) -> StoreFuture<'a, u64>;
+    /// [`KeyEncoder::registry_key`]) and answers the number of live nodes, this one included,
+    /// and the server's identity.
+    fn heartbeat<'a>(&'a self, registry: &'a StoreKey, node: NodeId, ttl: Duration) -> StoreFuture<'a, Heartbeat>;
 
     /// Removes `node` from the registry (on graceful shutdown).
     fn leave<'a>(&'a self, registry: &'a StoreKey, node: NodeId) -> StoreFuture<'a, ()>;
+
+    /// Drops the connection and connects afresh (after a [`ErrorClass::Topology`] error: the
+    /// server became a replica, or the key moved). The default does nothing.
+    fn reconnect(&self) {}
 }
 
 /// Values shared by both implementations: the numbers a claim is clamped to.

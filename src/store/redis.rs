@@ -18,8 +18,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
 
 use super::{
-    clamped, Claim, ClaimOutcome, ErrorClass, Grant, KeyError, Limits, NodeId, Store, StoreAlgorithm, StoreError,
-    StoreFuture, StoreKey, MAX_KEYS_PER_CALL,
+    clamped, Claim, ClaimOutcome, ErrorClass, Grant, Heartbeat, KeyError, Limits, NodeId, Store, StoreAlgorithm,
+    StoreError, StoreFuture, StoreKey, MAX_KEYS_PER_CALL,
 };
 
 const TOKEN_BUCKET_LUA: &str = concat!(
@@ -61,7 +61,7 @@ impl RedisConfig {
             url: url.into(),
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
-            reconnect_retries: 6,
+            reconnect_retries: 0,
         }
     }
 
@@ -78,7 +78,8 @@ impl RedisConfig {
     }
 
     /// How many times a reconnection is retried (with exponential backoff) before a call fails;
-    /// the next call starts over.
+    /// the next call starts over. Default 0: a node's circuit breaker paces reconnection, and
+    /// a call that waits for retries would only run into the sync timeout.
     pub fn reconnect_retries(mut self, retries: usize) -> Self {
         self.reconnect_retries = retries;
         self
@@ -111,7 +112,9 @@ impl From<&String> for RedisConfig {
 /// The claim protocol on a single Redis server (7.0 or later recommended; 6.2 works).
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Arc<parking_lot::Mutex<ConnectionManager>>,
+    /// What `reconnect` needs to build a fresh connection.
+    source: Arc<(redis::Client, RedisConfig)>,
     scripts: Arc<Scripts>,
     time_override: Arc<AtomicU64>,
 }
@@ -168,9 +171,10 @@ impl RedisStore {
         redis::Client::open(config.url.as_str()).map_err(|e| StoreError::new(ErrorClass::Config, e.to_string()))
     }
 
-    fn from_manager(conn: ConnectionManager) -> Self {
+    fn from_manager(conn: ConnectionManager, client: redis::Client, config: RedisConfig) -> Self {
         RedisStore {
-            conn,
+            conn: Arc::new(parking_lot::Mutex::new(conn)),
+            source: Arc::new((client, config)),
             scripts: Arc::new(Scripts {
                 token_bucket: Script::new(TOKEN_BUCKET_LUA),
                 fixed_window: Script::new(FIXED_WINDOW_LUA),
@@ -186,10 +190,10 @@ impl RedisStore {
     pub async fn connect(config: impl Into<RedisConfig>) -> Result<Self, StoreError> {
         let config = config.into();
         let client = Self::client(&config)?;
-        let conn = ConnectionManager::new_with_config(client, Self::manager_config(&config))
+        let conn = ConnectionManager::new_with_config(client.clone(), Self::manager_config(&config))
             .await
             .map_err(|e| classify(&e))?;
-        Ok(Self::from_manager(conn))
+        Ok(Self::from_manager(conn, client, config))
     }
 
     /// Returns at once and connects on first use, so a service can start while Redis is down.
@@ -197,9 +201,9 @@ impl RedisStore {
     pub fn connect_lazy(config: impl Into<RedisConfig>) -> Result<Self, StoreError> {
         let config = config.into();
         let client = Self::client(&config)?;
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, Self::manager_config(&config)).map_err(|e| classify(&e))?;
-        Ok(Self::from_manager(conn))
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), Self::manager_config(&config))
+            .map_err(|e| classify(&e))?;
+        Ok(Self::from_manager(conn, client, config))
     }
 
     /// Tests only: makes the scripts use this time (microseconds since the Unix epoch) instead
@@ -216,6 +220,10 @@ impl RedisStore {
             NO_OVERRIDE => String::new(),
             us => us.to_string(),
         }
+    }
+
+    fn connection(&self) -> ConnectionManager {
+        self.conn.lock().clone()
     }
 
     fn script(&self, algorithm: StoreAlgorithm) -> &Script {
@@ -269,7 +277,7 @@ impl RedisStore {
             }
         }
         inv.arg(blob);
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         let reply: Value = inv.invoke_async(&mut conn).await.map_err(|e| classify(&e))?;
         decode_reply(reply, idx.len())
     }
@@ -400,7 +408,7 @@ fn number(b: &[u8]) -> Option<u64> {
 
 fn decode_one(b: &[u8]) -> ClaimOutcome {
     match b[0] {
-        0 => {
+        status @ (0 | 2) => {
             let mut f = [0u64; 6];
             for (slot, chunk) in f.iter_mut().zip(b[1..].chunks_exact(8)) {
                 *slot = number(chunk).ok_or_else(|| KeyError::Other(format!("bad reply value {chunk:?}")))?;
@@ -412,6 +420,7 @@ fn decode_one(b: &[u8]) -> ClaimOutcome {
                 ms_to_reset: f[3],
                 window: f[4],
                 revoked: f[5],
+                state_lost: status == 2,
             })
         }
         // Failed: the message follows in the error list (a missing one leaves this).
@@ -425,10 +434,10 @@ impl Store for RedisStore {
         Box::pin(self.claim_batch(node, claims))
     }
 
-    fn heartbeat<'a>(&'a self, registry: &'a StoreKey, node: NodeId, ttl: Duration) -> StoreFuture<'a, u64> {
+    fn heartbeat<'a>(&'a self, registry: &'a StoreKey, node: NodeId, ttl: Duration) -> StoreFuture<'a, Heartbeat> {
         Box::pin(async move {
             let ttl_ms = ttl.as_millis().clamp(1, 1 << 40) as u64;
-            let mut conn = self.conn.clone();
+            let mut conn = self.connection();
             let v: Value = self
                 .scripts
                 .registry
@@ -439,14 +448,20 @@ impl Store for RedisStore {
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| classify(&e))?;
-            as_u64(&v)
-                .ok_or_else(|| StoreError::new(ErrorClass::Protocol, format!("unexpected heartbeat reply: {v:?}")))
+            let bad = || StoreError::new(ErrorClass::Protocol, format!("unexpected heartbeat reply: {v:?}"));
+            match &v {
+                Value::Array(items) if items.len() == 2 => Ok(Heartbeat {
+                    live_nodes: as_u64(&items[0]).ok_or_else(bad)?,
+                    server: ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(as_text(&items[1])),
+                }),
+                _ => Err(bad()),
+            }
         })
     }
 
     fn leave<'a>(&'a self, registry: &'a StoreKey, node: NodeId) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.connection();
             let _: Value = redis::cmd("ZREM")
                 .arg(registry.as_bytes())
                 .arg(node.to_string())
@@ -455,6 +470,15 @@ impl Store for RedisStore {
                 .map_err(|e| classify(&e))?;
             Ok(())
         })
+    }
+
+    fn reconnect(&self) {
+        let (client, config) = &*self.source;
+        // A fresh lazy connection: it resolves and connects again on its first use.
+        match ConnectionManager::new_lazy_with_config(client.clone(), Self::manager_config(config)) {
+            Ok(conn) => *self.conn.lock() = conn,
+            Err(e) => tracing::warn!(error = %classify(&e), "tollgate: could not replace the Redis connection"),
+        }
     }
 }
 

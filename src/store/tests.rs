@@ -216,14 +216,14 @@ fn wrong_type_fails_alone() {
 fn registry_counts_live_nodes() {
     let (s, t) = setup();
     let r = KeyEncoder::default().registry_key();
-    assert_eq!(s.heartbeat_now(&r, 1, Duration::from_millis(500)), 1);
-    assert_eq!(s.heartbeat_now(&r, 2, Duration::from_millis(500)), 2);
+    assert_eq!(s.heartbeat_now(&r, 1, Duration::from_millis(500)).live_nodes, 1);
+    assert_eq!(s.heartbeat_now(&r, 2, Duration::from_millis(500)).live_nodes, 2);
     t.advance(Duration::from_millis(400));
-    assert_eq!(s.heartbeat_now(&r, 2, Duration::from_millis(500)), 2);
+    assert_eq!(s.heartbeat_now(&r, 2, Duration::from_millis(500)).live_nodes, 2);
     t.advance(Duration::from_millis(200));
-    assert_eq!(s.heartbeat_now(&r, 2, Duration::from_millis(500)), 1);
+    assert_eq!(s.heartbeat_now(&r, 2, Duration::from_millis(500)).live_nodes, 1);
     s.leave_now(&r, 2);
-    assert_eq!(s.heartbeat_now(&r, 3, Duration::from_millis(500)), 1);
+    assert_eq!(s.heartbeat_now(&r, 3, Duration::from_millis(500)).live_nodes, 1);
 }
 
 /// A node as the protocol expects it to behave: it spends from what it holds, keeps or returns
@@ -281,4 +281,40 @@ fn fixed_window_clock_stepping_back_answers_in_the_stored_window() {
     // Back in the stored window, its count is intact.
     t.set_us(T0 + 1_500_000);
     assert_eq!(one(&s, 2, claim(&k, l, 0, 0, 10, 0)).granted, 0);
+}
+
+#[test]
+fn state_loss_is_reported_when_the_store_holds_less_than_a_valid_claim() {
+    let (s, t) = setup();
+    let key = KeyEncoder::default().encode("p", b"k");
+    for limits in [
+        tb(10, 5),
+        Limits::fixed_window(10, Duration::from_secs(60)).unwrap(),
+        Limits::sliding_window(10, Duration::from_secs(60)).unwrap(),
+    ] {
+        s.clear();
+        let g = one(&s, 1, claim(&key, limits, 0, 0, 6, 0));
+        assert!(!g.state_lost, "a first claim is no loss");
+        assert_eq!(g.granted, 6);
+        t.advance(Duration::from_millis(50));
+        // Keeping 4 and returning 1 of the 6: the store knows them all.
+        let g2 = one(&s, 1, claim(&key, limits, 4, 1, 0, g.window));
+        assert!(!g2.state_lost, "{limits:?}");
+        // The store forgets (restart, eviction): the same claim now exceeds what it knows.
+        s.clear();
+        let g3 = one(&s, 1, claim(&key, limits, 4, 0, 0, g.window));
+        assert!(g3.state_lost, "{limits:?}");
+        // Nothing is refunded: the node keeps at most what it kept.
+        assert!(g3.granted == 0 && g3.revoked <= 4);
+    }
+}
+
+#[test]
+fn clearing_the_store_changes_the_server_identity() {
+    let (s, _t) = setup();
+    let r = KeyEncoder::default().registry_key();
+    let a = s.heartbeat_now(&r, 1, Duration::from_millis(500));
+    assert_eq!(s.heartbeat_now(&r, 1, Duration::from_millis(500)).server, a.server);
+    s.clear();
+    assert_ne!(s.heartbeat_now(&r, 1, Duration::from_millis(500)).server, a.server);
 }

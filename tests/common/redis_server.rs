@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     child: Child,
     pub port: u16,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -20,30 +21,14 @@ impl RedisServer {
 
     /// Starts `redis-server` with extra arguments (for example `--requirepass x`).
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         for _attempt in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let child = Command::new("redis-server")
-                .args([
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .args(extra)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
-            let child = match child {
-                Ok(c) => c,
-                Err(e) => {
-                    panic!("cannot start redis-server ({e}): install it (apt-get install redis-server redis-tools)")
-                }
+            let mut server = RedisServer {
+                child: spawn(port, &extra),
+                port,
+                extra: extra.clone(),
             };
-            let mut server = RedisServer { child, port };
             if server.wait_ready() {
                 return server;
             }
@@ -52,6 +37,61 @@ impl RedisServer {
             let _ = server.child.wait();
         }
         panic!("redis-server did not answer PING on a loopback port after 5 attempts");
+    }
+
+    /// Kills the server (SIGKILL): everything it held is lost.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port with the same arguments (empty: no
+    /// persistence). Panics if it does not come up within a few attempts.
+    pub fn restart(&mut self) {
+        self.kill();
+        for _attempt in 0..20 {
+            self.child = spawn(self.port, &self.extra);
+            if self.wait_ready() {
+                return;
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("redis-server did not restart on port {}", self.port);
+    }
+
+    /// Sends a signal to the server process (`STOP` hangs it with its sockets open, `CONT`
+    /// resumes it).
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} {} failed", self.pid());
+    }
+
+    /// Runs `redis-cli` against the server (bounded to 10 s) and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.cli_auth(None, args)
+    }
+
+    /// [`cli`](Self::cli) with a password.
+    pub fn cli_auth(&self, password: Option<&str>, args: &[&str]) -> String {
+        let mut cmd = Command::new("timeout");
+        cmd.args(["10", "redis-cli", "--no-auth-warning", "-p", &self.port.to_string()]);
+        if let Some(p) = password {
+            cmd.args(["-a", p]);
+        }
+        let out = cmd
+            .args(args)
+            .output()
+            .expect("redis-cli (apt-get install redis-tools)");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
     fn wait_ready(&mut self) -> bool {
@@ -86,8 +126,31 @@ impl RedisServer {
     }
 }
 
+fn spawn(port: u16, extra: &[String]) -> Child {
+    let child = Command::new("redis-server")
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match child {
+        Ok(c) => c,
+        Err(e) => panic!("cannot start redis-server ({e}): install it (apt-get install redis-server redis-tools)"),
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        // A stopped (SIGSTOP) server dies of SIGKILL all the same.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
