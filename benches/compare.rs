@@ -5,6 +5,8 @@
 //! Each scenario alternates the two limiters over several rounds and reports medians, so that
 //! noise from the machine hits both alike. Also prints the floor (a bare papaya lookup plus one
 //! CAS) and the clocks, measured in the same run.
+//! The `metrics_*` lines compare the same check with and without decision counting (feature
+//! `metrics`): `metrics_on_ns`, `metrics_off_ns` and their ratio.
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
@@ -73,7 +75,11 @@ fn pair(name: &str, iters: usize, mut ours: impl FnMut(usize), mut theirs: impl 
 
 fn keyed_u64(name: &str, keys: u64, iters: usize) {
     let seq = order(keys, 1 << 20, 7);
-    let ours: Limiter<u64> = Limiter::builder(policy()).max_keys(keys as usize + 1).build().unwrap();
+    let ours: Limiter<u64> = Limiter::builder(policy())
+        .max_keys(keys as usize + 1)
+        .metrics(false)
+        .build()
+        .unwrap();
     let theirs = RateLimiter::keyed(quota());
     for k in 0..keys {
         ours.check(&k);
@@ -95,7 +101,7 @@ fn keyed_u64(name: &str, keys: u64, iters: usize) {
 fn keyed_string_10k(iters: usize) {
     let keys: Vec<String> = (0..10_000).map(|i| format!("user-{i:08}")).collect();
     let seq = order(10_000, 1 << 16, 11);
-    let ours: Limiter<String> = Limiter::builder(policy()).build().unwrap();
+    let ours: Limiter<String> = Limiter::builder(policy()).metrics(false).build().unwrap();
     let theirs = RateLimiter::keyed(quota());
     for k in &keys {
         ours.check(k.as_str());
@@ -150,7 +156,7 @@ fn throughput(threads: usize, iters: usize, f: &(dyn Fn(usize, usize) + Sync)) -
 fn scaling_2t(iters: usize) {
     let seq = order(10_000, 1 << 16, 13);
     let mask = seq.len() - 1;
-    let ours: Limiter<u64> = Limiter::builder(policy()).build().unwrap();
+    let ours: Limiter<u64> = Limiter::builder(policy()).metrics(false).build().unwrap();
     let theirs = RateLimiter::keyed(quota());
     for k in 0..10_000u64 {
         ours.check(&k);
@@ -239,6 +245,40 @@ fn floor(iters: usize) {
     );
 }
 
+/// The cost of counting decisions for the metrics: the same check with and without it.
+fn metrics_on_vs_off(name: &str, keys: u64, iters: usize) {
+    let seq = order(keys, 1 << 20, 13);
+    let on: Limiter<u64> = Limiter::builder(policy()).max_keys(keys as usize + 1).build().unwrap();
+    let off: Limiter<u64> = Limiter::builder(policy())
+        .max_keys(keys as usize + 1)
+        .metrics(false)
+        .build()
+        .unwrap();
+    for k in 0..keys {
+        on.check(&k);
+        off.check(&k);
+    }
+    let mask = seq.len() - 1;
+    let mut check_on = |i: usize| {
+        black_box(on.check(&seq[i & mask]).is_allowed());
+    };
+    let mut check_off = |i: usize| {
+        black_box(off.check(&seq[i & mask]).is_allowed());
+    };
+    time(iters / 4, &mut check_on);
+    time(iters / 4, &mut check_off);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        a.push(time(iters, &mut check_on));
+        b.push(time(iters, &mut check_off));
+    }
+    let (a, b) = (median(a), median(b));
+    println!(
+        "compare {name} metrics_on_ns={a:.1} metrics_off_ns={b:.1} ratio={:.3}",
+        a / b
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a name filter may follow.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
@@ -264,5 +304,11 @@ fn main() {
     }
     if run("floor") {
         floor(n);
+    }
+    if run("metrics_hot") {
+        metrics_on_vs_off("metrics_hot", 1, n);
+    }
+    if run("metrics_10k") {
+        metrics_on_vs_off("metrics_10k", 10_000, n);
     }
 }

@@ -1090,6 +1090,15 @@ impl Rules {
                 }
             }
             let mut b = Limiter::builder(policy.clone()).name(name.clone()).max_keys(max_keys);
+            #[cfg(feature = "metrics")]
+            {
+                let tier = if layer == "user" {
+                    name.strip_prefix("user:").unwrap_or("")
+                } else {
+                    ""
+                };
+                b = b.metric_labels(layer, tier);
+            }
             if let Some(c) = &settings.clock {
                 b = b.clock(c.clone());
             }

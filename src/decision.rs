@@ -103,6 +103,17 @@ impl Decision {
         matches!(self.source, Source::Overflow | Source::TableFull)
     }
 
+    /// An allowed decision that left under a fifth of the quota (for the metrics).
+    #[cfg(feature = "metrics")]
+    #[inline]
+    pub(crate) fn near_limit(&self) -> bool {
+        match self.source {
+            Source::Key | Source::Overflow => self.rule.near_limit(self.state, self.now),
+            Source::Claimed | Source::Degraded => self.state.saturating_mul(5) < self.rule.capacity,
+            Source::TableFull => false,
+        }
+    }
+
     /// True when the store was unreachable and the node's failure policy answered (distributed
     /// mode only; see [`FailurePolicy`](crate::FailurePolicy)).
     pub fn is_degraded(&self) -> bool {

@@ -84,6 +84,7 @@
 //! | (none) | yes | local mode, distributed mode over [`store::MemoryStore`], the `tollgate` CLI | one 1 ms clock thread per process with the default clock |
 //! | `redis` | no | `store::RedisStore` (redis-rs, `redis://`) | one multiplexed connection per store; a sync task per node |
 //! | `redis-tls` | no | `rediss://` through rustls | TLS on the store connection |
+//! | `metrics` | no | [`metrics`] (names, descriptions, a publisher) through the `metrics` facade | per check: one thread-local load and store; totals published by nodes after syncs and by a `metrics::Publisher` thread |
 //! | `http` | no | `config` (tiers file, validation, hot reload) and `http` (tower `RateLimitLayer`) | per request: one `ArcSwap` load, key formatting without allocation, one check per layer, two small header allocations |
 
 mod algorithm;
@@ -98,10 +99,14 @@ mod distributed;
 pub mod http;
 mod limiter;
 mod local;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 mod policy;
 pub mod sim;
 pub mod store;
 mod sync;
+#[cfg(feature = "metrics")]
+mod tally;
 
 pub use clock::{Clock, ManualClock};
 pub use consts::{DEFAULT_MAX_KEYS, MAX_CAPACITY, MAX_DURATION, MAX_RATE_PER_SEC, MAX_TIME_NS, MIN_DURATION};

@@ -93,6 +93,8 @@ pub struct LimiterBuilder<K> {
     when_full: WhenFull,
     clock: Option<Clock>,
     node_clock: Option<Clock>,
+    #[cfg(feature = "metrics")]
+    metrics: Option<(String, String)>,
     _keys: std::marker::PhantomData<fn(K)>,
 }
 
@@ -122,6 +124,28 @@ impl<K: Hash + Eq + Send + Sync + 'static> LimiterBuilder<K> {
         self
     }
 
+    /// The `layer` and `tier` labels of this limiter's metrics (default empty; the limiter's
+    /// name is the `policy` label). Feature `metrics`.
+    #[cfg(feature = "metrics")]
+    pub fn metric_labels(mut self, layer: impl Into<String>, tier: impl Into<String>) -> Self {
+        if let Some(m) = &mut self.metrics {
+            *m = (layer.into(), tier.into());
+        }
+        self
+    }
+
+    /// Whether checks count their decisions for [`crate::metrics`] (default on with feature
+    /// `metrics`: a load and a store in a per-thread cell per check).
+    #[cfg(feature = "metrics")]
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.metrics = match (on, self.metrics.take()) {
+            (true, Some(m)) => Some(m),
+            (true, None) => Some(Default::default()),
+            (false, _) => None,
+        };
+        self
+    }
+
     /// Validates the policy and builds the limiter.
     pub fn build(self) -> Result<Limiter<K>, BuildError> {
         let rule = self.policy.compile()?;
@@ -133,19 +157,28 @@ impl<K: Hash + Eq + Send + Sync + 'static> LimiterBuilder<K> {
             Some(make) => Some(make(name, &self.policy, self.max_keys)?),
             None => None,
         };
-        Ok(Limiter {
-            inner: Arc::new(Inner {
-                dist,
-                rule,
-                name,
-                table: Table::new(self.max_keys),
-                overflow: Cell::default(),
-                when_full: self.when_full,
-                // In distributed mode checks compare claim validity with the node's clock.
-                clock: self.node_clock.or(self.clock).unwrap_or_default(),
-                policy: self.policy,
+        let inner = Arc::new(Inner {
+            dist,
+            rule,
+            name,
+            table: Table::new(self.max_keys),
+            overflow: Cell::default(),
+            when_full: self.when_full,
+            // In distributed mode checks compare claim validity with the node's clock.
+            clock: self.node_clock.or(self.clock).unwrap_or_default(),
+            policy: self.policy,
+            #[cfg(feature = "metrics")]
+            metrics: self.metrics.map(|(layer, tier)| Counted {
+                tally: crate::tally::Tally::new(),
+                labels: crate::metrics::labels(name, &layer, &tier),
             }),
-        })
+        });
+        #[cfg(feature = "metrics")]
+        if inner.metrics.is_some() {
+            let weak: std::sync::Weak<dyn crate::metrics::Source> = Arc::downgrade(&inner) as _;
+            crate::metrics::register(weak);
+        }
+        Ok(Limiter { inner })
     }
 }
 
@@ -219,6 +252,35 @@ struct Inner<K> {
     when_full: WhenFull,
     clock: Clock,
     policy: Policy,
+    #[cfg(feature = "metrics")]
+    metrics: Option<Counted>,
+}
+
+/// A limiter's decision counts and metric labels.
+#[cfg(feature = "metrics")]
+struct Counted {
+    tally: crate::tally::Tally,
+    labels: Vec<::metrics::Label>,
+}
+
+#[cfg(feature = "metrics")]
+impl<K: Hash + Eq + Send + Sync + 'static> crate::metrics::Source for Inner<K> {
+    fn publish(&self) {
+        use crate::metrics::{with, DECISIONS_TOTAL, KEYS_EVICTED_TOTAL, KEYS_TRACKED, NEAR_LIMIT_TOTAL};
+        use crate::tally::Kind;
+        let Some(m) = &self.metrics else { return };
+        let l = &m.labels;
+        ::metrics::counter!(DECISIONS_TOTAL, with(l.clone(), "decision", "allowed"))
+            .absolute(m.tally.get(Kind::Allowed));
+        ::metrics::counter!(DECISIONS_TOTAL, with(l.clone(), "decision", "denied")).absolute(m.tally.get(Kind::Denied));
+        ::metrics::counter!(NEAR_LIMIT_TOTAL, l.clone()).absolute(m.tally.get(Kind::NearLimit));
+        let tracked = match &self.dist {
+            Some(d) => d.len(),
+            None => self.table.len(),
+        };
+        ::metrics::gauge!(KEYS_TRACKED, l.clone()).set(tracked as f64);
+        ::metrics::counter!(KEYS_EVICTED_TOTAL, l.clone()).absolute(self.table.evicted());
+    }
 }
 
 /// A rate limiter: one [`Policy`] counted separately for each key.
@@ -271,6 +333,8 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
             when_full: WhenFull::default(),
             clock: None,
             node_clock: None,
+            #[cfg(feature = "metrics")]
+            metrics: Some(Default::default()),
             _keys: std::marker::PhantomData,
         }
     }
@@ -322,7 +386,9 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        self.take(key, 1, self.inner.clock.now_ns())
+        let d = self.take(key, 1, self.inner.clock.now_ns());
+        self.count(&d);
+        d
     }
 
     /// Checks `cost` units for `key`, taking them when allowed. `Err` means the cost exceeds
@@ -335,7 +401,9 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         self.fits(cost)?;
-        Ok(self.take(key, cost, self.inner.clock.now_ns()))
+        let d = self.take(key, cost, self.inner.clock.now_ns());
+        self.count(&d);
+        Ok(d)
     }
 
     /// What `check_n(key, cost)` would answer now, taking nothing and tracking nothing.
@@ -434,6 +502,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
                 // Registers the key and asks for an early sync.
                 let first = self.take(key, cost, self.inner.clock.now_ns());
                 if first.is_allowed() || dist.is_claimed(key) {
+                    self.count(&first);
                     return Ok(first);
                 }
                 let _ = tokio::time::timeout(node.sync_interval, synced).await;
@@ -449,6 +518,23 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         Bound { limiter: self, key }
+    }
+
+    /// Counts a decision for the metrics (nothing without feature `metrics`).
+    #[inline]
+    fn count(&self, _d: &Decision) {
+        #[cfg(feature = "metrics")]
+        if let Some(m) = &self.inner.metrics {
+            use crate::tally::Kind;
+            if _d.allowed {
+                m.tally.bump(Kind::Allowed);
+                if _d.near_limit() {
+                    m.tally.bump(Kind::NearLimit);
+                }
+            } else {
+                m.tally.bump(Kind::Denied);
+            }
+        }
     }
 
     #[inline]
@@ -582,6 +668,9 @@ pub trait Layer: sealed::Sealed {
     fn take(&self, cost: u64) -> Decision;
     #[doc(hidden)]
     fn give_back(&self, taken: &Decision);
+    /// Counts the layer's final decision for the metrics.
+    #[doc(hidden)]
+    fn count(&self, decision: &Decision);
     /// Distributed mode, a key with no claim yet: the node's sync notification and interval.
     #[doc(hidden)]
     fn unclaimed(&self) -> Option<(&tokio::sync::Notify, Duration)>;
@@ -609,6 +698,10 @@ where
         let now = self.limiter.inner.clock.now_ns();
         self.limiter
             .give_back(self.key, taken.cost, taken.now, taken.source, now);
+    }
+
+    fn count(&self, decision: &Decision) {
+        self.limiter.count(decision);
     }
 
     fn unclaimed(&self) -> Option<(&tokio::sync::Notify, Duration)> {
@@ -658,6 +751,8 @@ pub fn check_all(cost: u64, layers: &[&dyn Layer]) -> Result<Decision, Insuffici
                     earlier.give_back(&t);
                 }
             }
+            // Only the denying layer decided: the others took nothing in the end.
+            layer.count(&d);
             return Ok(d);
         }
         if i < INLINE {
@@ -667,6 +762,12 @@ pub fn check_all(cost: u64, layers: &[&dyn Layer]) -> Result<Decision, Insuffici
         }
         if tightest.is_none_or(|t| d.remaining() < t.remaining()) {
             tightest = Some(d);
+        }
+    }
+    for (i, layer) in layers.iter().enumerate() {
+        let taken = if i < INLINE { inline[i] } else { spill[i - INLINE] };
+        if let Some(d) = taken {
+            layer.count(&d);
         }
     }
     Ok(tightest.unwrap_or(Decision {

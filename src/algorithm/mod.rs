@@ -174,6 +174,22 @@ impl Rule {
         }
     }
 
+    /// True when under a fifth of the quota is left (`remaining * 5 < capacity`), without a
+    /// division for the token bucket.
+    #[cfg(feature = "metrics")]
+    #[inline]
+    pub(crate) fn near_limit(&self, state: u64, now: u64) -> bool {
+        match self.kind {
+            Kind::TokenBucket => {
+                // remaining = floor(free / period) < ceil(capacity / 5)
+                let now = clamp(now);
+                let free = (now as u128 + self.aux as u128).saturating_sub(state.max(now) as u128);
+                free < self.capacity.div_ceil(5) as u128 * self.period as u128
+            }
+            _ => self.remaining(state, now).saturating_mul(5) < self.capacity,
+        }
+    }
+
     /// Nanoseconds until the key is back to a fresh key's quota if nothing more is taken.
     pub(crate) fn reset_after(&self, state: u64, now: u64) -> u64 {
         let now = clamp(now);

@@ -568,6 +568,15 @@ where
         Box::new(Ticket(keys))
     }
 
+    #[cfg(feature = "metrics")]
+    fn held(&self) -> u64 {
+        let guard = self.map.guard();
+        self.map
+            .iter(&guard)
+            .map(|(_, c)| c.tokens.load(Ordering::Relaxed))
+            .sum()
+    }
+
     fn apply(
         &self,
         _node: &NodeInner,

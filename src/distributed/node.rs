@@ -209,6 +209,9 @@ pub(crate) trait Member: Send + Sync {
         outcomes: &[Option<ClaimOutcome>],
         report: &mut ApplyReport,
     );
+    /// Claimed tokens held now, over all keys.
+    #[cfg(feature = "metrics")]
+    fn held(&self) -> u64;
 }
 
 /// What a sync's outcomes showed beyond the grants.
@@ -285,6 +288,9 @@ pub(crate) struct NodeInner {
     rng: AtomicU64,
     counters: Counters,
     live_nodes: AtomicU64,
+    /// Clock time of the last metrics publication by this node's syncs.
+    #[cfg(feature = "metrics")]
+    last_publish: AtomicU64,
 }
 
 fn random_id() -> NodeId {
@@ -565,7 +571,19 @@ impl NodeBuilder {
             rng: AtomicU64::new(id | 1),
             counters: Counters::default(),
             live_nodes: AtomicU64::new(1),
+            #[cfg(feature = "metrics")]
+            last_publish: AtomicU64::new(0),
         }))
+    }
+
+    fn built(self) -> Result<Arc<NodeInner>, NodeError> {
+        let inner = self.inner()?;
+        #[cfg(feature = "metrics")]
+        {
+            let weak: Weak<dyn crate::metrics::Source> = Arc::downgrade(&inner) as _;
+            crate::metrics::register(weak);
+        }
+        Ok(inner)
     }
 
     /// Builds the node and spawns its sync task on the current tokio runtime. The store is
@@ -573,7 +591,7 @@ impl NodeBuilder {
     /// credentials first.
     pub fn start(self) -> Result<Node, NodeError> {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| NodeError::NoRuntime)?;
-        let inner = self.inner()?;
+        let inner = self.built()?;
         let task = handle.spawn(supervise(Arc::downgrade(&inner)));
         *inner.task.lock() = Some(task);
         Ok(Node { inner })
@@ -585,7 +603,7 @@ impl NodeBuilder {
     /// circuit breaker and the failure policy take it from there.
     pub async fn connect(self) -> Result<Node, NodeError> {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| NodeError::NoRuntime)?;
-        let inner = self.inner()?;
+        let inner = self.built()?;
         // A first connection may take longer than a sync is allowed to.
         if let Err(e) = inner.heartbeat(inner.sync_timeout.max(Duration::from_secs(1))).await {
             if e.class() == ErrorClass::Config {
@@ -601,7 +619,7 @@ impl NodeBuilder {
     /// Builds the node without a sync task: the caller drives it with [`Node::sync_once`]
     /// (simulations, tests, or a runtime of the caller's choosing).
     pub fn build_manual(self) -> Result<Node, NodeError> {
-        Ok(Node { inner: self.inner()? })
+        Ok(Node { inner: self.built()? })
     }
 }
 
@@ -781,6 +799,23 @@ impl NodeInner {
     }
 
     async fn sync(&self, drain: bool) {
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
+        self.sync_inner(drain).await;
+        #[cfg(feature = "metrics")]
+        {
+            ::metrics::histogram!(crate::metrics::SYNC_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+            // Publish every limiter's and node's totals, at most once a second.
+            let now = self.clock.now_ns();
+            let last = self.last_publish.load(Ordering::Relaxed);
+            if last == 0 || now.saturating_sub(last) >= 1_000_000_000 {
+                self.last_publish.store(now.max(1), Ordering::Relaxed);
+                crate::metrics::publish();
+            }
+        }
+    }
+
+    async fn sync_inner(&self, drain: bool) {
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         let permit = self.breaker.permit(self.clock.now_ns());
         if permit == Permit::Wait && !drain {
@@ -856,6 +891,10 @@ impl NodeInner {
             }
         }
         self.counters.claims.fetch_add(claims.len() as u64, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if !claims.is_empty() {
+            ::metrics::histogram!(crate::metrics::SYNC_BATCH_KEYS).record(claims.len() as f64);
+        }
         let mut report = ApplyReport::default();
         for (m, (start, end, ticket)) in members.iter().zip(tickets) {
             m.apply(self, ticket, sent_at, &outcomes[start..end], &mut report);
@@ -902,6 +941,43 @@ impl NodeInner {
             );
         } else if !seen {
             self.key_errors_seen.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl crate::metrics::Source for NodeInner {
+    fn publish(&self) {
+        use crate::metrics::*;
+        use ::metrics::{counter, gauge};
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        for (class, i) in [
+            ("transient", 0),
+            ("topology", 1),
+            ("config", 2),
+            ("resource", 3),
+            ("protocol", 4),
+        ] {
+            counter!(REDIS_ERRORS_TOTAL, "class" => class).absolute(get(&c.errors[i]));
+        }
+        counter!(REDIS_ERRORS_TOTAL, "class" => "key").absolute(get(&c.key_errors));
+        gauge!(CIRCUIT_STATE).set(f64::from(self.breaker.state().as_number()));
+        let held: u64 = self
+            .members
+            .lock()
+            .iter()
+            .filter_map(|(_, m)| m.upgrade())
+            .map(|m| m.held())
+            .sum();
+        gauge!(CLAIMS_OUTSTANDING).set(held as f64);
+        counter!(STATE_LOSS_TOTAL).absolute(get(&c.state_losses));
+        counter!(SYNC_TASK_RESTARTS_TOTAL).absolute(get(&c.task_restarts));
+        counter!(FAIL_OPEN_ADMITTED_TOTAL).absolute(get(&c.fail_open_admitted));
+        let at = self.last_success.load(Ordering::Acquire);
+        if at != 0 {
+            let age = self.clock.now_ns().saturating_sub(at);
+            gauge!(LAST_SYNC_AGE_SECONDS).set(age as f64 / 1e9);
         }
     }
 }
