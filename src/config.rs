@@ -1442,14 +1442,24 @@ impl LiveConfig {
                 "no file to reload: build with LiveConfigBuilder::file",
             ));
         };
-        match std::fs::read_to_string(path) {
+        let result = match std::fs::read_to_string(path) {
             Ok(text) => self.replace_json(&text),
             Err(e) => {
                 let e = ConfigError::one("", format!("cannot read {}: {e}", path.display()));
                 *self.inner.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
                 Err(e)
             }
+        };
+        // One line per reload: the file is re-read only when it changed.
+        match &result {
+            Ok(()) => tracing::info!(file = %path.display(), "tollgate: rate limit configuration reloaded"),
+            Err(e) => tracing::warn!(
+                file = %path.display(),
+                error = %e,
+                "tollgate: rate limit configuration rejected; the rules in force keep serving"
+            ),
         }
+        result
     }
 
     /// Polls the file every `interval` on a background thread and reloads it when its
