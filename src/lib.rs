@@ -21,12 +21,16 @@
 //! |---|---|---|
 //! | local (default: no store) | atomic cells in this process | exact: invariant 1 below |
 //! | distributed ([`LimiterBuilder::node`]) | claimed quota per key in this process; the global state in a [`store::Store`] (Redis, or the in-process [`store::MemoryStore`]) | over any interval `d`, all nodes together admit at most `capacity + rate * d + N * n` per key (`n`: the [`ColdStart::Optimistic`] allowance, 0 by default) |
+//! | degraded (distributed, the node's circuit breaker open) | tokens already claimed, then the [`FailurePolicy`]: `local_share` (default), `fail_open` or `fail_closed` | `local_share`: all nodes together at most `(capacity + rate * d) x actual nodes / nodes last seen`, plus what they held when the store went away |
 //!
 //! In distributed mode a check never waits for the store: it spends tokens the node claimed
 //! (one compare-and-swap). A [`Node`] runs one sync task that exchanges quota for every
 //! limiter built on it, in batches: one store call per `batch_size` keys per sync interval,
 //! however many requests arrive. See the [`store`] module for what the store does and
-//! [`sim`] (`tollgate tune`) for the measured accuracy.
+//! [`sim`] (`tollgate tune`) for the measured accuracy. When the store fails, a circuit
+//! breaker classifies the errors, stops syncing, probes with backoff and resumes within two
+//! sync intervals of the store answering again; checks never wait in any state
+//! ([`Decision::is_degraded`] tells when the failure policy answered).
 //!
 //! ## Algorithms and their exact semantics
 //!
