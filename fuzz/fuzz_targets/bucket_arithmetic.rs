@@ -12,13 +12,22 @@ fuzz_target!(|data: (u8, u16, u32, Vec<(i64, u64)>)| {
         1 => Algorithm::FixedWindow,
         _ => Algorithm::SlidingWindow,
     };
-    let policy = Policy::new(u64::from(points).max(1), std::time::Duration::from_millis(u64::from(millis).max(1)))
-        .algorithm(algorithm);
+    let policy = Policy::new(
+        u64::from(points).max(1),
+        std::time::Duration::from_millis(u64::from(millis).max(1)),
+    )
+    .algorithm(algorithm);
     let clock = ManualClock::new();
-    let Ok(limiter) = Limiter::<u64>::builder(policy.clone()).clock(clock.clock()).build() else { return };
+    let Ok(limiter) = Limiter::<u64>::builder(policy.clone()).clock(clock.clock()).build() else {
+        return;
+    };
     let mut now: u64 = 0;
     for (dt, cost) in steps.into_iter().take(256) {
-        now = if dt < 0 { now.saturating_sub(dt.unsigned_abs()) } else { now.saturating_add(dt as u64) };
+        now = if dt < 0 {
+            now.saturating_sub(dt.unsigned_abs())
+        } else {
+            now.saturating_add(dt as u64)
+        };
         clock.set_ns(now);
         match limiter.check_n(&7, cost) {
             Ok(d) => assert!(d.is_denied() || cost <= policy.capacity()),
