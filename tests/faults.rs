@@ -36,8 +36,9 @@ const CHECK_BUDGET: Duration = Duration::from_millis(1);
 /// Syncing must resume within this long after a fault ends: two intervals, plus the time
 /// this test loop takes to notice (it polls every few milliseconds).
 const RECOVERY: Duration = Duration::from_millis(2 * 100 + 20);
-/// A sync times out after this long (the default: half an interval, at least 50 ms).
-const TIMEOUT: Duration = Duration::from_millis(50);
+/// A sync times out after this long (the default: an interval, at least 250 ms); a probe
+/// after half an interval, at least 50 ms.
+const TIMEOUT: Duration = Duration::from_millis(250);
 /// The Redis client's own bounds, beyond the sync timeout.
 const CLIENT_TIMEOUT: Duration = Duration::from_millis(200);
 /// Token-bucket policy of most tests: capacity C, refill R per second.
@@ -329,7 +330,7 @@ async fn a3_slow_redis_within_the_timeout_keeps_the_bound_and_beyond_it_opens_th
     let server = RedisServer::start();
     let fleet = Fleet::start(&server, 3, bucket(), |b| b).await;
     let key = ["client"];
-    // 5-15 ms each way: a round trip well inside the 50 ms sync timeout.
+    // 5-15 ms each way: a round trip well inside the sync and probe timeouts.
     fleet.set_all(Fault::Delay {
         fixed: Duration::from_millis(5),
         jitter: Duration::from_millis(10),

@@ -399,7 +399,8 @@ impl Node {
             let _ = task.await;
         }
         self.inner.sync(true).await;
-        let _ = self.inner.store.leave(&self.inner.registry, self.inner.id).await;
+        let leave = self.inner.store.leave(&self.inner.registry, self.inner.id);
+        let _ = tokio::time::timeout(self.inner.sync_timeout, leave).await;
     }
 }
 
@@ -479,9 +480,11 @@ impl NodeBuilder {
     }
 
     /// The longest a sync's store call may take before it counts as failed (its outcome is
-    /// then unknown, and taken as granting nothing). Default `max(sync_interval / 2, 50 ms)`:
-    /// with the default backoff, syncing resumes within `1.5 x sync_interval + sync_timeout`
-    /// (two intervals from 100 ms up) of the store answering again.
+    /// then unknown, and taken as granting nothing). Default `max(sync_interval, 250 ms)`: a
+    /// batch of many keys on a busy server is not a failure. A probe (one small heartbeat) is
+    /// allowed `min(sync_timeout, max(sync_interval / 2, 50 ms))`, so that with the default
+    /// backoff syncing resumes within two intervals (from 100 ms up) of the store answering
+    /// again.
     pub fn sync_timeout(mut self, timeout: Duration) -> Self {
         self.sync_timeout = Some(timeout);
         self
@@ -528,7 +531,7 @@ impl NodeBuilder {
         }
         let sync_timeout = self
             .sync_timeout
-            .unwrap_or_else(|| (self.sync_interval / 2).max(Duration::from_millis(50)));
+            .unwrap_or_else(|| self.sync_interval.max(Duration::from_millis(250)));
         if sync_timeout < Duration::from_millis(1) || sync_timeout > Duration::from_secs(3600) {
             return Err(NodeError::Config("sync_timeout: must be between 1 ms and 1 h".into()));
         }
@@ -833,7 +836,10 @@ impl NodeInner {
             // The old connection may be a casualty of the outage (reset, or queued behind
             // replies that never came): each probe goes out on a fresh one.
             self.store.reconnect();
-            match self.heartbeat(self.sync_timeout).await {
+            let probe_timeout = self
+                .sync_timeout
+                .min((self.sync_interval / 2).max(Duration::from_millis(50)));
+            match self.heartbeat(probe_timeout).await {
                 Ok(()) => {
                     self.last_heartbeat.store(now.max(1), Ordering::Relaxed);
                     self.succeeded(now);
