@@ -89,6 +89,12 @@ pub struct Report {
     pub check_p99_ns: u64,
     /// Checks made.
     pub checks: u64,
+    /// Store calls that failed or timed out, all nodes together.
+    pub failed_round_trips: u64,
+    /// Times a node's circuit opened, all nodes together (0 while the store is healthy).
+    pub circuit_opened: u64,
+    /// Cost admitted by the failure policy while a circuit was open.
+    pub degraded_admitted: u64,
 }
 
 /// A small deterministic generator (splitmix64).
@@ -303,12 +309,16 @@ async fn virtual_run(s: &Scenario) -> Report {
         }
     }
     let round_trips: u64 = nodes.iter().map(|n| n.stats().round_trips).sum();
-    report(s, &offered, &admitted, EPOCH_US * 1000, end, round_trips, lat)
+    let failed: u64 = nodes.iter().map(|n| n.stats().failed_round_trips).sum();
+    let opened: u64 = nodes.iter().map(|n| n.stats().circuit_opened).sum();
+    let health = (failed, opened, 0);
+    report(s, &offered, &admitted, EPOCH_US * 1000, end, round_trips, lat, health)
 }
 
 /// Latency samples kept per run (the first ones).
 const MAX_LATENCY_SAMPLES: usize = 1 << 20;
 
+#[allow(clippy::too_many_arguments)]
 fn report(
     s: &Scenario,
     offered: &[Vec<(u64, u64)>],
@@ -317,6 +327,7 @@ fn report(
     end: u64,
     round_trips: u64,
     lat: Vec<u64>,
+    health: (u64, u64, u64),
 ) -> Report {
     let (mut ideal, mut over) = (0, 0);
     for (o, a) in offered.iter().zip(admitted) {
@@ -338,6 +349,9 @@ fn report(
         round_trips_per_s: round_trips as f64 / (end as f64 / 1e9),
         check_p99_ns: p99(lat),
         checks: offered.iter().map(Vec::len).sum::<usize>() as u64,
+        failed_round_trips: health.0,
+        circuit_opened: health.1,
+        degraded_admitted: health.2,
     }
 }
 
@@ -391,6 +405,7 @@ pub async fn run_real(s: &Scenario, store: Arc<dyn Store>) -> Report {
     let mut offered = vec![Vec::new(); keys.len()];
     let mut admitted = vec![Vec::new(); keys.len()];
     let mut lat = Vec::new();
+    let mut degraded = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -414,13 +429,25 @@ pub async fn run_real(s: &Scenario, store: Arc<dyn Store>) -> Report {
             offered[k].push((at - origin, 1));
             if d.is_allowed() {
                 admitted[k].push((at - origin, 1));
+                degraded += u64::from(d.is_degraded());
             }
             next[i] = t + rng.exp(1.0 / (rate * shares[i]));
         }
     }
     let round_trips: u64 = nodes.iter().map(|n| n.stats().round_trips).sum();
+    let failed: u64 = nodes.iter().map(|n| n.stats().failed_round_trips).sum();
+    let opened: u64 = nodes.iter().map(|n| n.stats().circuit_opened).sum();
     for n in &nodes {
         n.shutdown().await;
     }
-    report(s, &offered, &admitted, epoch_ns, end, round_trips, lat)
+    report(
+        s,
+        &offered,
+        &admitted,
+        epoch_ns,
+        end,
+        round_trips,
+        lat,
+        (failed, opened, degraded),
+    )
 }

@@ -28,7 +28,8 @@ async fn run(server: &RedisServer, s: &Scenario) -> Report {
     let store: Arc<dyn Store> = Arc::new(RedisStore::connect(RedisConfig::new(server.url())).await.unwrap());
     let r = run_real(s, store).await;
     println!(
-        "{}x {:?} {:?}: admitted {} ideal {} over {} utilization {:.4} round trips/s {:.1} p99 {} ns",
+        "{}x {:?} {:?}: admitted {} ideal {} over {} utilization {:.4} round trips/s {:.1} p99 {} ns \
+         failed syncs {} circuit opened {} degraded {}",
         s.load,
         s.skew,
         s.cold_start,
@@ -37,7 +38,10 @@ async fn run(server: &RedisServer, s: &Scenario) -> Report {
         r.over_admitted,
         r.utilization,
         r.round_trips_per_s,
-        r.check_p99_ns
+        r.check_p99_ns,
+        r.failed_round_trips,
+        r.circuit_opened,
+        r.degraded_admitted
     );
     r
 }
