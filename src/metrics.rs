@@ -25,6 +25,7 @@
 //! drop(publisher);
 //! ```
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -123,6 +124,15 @@ pub(crate) trait Source: Send + Sync {
 
 static SOURCES: Mutex<Vec<Weak<dyn Source>>> = Mutex::new(Vec::new());
 
+/// Requests shadow mode let through, all HTTP layers of the process together.
+static SHADOW: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a request that shadow mode let through but would have refused.
+#[cfg(feature = "http")]
+pub(crate) fn shadow_would_block() {
+    SHADOW.fetch_add(1, Ordering::Relaxed);
+}
+
 pub(crate) fn register(source: Weak<dyn Source>) {
     let mut s = SOURCES.lock();
     s.retain(|w| w.strong_count() > 0);
@@ -140,6 +150,7 @@ pub fn publish() {
     for source in live {
         source.publish();
     }
+    ::metrics::counter!(SHADOW_WOULD_BLOCK_TOTAL).absolute(SHADOW.load(Ordering::Relaxed));
 }
 
 /// A thread that calls [`publish`] every interval; stops when dropped. Nodes publish after

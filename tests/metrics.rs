@@ -1,6 +1,6 @@
 //! Metrics through the `metrics` facade, captured by a test recorder while a scripted scenario
-//! runs: exact decision counts, near-limit counts, all-or-nothing layers, and a store outage
-//! that opens and closes the circuit. The recorder is installed only after the first checks,
+//! runs: exact decision counts, near-limit counts, all-or-nothing layers, shadow mode in the
+//! HTTP layer, and a store outage that opens and closes the circuit. The recorder is installed only after the first checks,
 //! to show that the order does not matter.
 
 use std::collections::HashMap;
@@ -194,6 +194,32 @@ async fn metrics_capture_exact_counts_whatever_the_order_of_recorder_installatio
         captured.get("tollgate_decisions_total{decision=denied,layer=user,policy=user:free,tier=free}"),
         Some(2.0)
     );
+
+    // Shadow mode: an HTTP layer that lets through what it would have refused, and counts it.
+    {
+        use tower::{Layer, ServiceExt};
+        let json = r#"{"tiers": {"anonymous": {"points": 3, "duration": 60}}, "shadow": true}"#;
+        let live = tollgate::config::LiveConfig::builder()
+            .config(tollgate::config::Config::from_json(json).unwrap())
+            .build()
+            .unwrap();
+        let layer = tollgate::http::RateLimitLayer::new(live);
+        let inner = tower::service_fn(|_req: http::Request<String>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("ok")))
+        });
+        let svc = layer.layer(inner);
+        let mut ok = 0;
+        for _ in 0..5 {
+            let mut req = http::Request::new(String::new());
+            req.extensions_mut()
+                .insert(tollgate::http::PeerAddr(([198, 51, 100, 7], 4000).into()));
+            let res = svc.clone().oneshot(req).await.unwrap();
+            ok += u32::from(res.status() == 200);
+        }
+        assert_eq!(ok, 5, "shadow mode blocked");
+        tm::publish();
+        assert_eq!(captured.get(tm::SHADOW_WOULD_BLOCK_TOTAL), Some(2.0));
+    }
 
     // A store outage: the circuit opens after three failed syncs and closes after the probe.
     let store = Arc::new(Flaky {

@@ -81,43 +81,57 @@ impl Attach {
     }
 }
 
-/// `"name";r=<remaining>;t=<reset>`, built on the stack.
+/// `"name";r=<remaining>;t=<reset>`, written once into a buffer of its exact length (which
+/// the header value then owns, without a copy).
 fn state_value(name: &str, remaining: u64, reset: u64) -> HeaderValue {
-    let mut buf = [0u8; 160];
-    let mut len = 0;
-    let mut push = |bytes: &[u8]| {
-        let end = (len + bytes.len()).min(buf.len());
-        buf[len..end].copy_from_slice(&bytes[..end - len]);
-        len = end;
-    };
-    let name = escape(name);
-    push(b"\"");
-    push(name.as_bytes());
-    push(b"\";r=");
-    push(digits(remaining, &mut [0; 20]));
-    push(b";t=");
-    push(digits(reset, &mut [0; 20]));
-    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
-}
-
-fn digits(mut n: u64, out: &mut [u8; 20]) -> &[u8] {
-    let mut i = out.len();
-    loop {
-        i -= 1;
-        out[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &out[i..];
+    let (mut r, mut t) = ([0u8; 20], [0u8; 20]);
+    let (r, t) = (digits(remaining, &mut r), digits(reset, &mut t));
+    let escapes = name.bytes().filter(|b| matches!(b, b'"' | b'\\')).count();
+    let mut v = Vec::with_capacity(name.len() + escapes + r.len() + t.len() + 8);
+    v.push(b'"');
+    if escapes == 0 {
+        v.extend_from_slice(name.as_bytes());
+    } else {
+        for b in name.bytes() {
+            if matches!(b, b'"' | b'\\') {
+                v.push(b'\\');
+            }
+            v.push(b);
         }
     }
+    v.extend_from_slice(b"\";r=");
+    v.extend_from_slice(r);
+    v.extend_from_slice(b";t=");
+    v.extend_from_slice(t);
+    HeaderValue::from_maybe_shared(Bytes::from(v)).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
-fn escape(name: &str) -> std::borrow::Cow<'_, str> {
-    if name.contains(['"', '\\']) {
-        name.replace('\\', "\\\\").replace('"', "\\\"").into()
-    } else {
-        name.into()
+/// `00`, `01`, ... `99`.
+const PAIRS: &[u8; 200] = b"\
+    0001020304050607080910111213141516171819\
+    2021222324252627282930313233343536373839\
+    4041424344454647484950515253545556575859\
+    6061626364656667686970717273747576777879\
+    8081828384858687888990919293949596979899";
+
+/// `n` in decimal, two digits at a time.
+fn digits(mut n: u64, out: &mut [u8; 20]) -> &[u8] {
+    let mut i = out.len();
+    while n >= 100 {
+        let p = (n % 100) as usize * 2;
+        n /= 100;
+        i -= 2;
+        out[i..i + 2].copy_from_slice(&PAIRS[p..p + 2]);
     }
+    if n >= 10 {
+        let p = n as usize * 2;
+        i -= 2;
+        out[i..i + 2].copy_from_slice(&PAIRS[p..p + 2]);
+    } else {
+        i -= 1;
+        out[i] = b'0' + n as u8;
+    }
+    &out[i..]
 }
 
 fn json_response(status: StatusCode, content_type: &'static str, body: serde_json::Value) -> Response<Bytes> {
@@ -204,11 +218,30 @@ mod tests {
         assert_eq!(ceil_secs(Duration::from_nanos(1)), 1);
         assert_eq!(ceil_secs(Duration::from_millis(1500)), 2);
         assert_eq!(ceil_secs(Duration::from_secs(3)), 3);
-        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(state_value(r#"a"b\c"#, 1, 2), r#""a\"b\\c";r=1;t=2"#);
         assert_eq!(
             state_value("user:free", 0, 12345678901234),
             r#""user:free";r=0;t=12345678901234"#
         );
         assert_eq!(state_value("x", u64::MAX, 7), r#""x";r=18446744073709551615;t=7"#);
+        for n in [
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            101,
+            999,
+            1000,
+            65535,
+            999_999_999,
+            1_000_000_000,
+            u64::MAX,
+        ] {
+            assert_eq!(digits(n, &mut [0; 20]), n.to_string().as_bytes());
+        }
+        let long = format!("endpoint:GET /{}", "a".repeat(300));
+        assert_eq!(state_value(&long, 3, 4), format!("\"{long}\";r=3;t=4").as_str());
     }
 }

@@ -47,19 +47,24 @@ impl KeyBuf {
         }
     }
 
-    fn push_u8(&mut self, n: u8) {
-        let mut digits = [0u8; 3];
-        let mut i = 3;
-        let mut n = n;
-        loop {
-            i -= 1;
-            digits[i] = b'0' + n % 10;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
+    /// One ASCII byte.
+    fn push_byte(&mut self, b: u8) {
+        let len = self.len as usize;
+        if b.is_ascii() && len < Self::CAP {
+            self.buf[len] = b;
+            self.len += 1;
         }
-        self.push_ascii(&digits[i..]);
+    }
+
+    /// `n` in decimal.
+    fn push_u8(&mut self, n: u8) {
+        if n >= 100 {
+            self.push_byte(b'0' + n / 100);
+        }
+        if n >= 10 {
+            self.push_byte(b'0' + n / 10 % 10);
+        }
+        self.push_byte(b'0' + n % 10);
     }
 
     pub(crate) fn as_str(&self) -> &str {
@@ -184,33 +189,70 @@ fn forwarded_for(element: &str) -> Option<IpAddr> {
     None
 }
 
-/// The ip layer's key: the client address under its group prefix (`203.0.113.7`,
-/// `2001:db8:1:2::/64`).
-pub(crate) fn ip_key(ip: IpAddr, cfg: &ClientIp) -> KeyBuf {
+/// Appends the ip layer's key of `ip`: the client address under its group prefix
+/// (`203.0.113.7`, `2001:db8:1:2::/64`).
+fn push_ip_key(k: &mut KeyBuf, ip: IpAddr, cfg: &ClientIp) {
     let ip = canonical(ip);
     let (prefix, full) = match ip {
         IpAddr::V4(_) => (cfg.ipv4_prefix, 32),
         IpAddr::V6(_) => (cfg.ipv6_prefix, 128),
     };
-    let mut k = KeyBuf::new();
     match mask(ip, prefix) {
         IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    k.push(".");
-                }
-                k.push_u8(octet);
-            }
+            let [a, b, c, d] = v4.octets();
+            k.push_u8(a);
+            k.push_byte(b'.');
+            k.push_u8(b);
+            k.push_byte(b'.');
+            k.push_u8(c);
+            k.push_byte(b'.');
+            k.push_u8(d);
         }
         v6 => {
             let _ = write!(k, "{v6}");
         }
     }
     if prefix != full {
-        k.push("/");
+        k.push_byte(b'/');
         k.push_u8(prefix);
     }
-    k
+}
+
+/// The keys a request is counted under: its ip key and its identity key.
+///
+/// An anonymous client's identity is `a:` and its ip key, so both live in one buffer (the ip
+/// key is its tail) and are formatted once.
+pub(crate) struct Keys {
+    /// `a:` and the ip key.
+    anonymous: KeyBuf,
+    /// The identity of an identified client: user id or API key.
+    identified: Option<KeyBuf>,
+}
+
+impl Keys {
+    /// The keys of an anonymous client at `ip`.
+    pub(crate) fn new(ip: IpAddr, cfg: &ClientIp) -> Keys {
+        let mut anonymous = KeyBuf::new();
+        anonymous.push_byte(b'a');
+        anonymous.push_byte(b':');
+        push_ip_key(&mut anonymous, ip, cfg);
+        Keys {
+            anonymous,
+            identified: None,
+        }
+    }
+
+    /// Counts the client under `identity` (a [`user_key`] or an [`api_key`]).
+    pub(crate) fn identify(&mut self, identity: KeyBuf) {
+        self.identified = Some(identity);
+    }
+
+    /// The ip key and the identity key.
+    pub(crate) fn get(&self) -> (&str, &str) {
+        let anonymous = self.anonymous.as_str();
+        let ip = anonymous.get(2..).unwrap_or("");
+        (ip, self.identified.as_ref().map_or(anonymous, KeyBuf::as_str))
+    }
 }
 
 fn hex(out: &mut KeyBuf, bytes: &[u8]) {
@@ -244,14 +286,6 @@ pub(crate) fn api_key(raw: &[u8], secret: &[u8; 16]) -> KeyBuf {
     let mut k = KeyBuf::new();
     k.write_str("k:").ok();
     hex(&mut k, &h.finish128().as_bytes());
-    k
-}
-
-/// The identity key of an anonymous client: `a:` and its ip key.
-pub(crate) fn anonymous_key(ip: &KeyBuf) -> KeyBuf {
-    let mut k = KeyBuf::new();
-    k.push("a:");
-    k.push(ip.as_str());
     k
 }
 
@@ -329,18 +363,26 @@ mod tests {
         assert_eq!(client_ip(ip("10.0.0.1"), &two, &real), ip("10.0.0.1"));
     }
 
+    fn ip_key(ip: IpAddr, cfg: &ClientIp) -> String {
+        let keys = Keys::new(ip, cfg);
+        let (ip_key, identity) = keys.get();
+        assert_eq!(identity, format!("a:{ip_key}"));
+        ip_key.to_owned()
+    }
+
     #[test]
     fn keys_group_and_hash() {
         let c = ClientIp::default();
-        assert_eq!(ip_key(ip("203.0.113.7"), &c).as_str(), "203.0.113.7");
-        assert_eq!(ip_key(ip("::ffff:203.0.113.7"), &c).as_str(), "203.0.113.7");
-        assert_eq!(ip_key(ip("2001:db8:1:2:aaaa::1"), &c).as_str(), "2001:db8:1:2::/64");
-        assert_eq!(ip_key(ip("10.0.100.255"), &c).as_str(), "10.0.100.255");
+        assert_eq!(ip_key(ip("203.0.113.7"), &c), "203.0.113.7");
+        assert_eq!(ip_key(ip("::ffff:203.0.113.7"), &c), "203.0.113.7");
+        assert_eq!(ip_key(ip("2001:db8:1:2:aaaa::1"), &c), "2001:db8:1:2::/64");
+        assert_eq!(ip_key(ip("10.0.100.255"), &c), "10.0.100.255");
+        assert_eq!(ip_key(ip("0.9.99.100"), &c), "0.9.99.100");
         let c24 = ClientIp {
             ipv4_prefix: 24,
             ..ClientIp::default()
         };
-        assert_eq!(ip_key(ip("10.0.100.255"), &c24).as_str(), "10.0.100.0/24");
+        assert_eq!(ip_key(ip("10.0.100.255"), &c24), "10.0.100.0/24");
         assert_eq!(api_key(b"x", &[0; 16]).as_str().len(), 34);
         let long = "x".repeat(5000);
         assert!(user_key(&long).as_str().starts_with("h:"));

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use ::http::request::Parts;
-use ::http::{Request, Response, StatusCode};
+use ::http::{Extensions, HeaderMap, Method, Request, Response, StatusCode};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -18,7 +18,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::headers::{self, Attach};
-use super::key::{self, KeyBuf};
+use super::key::{self, Keys};
 use super::{PeerAddr, ShadowVerdict, Tier, UserId};
 use crate::config::{Limit, LiveConfig, Rules};
 use crate::{check_all, check_all_async, Decision};
@@ -249,23 +249,124 @@ impl<S: fmt::Debug> fmt::Debug for RateLimit<S> {
     }
 }
 
-/// What to check a request against.
-struct Plan {
-    ip: Option<KeyBuf>,
-    ident: KeyBuf,
+/// What the layer reads from a request: the request itself, or its parts when a resolver
+/// (which takes [`Parts`]) is set.
+trait Head {
+    fn extensions(&self) -> &Extensions;
+    fn headers(&self) -> &HeaderMap;
+    fn method(&self) -> &Method;
+    fn path(&self) -> &str;
+    /// The parts, for the resolvers.
+    fn parts(&self) -> Option<&Parts>;
+}
+
+impl<B> Head for Request<B> {
+    fn extensions(&self) -> &Extensions {
+        self.extensions()
+    }
+    fn headers(&self) -> &HeaderMap {
+        self.headers()
+    }
+    fn method(&self) -> &Method {
+        self.method()
+    }
+    fn path(&self) -> &str {
+        self.uri().path()
+    }
+    fn parts(&self) -> Option<&Parts> {
+        None
+    }
+}
+
+impl Head for Parts {
+    fn extensions(&self) -> &Extensions {
+        &self.extensions
+    }
+    fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+    fn method(&self) -> &Method {
+        &self.method
+    }
+    fn path(&self) -> &str {
+        self.uri.path()
+    }
+    fn parts(&self) -> Option<&Parts> {
+        Some(self)
+    }
+}
+
+/// What to check a request against: its keys and the limits of `rules` that apply.
+struct Plan<'r> {
+    keys: Keys,
+    ip: Option<&'r Limit>,
+    /// The user layer's limit for the request's tier.
+    tier: Option<&'r Limit>,
+    /// The endpoint limit, with its index.
+    endpoint: Option<(usize, &'r Limit)>,
+}
+
+impl Plan<'_> {
+    /// The plan without its references into the rules, for a decision made later.
+    fn detach(self) -> Detached {
+        Detached {
+            keys: self.keys,
+            ip: self.ip.is_some(),
+            tier: self.tier.map(Limit::name),
+            endpoint: self.endpoint.map(|(i, _)| i),
+        }
+    }
+
+    /// The limits of the plan, in order (ip, user, endpoint), with their keys.
+    fn layers(&self) -> ([Option<(&Limit, &str)>; 3], usize) {
+        let (ip_key, identity) = self.keys.get();
+        let mut out = [None, None, None];
+        let mut n = 0;
+        for (limit, key) in [
+            (self.ip, ip_key),
+            (self.tier, identity),
+            (self.endpoint.map(|(_, l)| l), identity),
+        ] {
+            if let Some(l) = limit {
+                out[n] = Some((l, key));
+                n += 1;
+            }
+        }
+        (out, n)
+    }
+}
+
+/// A [`Plan`] that names its limits instead of borrowing them.
+struct Detached {
+    keys: Keys,
+    ip: bool,
     /// The user layer's limiter name (`user:<tier>`).
     tier: Option<&'static str>,
     endpoint: Option<usize>,
 }
 
-enum Prepared {
+impl Detached {
+    /// The plan against the rules it was made from.
+    fn attach(self, rules: &Rules) -> Plan<'_> {
+        Plan {
+            keys: self.keys,
+            ip: rules.ip.as_ref().filter(|_| self.ip),
+            tier: self
+                .tier
+                .and_then(|t| rules.tiers.get(t.strip_prefix("user:").unwrap_or(t))),
+            endpoint: self.endpoint.and_then(|i| rules.endpoints.get(i).map(|l| (i, l))),
+        }
+    }
+}
+
+enum Prepared<'r> {
     /// Allow-listed, or nothing to check.
     Skip,
     /// Refused before any limit (key error, deny list).
     Respond(Box<Response<Bytes>>),
     /// Refusal waived by shadow mode.
     Shadow(ShadowVerdict),
-    Check(Plan),
+    Check(Plan<'r>),
 }
 
 enum Action {
@@ -273,36 +374,42 @@ enum Action {
     Refuse(Response<Bytes>),
 }
 
-fn peer(parts: &Parts) -> Option<IpAddr> {
-    if let Some(p) = parts.extensions.get::<PeerAddr>() {
+fn peer(extensions: &Extensions) -> Option<IpAddr> {
+    if let Some(p) = extensions.get::<PeerAddr>() {
         return Some(p.0.ip());
     }
-    parts
-        .extensions
+    extensions
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
 }
 
 impl Shared {
-    fn prepare(&self, rules: &Rules, parts: &Parts) -> Prepared {
+    /// True when a resolver needs the request's [`Parts`].
+    fn resolves(&self) -> bool {
+        self.user.is_some() || self.tier.is_some()
+    }
+
+    fn prepare<'r>(&self, rules: &'r Rules, head: &impl Head) -> Prepared<'r> {
         let config = rules.config();
-        let Some(peer) = peer(parts) else {
+        let Some(peer) = peer(head.extensions()) else {
             bump(&self.counters.key_errors);
             if config.shadow {
                 return Prepared::Skip;
             }
             return Prepared::Respond(Box::new(headers::key_error(config.response.key_error_status)));
         };
-        let client = key::client_ip(peer, &parts.headers, &config.client_ip);
-        let user: Option<Cow<'static, str>> = match &self.user {
-            Some(f) => f(parts),
-            None => parts.extensions.get::<UserId>().map(|u| u.0.clone()),
+        let client = key::client_ip(peer, head.headers(), &config.client_ip);
+        let user: Option<Cow<'_, str>> = match (&self.user, head.parts()) {
+            (Some(f), Some(parts)) => f(parts),
+            _ => head.extensions().get::<UserId>().map(|u| Cow::Borrowed(u.0.as_ref())),
         };
         let (allow, deny) = rules.has_lists();
         if deny && config.deny.matches(Some(client), user.as_deref()) {
             bump(&self.counters.forbidden);
             if config.shadow {
                 bump(&self.counters.shadow_denied);
+                #[cfg(feature = "metrics")]
+                crate::metrics::shadow_would_block();
                 return Prepared::Shadow(ShadowVerdict {
                     status: StatusCode::FORBIDDEN,
                     layer: "deny",
@@ -316,65 +423,45 @@ impl Shared {
             bump(&self.counters.allow_listed);
             return Prepared::Skip;
         }
-        let ip = key::ip_key(client, &config.client_ip);
+        let mut keys = Keys::new(client, &config.client_ip);
         let api = match (&user, &config.api_key) {
-            (None, Some(a)) => parts
-                .headers
+            (None, Some(a)) => head
+                .headers()
                 .get(&a.header)
                 .map(|v| key::api_key(v.as_bytes(), &rules.api_key_secret)),
             _ => None,
         };
         let anonymous = user.is_none() && api.is_none();
-        let ident = match (&user, &api) {
-            (Some(u), _) => key::user_key(u),
-            (None, Some(k)) => *k,
-            (None, None) => key::anonymous_key(&ip),
-        };
+        match (&user, api) {
+            (Some(u), _) => keys.identify(key::user_key(u)),
+            (None, Some(k)) => keys.identify(k),
+            (None, None) => {}
+        }
         let tier = if rules.tiers.is_empty() {
             None
         } else {
-            let name: Option<Cow<'static, str>> = match &self.tier {
-                Some(f) => f(parts),
-                None => parts.extensions.get::<Tier>().map(|t| t.0.clone()),
+            let name: Option<Cow<'_, str>> = match (&self.tier, head.parts()) {
+                (Some(f), Some(parts)) => f(parts),
+                _ => head.extensions().get::<Tier>().map(|t| Cow::Borrowed(t.0.as_ref())),
             };
-            rules.tier(name.as_deref(), anonymous).map(|l| l.name())
+            rules.tier(name.as_deref(), anonymous)
         };
-        let endpoint = rules.endpoint_index(parts.method.as_str(), parts.uri.path());
+        let endpoint = rules
+            .endpoint_index(head.method().as_str(), head.path())
+            .and_then(|i| rules.endpoints.get(i).map(|l| (i, l)));
         if rules.ip.is_none() && tier.is_none() && endpoint.is_none() {
             return Prepared::Skip;
         }
         Prepared::Check(Plan {
-            ip: rules.ip.as_ref().map(|_| ip),
-            ident,
+            keys,
+            ip: rules.ip.as_ref(),
             tier,
             endpoint,
         })
     }
 
-    /// The limits of a plan, with their keys.
-    fn layers<'a>(rules: &'a Rules, plan: &'a Plan) -> ([Option<(&'a Limit, &'a str)>; 3], usize) {
-        let mut out = [None, None, None];
-        let mut n = 0;
-        if let (Some(l), Some(k)) = (&rules.ip, &plan.ip) {
-            out[n] = Some((l, k.as_str()));
-            n += 1;
-        }
-        if let Some(l) = plan
-            .tier
-            .and_then(|t| rules.tiers.get(t.strip_prefix("user:").unwrap_or(t)))
-        {
-            out[n] = Some((l, plan.ident.as_str()));
-            n += 1;
-        }
-        if let Some(l) = plan.endpoint.and_then(|i| rules.endpoints.get(i)) {
-            out[n] = Some((l, plan.ident.as_str()));
-            n += 1;
-        }
-        (out, n)
-    }
-
-    fn decide(&self, rules: &Rules, plan: &Plan) -> Action {
-        let (layers, n) = Self::layers(rules, plan);
+    fn decide(&self, rules: &Rules, plan: &Plan<'_>) -> Action {
+        let (layers, n) = plan.layers();
         let bound = layers.map(|l| l.map(|(l, k)| l.limiter.bind(k)));
         let first: &dyn crate::Layer = bound[0].as_ref().expect("a plan has a layer");
         let mut dyns = [first; 3];
@@ -392,8 +479,8 @@ impl Shared {
         )
     }
 
-    async fn decide_async(&self, rules: &Rules, plan: &Plan) -> Action {
-        let (layers, n) = Self::layers(rules, plan);
+    async fn decide_async(&self, rules: &Rules, plan: &Plan<'_>) -> Action {
+        let (layers, n) = plan.layers();
         let bound: Vec<_> = layers.iter().flatten().map(|(l, k)| l.limiter.bind(*k)).collect();
         let dyns: Vec<&(dyn crate::Layer + Sync)> = bound.iter().map(|b| b as _).collect();
         let d = check_all_async(1, &dyns).await;
@@ -405,7 +492,7 @@ impl Shared {
         )
     }
 
-    fn act(&self, rules: &Rules, plan: &Plan, layers: &[Option<(&Limit, &str)>], d: Decision) -> Action {
+    fn act(&self, rules: &Rules, plan: &Plan<'_>, layers: &[Option<(&Limit, &str)>], d: Decision) -> Action {
         let config = rules.config();
         let first = layers[0].expect("a plan has a layer").0;
         let mut applied = [first; 3];
@@ -415,7 +502,7 @@ impl Shared {
             }
         }
         let applied = &applied[..layers.len()];
-        let policy = rules.policy_value(plan.tier, plan.endpoint);
+        let policy = rules.policy_value(plan.tier.map(Limit::name), plan.endpoint.map(|(i, _)| i));
         let attach = Attach::new(config.response.headers, policy, applied, &d);
         if d.is_allowed() {
             return Action::Pass(attach, None);
@@ -423,6 +510,8 @@ impl Shared {
         let layer = applied.iter().find(|l| l.name() == d.policy()).map_or("", |l| l.layer);
         if config.shadow {
             bump(&self.counters.shadow_denied);
+            #[cfg(feature = "metrics")]
+            crate::metrics::shadow_would_block();
             return Action::Pass(
                 attach,
                 Some(ShadowVerdict {
@@ -458,15 +547,23 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let rules = self.shared.live.load();
-        let (mut parts, body) = req.into_parts();
-        let plan = match self.shared.prepare(&rules, &parts) {
-            Prepared::Skip => return ResponseFuture::inner(self.inner.call(Request::from_parts(parts, body)), None),
+        // The request is split into its parts only for a resolver.
+        let prepared = if self.shared.resolves() {
+            let (parts, body) = req.into_parts();
+            let prepared = self.shared.prepare(&rules, &parts);
+            req = Request::from_parts(parts, body);
+            prepared
+        } else {
+            self.shared.prepare(&rules, &req)
+        };
+        let plan = match prepared {
+            Prepared::Skip => return ResponseFuture::inner(self.inner.call(req), None),
             Prepared::Respond(r) => return ResponseFuture::ready(full(*r)),
             Prepared::Shadow(v) => {
-                parts.extensions.insert(v);
-                let fut = self.inner.call(Request::from_parts(parts, body));
+                req.extensions_mut().insert(v);
+                let fut = self.inner.call(req);
                 return ResponseFuture::inner(fut, Some((Attach::default(), Some(v))));
             }
             Prepared::Check(plan) => plan,
@@ -476,27 +573,29 @@ where
                 Action::Refuse(r) => ResponseFuture::ready(full(r)),
                 Action::Pass(attach, shadow) => {
                     if let Some(v) = shadow {
-                        parts.extensions.insert(v);
+                        req.extensions_mut().insert(v);
                     }
-                    let fut = self.inner.call(Request::from_parts(parts, body));
+                    let fut = self.inner.call(req);
                     ResponseFuture::inner(fut, Some((attach, shadow)))
                 }
             };
         }
         // Distributed: the decision may wait for a first claim, so the call happens later, on
         // the service that was polled ready (a fresh clone stays here).
+        let plan = plan.detach();
         let rules = arc_swap::Guard::into_inner(rules);
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         ResponseFuture::boxed(Box::pin(async move {
+            let plan = plan.attach(&rules);
             match shared.decide_async(&rules, &plan).await {
                 Action::Refuse(r) => Ok(full(r)),
                 Action::Pass(attach, shadow) => {
                     if let Some(v) = shadow {
-                        parts.extensions.insert(v);
+                        req.extensions_mut().insert(v);
                     }
-                    let response = inner.call(Request::from_parts(parts, body)).await?;
+                    let response = inner.call(req).await?;
                     Ok(finish(response, Some((attach, shadow))))
                 }
             }
