@@ -5,7 +5,11 @@
 //! thread checking one key, tollgate (claimed quota, synced by its node every 100 ms) against
 //! a limiter that runs one EVALSHA token-bucket script per check on the same Redis;
 //! `distributed redis_us_per_key_sync=<z>`: Redis server CPU per key per sync, from
-//! `INFO commandstats`, for batches of 1000 keys.
+//! `INFO commandstats`, for batches of 1000 token-bucket keys synced by one node (median of
+//! five rounds), then `distributed redis_us_per_key_sync_rounds=<r1,...,r5>` (every round), and
+//! `distributed redis_us_per_key_sync_<case>=<z> rounds=<r1,...,r5>` for the same batches
+//! synced by eight nodes in turn (`token_bucket_8_nodes`: every key holds eight nodes'
+//! records) and for the window algorithms (`fixed_window`, `sliding_window`).
 
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
@@ -16,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use redis_server::RedisServer;
 use tollgate::store::{Claim, KeyEncoder, Limits, RedisConfig, RedisStore, Store};
-use tollgate::{Limiter, Node, Policy};
+use tollgate::{Algorithm, Limiter, Node, Policy};
 
 /// One token bucket per key, advanced on every call with the server's clock: the usual
 /// "one round trip per request" design.
@@ -115,61 +119,92 @@ fn main() {
     rt.block_on(node.shutdown());
 
     // Redis CPU per key per sync: batches of 1000 keys through the store.
-    let us_per_key = rt.block_on(async {
-        let store = RedisStore::connect(RedisConfig::new(server.url())).await.unwrap();
-        let enc = KeyEncoder::default();
-        let limits = Limits::from_policy(&Policy::per_second(100).burst(200), Duration::from_secs(1)).unwrap();
-        let claims: Vec<Claim> = (0..1000u32)
-            .map(|i| Claim {
-                key: enc.encode("cpu", i.to_string().as_bytes()),
-                limits,
-                kept: 0,
-                returned: 0,
-                wanted: 2,
-                window: 0,
-            })
-            .collect();
-        let client = redis::Client::open(server.url()).unwrap();
-        let mut con = client.get_multiplexed_async_connection().await.unwrap();
-        store.claim(1, &claims).await.unwrap();
-        // Five rounds of 50 syncs; the median round is reported (the server's timing of a
-        // command is wall-clock time, so a busy machine inflates single rounds).
-        let mut rounds = Vec::new();
-        for round in 0..5u64 {
-            let _: () = redis::cmd("CONFIG")
-                .arg("RESETSTAT")
-                .query_async(&mut con)
-                .await
-                .unwrap();
-            for i in 0..50u64 {
-                let with_holdings: Vec<Claim> = claims
-                    .iter()
-                    .map(|c| Claim {
-                        kept: (i + round) % 2,
-                        ..c.clone()
-                    })
-                    .collect();
-                store.claim(1, &with_holdings).await.unwrap();
-            }
-            let info: String = redis::cmd("INFO")
-                .arg("commandstats")
-                .query_async(&mut con)
-                .await
-                .unwrap();
-            let line = info
-                .lines()
-                .find(|l| l.starts_with("cmdstat_evalsha:"))
-                .expect("evalsha in commandstats");
-            let field = |name: &str| -> f64 {
-                line.split([':', ','])
-                    .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-                    .unwrap()
-                    .parse()
-                    .unwrap()
-            };
-            rounds.push(field("usec") / (field("calls") * claims.len() as f64));
+    let bucket = Limits::from_policy(&Policy::per_second(100).burst(200), Duration::from_secs(1)).unwrap();
+    let window = |algorithm| {
+        let policy = Policy::new(100_000, Duration::from_secs(60)).algorithm(algorithm);
+        Limits::from_policy(&policy, Duration::from_secs(1)).unwrap()
+    };
+    let cases = [
+        ("", bucket, 1),
+        ("_token_bucket_8_nodes", bucket, 8),
+        ("_fixed_window", window(Algorithm::FixedWindow), 1),
+        ("_sliding_window", window(Algorithm::SlidingWindow), 1),
+    ];
+    for (case, limits, nodes) in cases {
+        let rounds = rt.block_on(us_per_key_sync(&server, &format!("cpu{case}"), limits, nodes));
+        let list = rounds.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(",");
+        let us_per_key = median(rounds);
+        if case.is_empty() {
+            println!("distributed redis_us_per_key_sync={us_per_key:.2}");
+            println!("distributed redis_us_per_key_sync_rounds={list}");
+        } else {
+            println!("distributed redis_us_per_key_sync{case}={us_per_key:.2} rounds={list}");
         }
-        median(rounds)
-    });
-    println!("distributed redis_us_per_key_sync={us_per_key:.2}");
+    }
+}
+
+/// Five rounds of 50 syncs of the same 1000 keys (namespace `name`), by `nodes`
+/// nodes in turn, each keeping part of what it holds; Redis server time per key per sync of
+/// each round. The server's timing of a command is wall-clock time, so a busy machine inflates
+/// single rounds: report the median.
+async fn us_per_key_sync(server: &RedisServer, name: &str, limits: Limits, nodes: u64) -> Vec<f64> {
+    let store = RedisStore::connect(RedisConfig::new(server.url())).await.unwrap();
+    let enc = KeyEncoder::default();
+    let mut claims: Vec<Claim> = (0..1000u32)
+        .map(|i| Claim {
+            key: enc.encode(name, i.to_string().as_bytes()),
+            limits,
+            kept: 0,
+            returned: 0,
+            wanted: 2,
+            window: 0,
+        })
+        .collect();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    for node in 1..=nodes {
+        let grants = store.claim(node, &claims).await.unwrap();
+        for (c, g) in claims.iter_mut().zip(grants) {
+            c.window = g.unwrap().window;
+        }
+    }
+    let mut rounds = Vec::new();
+    for round in 0..5u64 {
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        for i in 0..50u64 {
+            let with_holdings: Vec<Claim> = claims
+                .iter()
+                .map(|c| Claim {
+                    kept: (i + round) % 2,
+                    ..c.clone()
+                })
+                .collect();
+            let grants = store.claim(1 + i % nodes, &with_holdings).await.unwrap();
+            for (c, g) in claims.iter_mut().zip(grants) {
+                c.window = g.unwrap().window;
+            }
+        }
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let line = info
+            .lines()
+            .find(|l| l.starts_with("cmdstat_evalsha:"))
+            .expect("evalsha in commandstats");
+        let field = |name: &str| -> f64 {
+            line.split([':', ','])
+                .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        rounds.push(field("usec") / (field("calls") * claims.len() as f64));
+    }
+    rounds
 }

@@ -3,50 +3,58 @@
 -- KEYS[i]    the key of claim i (all keys of one batch share a slot in a cluster)
 -- ARGV[1]    node id (unused: window claims need no per-node record)
 -- ARGV[2]    time override in microseconds, '' in production (then Redis TIME is used)
--- ARGV[3]    P, the number of distinct policies in the batch (claims_prelude.lua, prepended
+-- ARGV[3]    '1' when a key appears more than once in KEYS, else '0'
+-- ARGV[4]    P, the number of distinct policies in the batch (claims_prelude.lua, prepended
 --            to this script, reads the arguments and the time)
 -- then P x   capacity, window length in microseconds
--- then       one binary string: per key, struct '<ddddd' of policy index (1-based), kept,
+-- then       one binary string: per key, struct '<HI4I4I4d' of policy index (1-based), kept,
 --            returned, wanted, window of the claim
 --
--- State: one integer per key, (window id mod 2^20) * 2^32 + used, where used counts every
--- token granted in the window (spent or still held by a node) minus those returned. The key
--- expires 1 ms after its window ends, so the stored window id is never more than one window
--- old and 20 bits tell it apart. Tokens held by nodes die with their window: a claim tagged
--- with another window is void (its returned tokens are ignored and its kept tokens revoked).
+-- State: one integer per key, in decimal, (window id mod 2^20) * 2^32 + used, where used
+-- counts every token granted in the window (spent or still held by a node) minus those
+-- returned. The key expires 1 ms after its window ends, so the stored window id is never more
+-- than one window old and 20 bits tell it apart. Tokens held by nodes die with their window: a
+-- claim tagged with another window is void (its returned tokens are ignored and its kept tokens
+-- revoked). Within its window, a value of the same length is rewritten in place.
 --
--- Reply: {string, i1, message1, i2, message2, ...}: the string holds per key struct '<Bdddddd'
--- of status (0 ok, 1 failed, 2 ok but the window had lost this node's tokens), granted, remaining,
--- ms to next token, ms to reset, window id, revoked; each failed key i is listed after it with its
--- error message.
+-- Reply: see claims_prelude.lua (status 2 when the window counts less than this node alone
+-- holds and returns).
+-- All numbers are integers below 2^53, so a % b is exact, and (a - a % b) / b = floor(a / b)
+-- for a >= 0, b > 0.
 
 local TWO32, TWO20 = 4294967296, 1048576
-local policies, blob = read_claims(2) -- capacity, window in microseconds
+local policies, blob = read_claims(2, 22) -- capacity, window in microseconds
 if not policies then return redis.error_reply('ERR tollgate: claim data does not match the keys') end
-local out, errs, pos = {}, {}, 1
+local vals = read_all()
+local pos, lastp = 1, nil
+-- Per policy: capacity, window length, the current window, its id mod 2^20, and the
+-- milliseconds until it ends (rounded up).
+local cap, win, w0, wm0, reset0
 
-for i = 1, #KEYS do
-  local key = KEYS[i]
-  local p, kept, ret, want, claim_w
-  p, kept, ret, want, claim_w, pos = sunpack('<ddddd', blob, pos)
-  local cap, win = policies[p][1], policies[p][2]
-  local v = redis.pcall('GET', key)
-  local n = v and tonumber(v)
-  if type(v) == 'table' then
-    out[i] = FAILED
-    errs[#errs + 1] = i
-    errs[#errs + 1] = v.err or 'ERR'
-  elseif v and not n then
-    out[i] = FAILED
-    errs[#errs + 1] = i
-    errs[#errs + 1] = 'CORRUPT tollgate state'
+for i = 1, #keys do
+  local p, kept, ret, want, claim_w, nextpos = sunpack('<HI4I4I4d', blob, pos)
+  pos = nextpos
+  if p ~= lastp then
+    local v = policies[p]
+    cap, win = v[1], v[2]
+    w0 = (now - now % win) / win
+    wm0 = w0 % TWO20
+    reset0 = (w0 + 1) * win - now + 999
+    reset0 = (reset0 - reset0 % 1000) / 1000
+    lastp = p
+  end
+  local s, err = vals[i], nil
+  if not s and must_read_alone(vals, i) then s, err = read_alone(keys[i]) end
+  -- A count has at most 16 digits; a longer string is another algorithm's state.
+  local n = s and #s <= 16 and tonumber(s)
+  if err then
+    fail(i, err)
+  elseif s and not n then
+    fail(i, 'CORRUPT tollgate state')
   else
-    local w = floor(now / win)
-    local wm = w % TWO20
-    local used = 0
-    local same = false
+    local w, wm, reset, used, same = w0, wm0, reset0, 0, false
     if n then
-      local swm = floor(n / TWO32)
+      local swm = (n - n % TWO32) / TWO32
       local d = (swm - wm) % TWO20
       if d == 0 then
         used = n % TWO32
@@ -58,6 +66,8 @@ for i = 1, #KEYS do
         wm = swm
         used = n % TWO32
         same = true
+        reset = (w + 1) * win - now + 999
+        reset = (reset - reset % 1000) / 1000
       end
     end
     local revoked, status = 0, 0
@@ -74,18 +84,23 @@ for i = 1, #KEYS do
     local granted = want
     if granted > room then granted = room end
     used = used + granted
-    local remaining = room - granted
-    local reset = ceil(((w + 1) * win - now) / 1000)
-    local nxt = 0
-    if remaining == 0 then nxt = reset end
-    out[i] = spack('<Bdddddd', status, granted, remaining, nxt, reset, w, revoked)
-    if used == 0 then
-      if v then redis.call('DEL', key) end
-    elseif same then
-      redis.call('SET', key, fmt('%d', wm * TWO32 + used), 'KEEPTTL')
+    if granted == room then
+      out[i] = spack(RFMT, status, granted, 0, reset, reset, w, revoked)
     else
-      redis.call('SET', key, fmt('%d', wm * TWO32 + used), 'PX', fmt('%d', reset + 1))
+      out[i] = spack(RFMT, status, granted, room - granted, 0, reset, w, revoked)
+    end
+    if used == 0 then
+      if s then rcall('DEL', keys[i]) end
+    elseif not same then
+      rcall('SET', keys[i], fmt('%d', wm * TWO32 + used), 'PX', fmt('%d', reset + 1))
+    elseif used ~= n % TWO32 then
+      local v = fmt('%d', wm * TWO32 + used)
+      if #v == #s then
+        rcall('SETRANGE', keys[i], '0', v)
+      else
+        rcall('SET', keys[i], v, 'KEEPTTL')
+      end
     end
   end
 end
-return {table.concat(out), unpack(errs)}
+return reply()

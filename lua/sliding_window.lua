@@ -3,10 +3,11 @@
 -- KEYS[i]    the key of claim i (all keys of one batch share a slot in a cluster)
 -- ARGV[1]    node id (unused: window claims need no per-node record)
 -- ARGV[2]    time override in microseconds, '' in production (then Redis TIME is used)
--- ARGV[3]    P, the number of distinct policies in the batch (claims_prelude.lua, prepended
+-- ARGV[3]    '1' when a key appears more than once in KEYS, else '0'
+-- ARGV[4]    P, the number of distinct policies in the batch (claims_prelude.lua, prepended
 --            to this script, reads the arguments and the time)
 -- then P x   capacity, window length in microseconds, weighting tick in microseconds
--- then       one binary string: per key, struct '<ddddd' of policy index (1-based), kept,
+-- then       one binary string: per key, struct '<HI4I4I4d' of policy index (1-based), kept,
 --            returned, wanted, window of the claim
 --
 -- State: struct '<dI4I4': window id, previous window's count, current window's count.
@@ -15,39 +16,48 @@
 -- (tick is 1 unless capacity * W would exceed 2^52; a coarser tick only rounds up).
 -- Granted tokens count in cur at once; a claim tagged with another window is void (its
 -- returned tokens are ignored and its kept tokens revoked). The key expires 1 ms after the
--- end of the window after its own, when its counts no longer matter.
+-- end of the window after its own, when its counts no longer matter. Within its window, the
+-- value is rewritten in place.
 --
--- Reply: {string, i1, message1, i2, message2, ...}: the string holds per key struct '<Bdddddd'
--- of status (0 ok, 1 failed, 2 ok but the window had lost this node's tokens), granted, remaining,
--- ms to next token, ms to reset, window id, revoked; each failed key i is listed after it with its
--- error message.
+-- Reply: see claims_prelude.lua (status 2 when the window counts less than this node alone
+-- holds and returns).
+-- All numbers are integers below 2^53, so a % b is exact, and (a - a % b) / b = floor(a / b)
+-- for a >= 0, b > 0.
 
-local policies, blob = read_claims(3) -- capacity, window in microseconds, weighting tick
+local policies, blob = read_claims(3, 22) -- capacity, window in microseconds, weighting tick
 if not policies then return redis.error_reply('ERR tollgate: claim data does not match the keys') end
-local out, errs, pos = {}, {}, 1
+local vals = read_all()
+local pos, lastp = 1, nil
+-- Per policy: capacity, window length, tick, the current window, the time into it, and the
+-- window's length in ticks.
+local cap, win, tick, w0, el0, wt
 
-for i = 1, #KEYS do
-  local key = KEYS[i]
-  local p, kept, ret, want, claim_w
-  p, kept, ret, want, claim_w, pos = sunpack('<ddddd', blob, pos)
-  local cap, win, tick = policies[p][1], policies[p][2], policies[p][3]
-  local v = redis.pcall('GET', key)
-  if type(v) == 'table' then
-    out[i] = FAILED
-    errs[#errs + 1] = i
-    errs[#errs + 1] = v.err or 'ERR'
-  elseif v and #v ~= 16 then
-    out[i] = FAILED
-    errs[#errs + 1] = i
-    errs[#errs + 1] = 'CORRUPT tollgate state'
+for i = 1, #keys do
+  local p, kept, ret, want, claim_w, nextpos = sunpack('<HI4I4I4d', blob, pos)
+  pos = nextpos
+  if p ~= lastp then
+    local v = policies[p]
+    cap, win, tick = v[1], v[2], v[3]
+    el0 = now % win
+    w0 = (now - el0) / win
+    wt = (win - win % tick) / tick
+    lastp = p
+  end
+  local s, err = vals[i], nil
+  if not s and must_read_alone(vals, i) then s, err = read_alone(keys[i]) end
+  local sw, prev, cur = w0, 0, 0
+  if s and #s == 16 then sw, prev, cur = sunpack('<dI4I4', s) end
+  if err then
+    fail(i, err)
+  elseif s and (#s ~= 16 or sw % 1 ~= 0) then
+    -- A window id is an integer (16 digits of a fixed window's count read as a double are not).
+    fail(i, 'CORRUPT tollgate state')
   else
-    local w = floor(now / win)
-    local el = now - w * win
-    local sw, prev, cur = w, 0, 0
-    if v then sw, prev, cur = sunpack('<dI4I4', v) end
+    local w, el = w0, el0
+    local prev0, cur0 = prev, cur
     local moved = true
     if sw == w then
-      moved = not v
+      moved = not s
     elseif sw + 1 == w then
       prev = cur; cur = 0
     elseif sw < w then
@@ -56,8 +66,8 @@ for i = 1, #KEYS do
       -- The clock went backwards: answer at the start of the stored window.
       w = sw; el = 0; moved = false
     end
-    local wt = floor(win / tick)
-    local rem = ceil((win - el) / tick)
+    local rem = win - el + tick - 1
+    rem = (rem - rem % tick) / tick
     local revoked, status = 0, 0
     if claim_w == w then
       -- Status 2: the window counts less than this node alone holds, so the store lost state.
@@ -67,8 +77,12 @@ for i = 1, #KEYS do
     else
       revoked = kept
     end
-    local wp = ceil(prev * rem / wt)
-    if wp > prev then wp = prev end
+    local wp = prev
+    if prev > 0 then
+      wp = prev * rem + wt - 1
+      wp = (wp - wp % wt) / wt
+      if wp > prev then wp = prev end
+    end
     local room = cap - cur - wp
     if room < 0 then room = 0 end
     local granted = want
@@ -77,31 +91,37 @@ for i = 1, #KEYS do
     local remaining = room - granted
     local reset = 0
     if cur > 0 then
-      reset = ceil(((w + 2) * win - now) / 1000)
+      reset = (w + 2) * win - now + 999
+      reset = (reset - reset % 1000) / 1000
     elseif prev > 0 then
-      reset = ceil(((w + 1) * win - now) / 1000)
+      reset = (w + 1) * win - now + 999
+      reset = (reset - reset % 1000) / 1000
     end
     local nxt = 0
     if remaining == 0 then
-      local at
+      local at, q
       if cur < cap and prev > 0 then
         -- Later in this window, as the previous window's weight decays.
-        at = w * win + win - floor((cap - cur - 1) * wt / prev) * tick
+        q = (cap - cur - 1) * wt
+        at = w * win + win - (q - q % prev) / prev * tick
       else
         -- In the next window, where this window's count is the decaying one.
-        at = (w + 1) * win + win - floor((cap - 1) * wt / cur) * tick
+        q = (cap - 1) * wt
+        at = (w + 1) * win + win - (q - q % cur) / cur * tick
       end
-      nxt = ceil((at - now) / 1000)
+      nxt = at - now + 999
+      nxt = (nxt - nxt % 1000) / 1000
       if nxt < 1 then nxt = 1 end
     end
-    out[i] = spack('<Bdddddd', status, granted, remaining, nxt, reset, w, revoked)
+    out[i] = spack(RFMT, status, granted, remaining, nxt, reset, w, revoked)
     if prev == 0 and cur == 0 then
-      if v then redis.call('DEL', key) end
+      if s then rcall('DEL', keys[i]) end
     elseif moved then
-      redis.call('SET', key, spack('<dI4I4', w, prev, cur), 'PX', fmt('%d', ceil(((w + 2) * win - now) / 1000) + 1))
-    else
-      redis.call('SET', key, spack('<dI4I4', w, prev, cur), 'KEEPTTL')
+      local px = (w + 2) * win - now + 999
+      rcall('SET', keys[i], spack('<dI4I4', w, prev, cur), 'PX', fmt('%d', (px - px % 1000) / 1000 + 1))
+    elseif prev ~= prev0 or cur ~= cur0 then
+      rcall('SETRANGE', keys[i], '0', spack('<dI4I4', w, prev, cur))
     end
   end
 end
-return {table.concat(out), unpack(errs)}
+return reply()

@@ -157,6 +157,163 @@ async fn memory_and_redis_give_identical_replies() {
     assert!(compared > 5000, "{compared}");
 }
 
+/// Many nodes sharing few keys, through both stores at the same times: node records come and
+/// go (leases run out, records are dropped when the TTL is refreshed, keys expire or empty),
+/// node ids whose bytes also occur inside the stored numbers, keys repeated within a batch,
+/// keys of another type (a list, and a hash as an older version kept a token bucket) and keys
+/// holding another algorithm's state. Replies must be identical.
+#[tokio::test]
+async fn memory_and_redis_agree_on_shared_keys() {
+    let server = Server::start();
+    let redis = server.store().await;
+    let mut raw = server.raw().await;
+    let clock = ManualTime::new(T0);
+    let memory = MemoryStore::with_time_source(clock.source());
+    // Node ids: extremes, and the bytes of small doubles (token counts in the records).
+    let mut nodes: Vec<NodeId> = vec![0, 1, u64::MAX, 1 << 63, 0x0100_0000_0000_0000];
+    nodes.extend((1..=6).map(|n| f64::to_bits(n as f64)));
+    let shared = [
+        (StoreKey::from_raw("sh:{a}1"), tb(10, 10, 300)),
+        (StoreKey::from_raw("sh:{a}2"), tb(40, 1000, 100)),
+        (StoreKey::from_raw("sh:{a}3"), tb(4, 2, 1000)),
+        (
+            StoreKey::from_raw("sh:{a}4"),
+            Limits::fixed_window(30, Duration::from_millis(500)).unwrap(),
+        ),
+        (
+            StoreKey::from_raw("sh:{a}5"),
+            Limits::sliding_window(30, Duration::from_millis(500)).unwrap(),
+        ),
+    ];
+    // Keys of another type, in both stores (with a TTL, for the check at the end).
+    let (list, hash) = (StoreKey::from_raw("sh:{a}list"), StoreKey::from_raw("sh:{a}hash"));
+    let _: () = redis::cmd("LPUSH")
+        .arg(list.as_bytes())
+        .arg("x")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(hash.as_bytes())
+        .arg("s")
+        .arg("0123456789012345678901234567890123456789")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    for k in [&list, &hash] {
+        let _: () = redis::cmd("PEXPIRE")
+            .arg(k.as_bytes())
+            .arg(3_600_000)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        memory.put_foreign(k);
+    }
+    let foreign = [(list, tb(5, 5, 300)), (hash, tb(5, 5, 300))];
+    // Keys written by one algorithm and claimed with another (both stay corrupt for the other).
+    let crossed: Vec<(StoreKey, Limits, Limits)> = (0..3)
+        .flat_map(|a| (0..3).filter(move |&b| b != a).map(move |b| (a, b)))
+        .map(|(a, b)| {
+            let k = StoreKey::from_raw(format!("sh:{{a}}x{a}{b}"));
+            let algo = |j: usize| [3, 4, 0].map(|s| shared[s].1)[j];
+            (k, algo(a), algo(b))
+        })
+        .collect();
+    let mut held = vec![vec![(0u64, 0u64); shared.len()]; nodes.len()];
+    let mut rng = Lcg(11);
+    let (mut compared, mut most_records) = (0, 0);
+    for step in 0..3000 {
+        let advance = match rng.next(20) {
+            0..=11 => rng.next(40),
+            12..=17 => rng.next(400),
+            18 => rng.next(3000),
+            _ => rng.next(20_000),
+        };
+        clock.advance(Duration::from_millis(advance));
+        clock.set_us(clock.now_us() + rng.next(1000));
+        redis.set_time_override_us(Some(clock.now_us()));
+        // Mostly a few nodes take turns; now and then any node, after a long silence.
+        let n = if rng.next(5) == 0 {
+            rng.next(nodes.len() as u64)
+        } else {
+            rng.next(4)
+        } as usize;
+        let mut batch = Vec::new();
+        let mut which = Vec::new();
+        for (i, (key, limits)) in shared.iter().enumerate() {
+            if rng.next(4) == 0 {
+                continue;
+            }
+            let (h, w) = held[n][i];
+            let left = h - rng.next(h + 1);
+            let returned = if rng.next(4) == 0 { rng.next(left + 1) } else { 0 };
+            let extra = if rng.next(25) == 0 { rng.next(5) } else { 0 };
+            batch.push(claim(key, *limits, left - returned + extra, returned, rng.next(12), w));
+            which.push(Some(i));
+            // The same key again in the batch: applied in order.
+            if rng.next(15) == 0 {
+                batch.push(claim(key, *limits, 0, 0, rng.next(3), w));
+                which.push(Some(i));
+            }
+        }
+        if rng.next(10) == 0 {
+            let (k, l) = &foreign[rng.next(2) as usize];
+            batch.push(claim(k, *l, 0, 0, 1, 0));
+            which.push(None);
+        }
+        if rng.next(10) == 0 {
+            // Write the key with its own algorithm (if it is gone), then claim it with the other
+            // (in another batch: the Redis store runs a batch's algorithms in separate calls).
+            let (k, first, other) = &crossed[rng.next(crossed.len() as u64) as usize];
+            for c in [claim(k, *first, 0, 0, 1, 0), claim(k, *other, 0, 0, 1, 0)] {
+                let c = std::slice::from_ref(&c);
+                let (a, b) = (
+                    memory.claim(nodes[n], c).await.unwrap(),
+                    redis.claim(nodes[n], c).await.unwrap(),
+                );
+                assert_eq!(a, b, "step {step}: memory and redis disagree for {c:?}");
+                compared += 1;
+            }
+        }
+        let a = memory.claim(nodes[n], &batch).await.unwrap();
+        let b = redis.claim(nodes[n], &batch).await.unwrap();
+        assert_eq!(a, b, "step {step}: memory and redis disagree for batch {batch:?}");
+        for ((i, c), out) in which.iter().zip(&batch).zip(&a) {
+            match (i, out) {
+                (Some(i), Ok(g)) => held[n][*i] = (c.kept - g.revoked.min(c.kept) + g.granted, g.window),
+                (Some(_), Err(e)) => panic!("step {step}: {e}"),
+                (None, _) => {}
+            }
+        }
+        compared += a.len();
+        // The token buckets: a 64-byte header with one node record, 24 bytes per further one.
+        for (key, _) in &shared[..3] {
+            let len: usize = redis::cmd("STRLEN")
+                .arg(key.as_bytes())
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            if len >= 64 {
+                most_records = most_records.max(1 + (len - 64) / 24);
+            }
+        }
+    }
+    assert!(compared > 8000, "{compared}");
+    assert!(most_records >= 5, "at most {most_records} node records on a key");
+    assert!(assert_all_keys_have_ttl(&server).await >= 2);
+    // Every way of writing was taken: in place, appended, anew, deleted; keys read at once,
+    // checked for another type, and read alone.
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    for command in ["setrange", "append", "set", "del", "mget", "exists", "get"] {
+        let prefix = format!("cmdstat_{command}:calls=");
+        assert!(info.lines().any(|l| l.starts_with(&prefix)), "no {command} in {info}");
+    }
+}
+
 async fn assert_all_keys_have_ttl(server: &Server) -> usize {
     let mut raw = server.raw().await;
     let mut cursor: u64 = 0;

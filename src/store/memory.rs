@@ -256,17 +256,7 @@ fn apply(keys: &mut Keys, node: NodeId, now: i64, c: &Claim) -> ClaimOutcome {
                 expires_ms,
             }),
         ) => sliding_window(now, l, Some(((w, prev, cur), expires_ms)), kept, ret, want, window),
-        // A hash read as a string, or a string read as a hash.
-        (StoreAlgorithm::TokenBucket, Some(e))
-        | (
-            _,
-            Some(
-                e @ Entry {
-                    state: State::Bucket(_),
-                    ..
-                },
-            ),
-        ) => (Err(KeyError::WrongType(WRONGTYPE.into())), Some(e)),
+        // Every algorithm keeps a string: another algorithm's state does not parse.
         (_, Some(e)) => (Err(KeyError::Corrupt), Some(e)),
     };
     if let Some(e) = new {
@@ -290,7 +280,6 @@ fn token_bucket(
     let (cap, per, lease) = (l.capacity() as i64, l.period_us() as i64, l.lease_ms() as i64);
     let tau = cap * per;
     let mut ep = now_ms.div_euclid(lease);
-    let had_state = old.is_some();
     let (mut b, old_expiry) = old.unwrap_or((
         Bucket {
             e: now - tau,
@@ -314,13 +303,11 @@ fn token_bucket(
         let (_, nep, amt) = b.nodes[i];
         if nep == ep {
             had = amt;
-            b.cur -= amt;
+            b.cur = (b.cur - amt).max(0);
         } else if nep == ep - 1 {
             had = amt;
-            b.prev -= amt;
+            b.prev = (b.prev - amt).max(0);
         }
-        b.cur = b.cur.max(0);
-        b.prev = b.prev.max(0);
     }
     let kfree = kept.min(had);
     let rok = ret.min(had - kfree);
@@ -374,13 +361,19 @@ fn token_bucket(
         let head = (need - now_ms).max(1000);
         b.x = need + head;
     }
+    // A node that holds nothing has no record, and when the epoch moved the records whose lease
+    // ran out are dropped (neither changes a reply: such records count for nothing).
+    let moved = b.ep != ep;
     b.ep = ep;
     match rec {
-        Some(i) => b.nodes[i] = (node, ep, held),
+        Some(i) if held > 0 => b.nodes[i] = (node, ep, held),
+        Some(i) => {
+            b.nodes.swap_remove(i);
+        }
         None if held > 0 => b.nodes.push((node, ep, held)),
         None => {}
     }
-    if refresh && had_state {
+    if moved {
         b.nodes.retain(|n| n.1 >= ep - 1);
     }
     let expires_ms = if refresh { b.x } else { old_expiry };

@@ -7,6 +7,7 @@
 //! `ConnectionManager`: it reconnects in the background, and every call is bounded by the
 //! response timeout.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,8 +40,19 @@ const REGISTRY_LUA: &str = include_str!("../../lua/registry.lua");
 /// Bytes per key in a script reply: status byte and six doubles.
 const REPLY_WIDTH: usize = 49;
 
-/// Bytes per key in the claim argument: five doubles.
-const CLAIM_WIDTH: usize = 40;
+/// Bytes per key in the claim argument: policy index (u16), kept, returned and wanted (u32,
+/// since they are clamped to the capacity), then for the window algorithms the claim's window
+/// id (f64, exact below 2^53). Little-endian.
+const fn claim_width(algorithm: StoreAlgorithm) -> usize {
+    // The policy index of a claim is at most the number of claims in a call, and the counts
+    // are clamped to the capacity. (The scripts also unpack up to twice as many values as
+    // there are keys, and Lua's stack takes at most 8000.)
+    const _: () = assert!(MAX_KEYS_PER_CALL <= 3999 && crate::consts::MAX_CAPACITY <= u32::MAX as u64);
+    match algorithm {
+        StoreAlgorithm::TokenBucket => 14,
+        StoreAlgorithm::FixedWindow | StoreAlgorithm::SlidingWindow => 22,
+    }
+}
 
 const NO_OVERRIDE: u64 = u64::MAX;
 
@@ -257,7 +269,16 @@ impl RedisStore {
         }
         let script = self.script(algorithm);
         let mut inv = script.prepare_invoke();
-        inv.arg(node.to_string()).arg(self.time_arg()).arg(policies.len());
+        // The scripts read every key with one MGET up front, which is only right if no key
+        // repeats (a later claim on a key must see what an earlier one wrote).
+        let repeats = {
+            let mut seen = std::collections::HashSet::with_capacity_and_hasher(idx.len(), ahash::RandomState::new());
+            !idx.iter().all(|&i| seen.insert(claims[i].key.as_bytes()))
+        };
+        inv.arg(&node.to_le_bytes()[..])
+            .arg(self.time_arg())
+            .arg(if repeats { "1" } else { "0" })
+            .arg(policies.len());
         for l in &policies {
             match algorithm {
                 StoreAlgorithm::TokenBucket => inv.arg(l.capacity()).arg(l.period_us()).arg(l.lease_ms()),
@@ -265,15 +286,20 @@ impl RedisStore {
                 StoreAlgorithm::SlidingWindow => inv.arg(l.capacity()).arg(l.period_us()).arg(l.tick_us()),
             };
         }
-        // Per-key numbers travel as one binary argument (doubles, exact below 2^53): parsing
-        // five string arguments per key costs the server more than the rest of the script.
-        let mut blob = Vec::with_capacity(idx.len() * CLAIM_WIDTH);
+        // Per-key numbers travel as one binary argument: parsing string arguments per key
+        // costs the server more than the rest of the script.
+        let mut blob = Vec::with_capacity(idx.len() * claim_width(algorithm));
         for (&i, &p) in idx.iter().zip(&pidx) {
             let c = &claims[i];
             let (kept, ret, want, window) = clamped(c);
             inv.key(c.key.as_bytes());
-            for v in [p as u64, kept, ret, want, window] {
-                blob.extend_from_slice(&(v as f64).to_le_bytes());
+            // p <= MAX_KEYS_PER_CALL; kept, ret and want <= capacity <= u32::MAX.
+            blob.extend_from_slice(&(p as u16).to_le_bytes());
+            for v in [kept, ret, want] {
+                blob.extend_from_slice(&(v as u32).to_le_bytes());
+            }
+            if algorithm != StoreAlgorithm::TokenBucket {
+                blob.extend_from_slice(&(window as f64).to_le_bytes());
             }
         }
         inv.arg(blob);
@@ -369,10 +395,27 @@ pub(crate) fn decode_reply(reply: Value, n: usize) -> Result<Vec<ClaimOutcome>, 
         }
     };
     let bad = |what: String| StoreError::new(ErrorClass::Protocol, what);
-    let blob = match items.first() {
-        Some(Value::BulkString(b)) if b.len() == n * REPLY_WIDTH => b,
+    // The per-key results: one string, or a list of strings to be joined.
+    let blob: Cow<'_, [u8]> = match items.first() {
+        Some(Value::BulkString(b)) => Cow::Borrowed(b),
+        Some(Value::Array(parts)) => {
+            let mut blob = Vec::with_capacity(n * REPLY_WIDTH);
+            for part in parts {
+                match part {
+                    Value::BulkString(b) => blob.extend_from_slice(b),
+                    other => return Err(bad(format!("script reply has a result part {other:?}"))),
+                }
+            }
+            Cow::Owned(blob)
+        }
         other => return Err(bad(format!("script reply for {n} keys starts with {other:?}"))),
     };
+    if blob.len() != n * REPLY_WIDTH {
+        return Err(bad(format!(
+            "script reply for {n} keys has {} bytes of results",
+            blob.len()
+        )));
+    }
     let mut out: Vec<ClaimOutcome> = blob.chunks_exact(REPLY_WIDTH).map(decode_one).collect();
     let rest = &items[1..];
     if rest.len() % 2 != 0 {
@@ -569,6 +612,35 @@ mod tests {
             decode_reply(Value::Array(vec![]), 0).unwrap_err().class(),
             ErrorClass::Protocol
         );
+    }
+
+    #[test]
+    fn results_may_come_in_parts() {
+        let (a, b) = (
+            entry(0, [1.0, 2.0, 0.0, 3.0, 0.0, 0.0]),
+            entry(2, [0.0, 5.0, 0.0, 7.0, 9.0, 1.0]),
+        );
+        let parts = |p: Vec<Vec<u8>>| Value::Array(vec![Value::Array(p.into_iter().map(Value::BulkString).collect())]);
+        let out = decode_reply(parts(vec![a.clone(), b.clone()]), 2).unwrap();
+        let whole = decode_reply(
+            Value::Array(vec![Value::BulkString([a.clone(), b.clone()].concat())]),
+            2,
+        )
+        .unwrap();
+        assert_eq!(out, whole);
+        assert_eq!(out[0].as_ref().unwrap().granted, 1);
+        assert!(out[1].as_ref().unwrap().state_lost);
+        // A part may split a key's result; the lengths must add up; parts are strings.
+        let mut joined = [a.clone(), b.clone()].concat();
+        let tail = joined.split_off(30);
+        assert_eq!(decode_reply(parts(vec![joined, tail]), 2).unwrap(), whole);
+        assert_eq!(
+            decode_reply(parts(vec![a.clone()]), 2).unwrap_err().class(),
+            ErrorClass::Protocol
+        );
+        let odd = Value::Array(vec![Value::Array(vec![Value::BulkString(a), Value::Int(1)])]);
+        assert_eq!(decode_reply(odd, 1).unwrap_err().class(), ErrorClass::Protocol);
+        assert_eq!(decode_reply(parts(vec![]), 0).unwrap(), vec![]);
     }
 
     #[test]

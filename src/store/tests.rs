@@ -213,6 +213,25 @@ fn wrong_type_fails_alone() {
 }
 
 #[test]
+fn another_algorithms_state_is_corrupt() {
+    let (s, _t) = setup();
+    let algorithms = [
+        tb(5, 5),
+        Limits::fixed_window(5, Duration::from_secs(1)).unwrap(),
+        Limits::sliding_window(5, Duration::from_secs(1)).unwrap(),
+    ];
+    for (a, first) in algorithms.iter().enumerate() {
+        for (b, other) in algorithms.iter().enumerate().filter(|&(b, _)| b != a) {
+            let k = StoreKey::from_raw(format!("k{a}{b}"));
+            assert_eq!(one(&s, 1, claim(&k, *first, 0, 0, 1, 0)).granted, 1);
+            let out = s.claim_now(1, &[claim(&k, *other, 0, 0, 1, 0), claim(&k, *first, 1, 0, 0, 0)]);
+            assert_eq!(out[0], Err(KeyError::Corrupt), "{first:?} read as {other:?}");
+            assert!(out[1].is_ok(), "the state is left as it was");
+        }
+    }
+}
+
+#[test]
 fn registry_counts_live_nodes() {
     let (s, t) = setup();
     let r = KeyEncoder::default().registry_key();
