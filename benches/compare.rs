@@ -56,16 +56,20 @@ fn time(iters: usize, mut f: impl FnMut(usize)) -> f64 {
     start.elapsed().as_nanos() as f64 / iters as f64
 }
 
-fn pair(name: &str, iters: usize, mut ours: impl FnMut(usize), mut theirs: impl FnMut(usize)) -> (f64, f64) {
-    // warm-up
-    time(iters / 4, &mut ours);
-    time(iters / 4, &mut theirs);
-    let (mut a, mut b) = (Vec::new(), Vec::new());
+/// Median ns per call of `a` and of `b`, alternated over `ROUNDS` rounds after a warm-up.
+fn medians(iters: usize, mut a: impl FnMut(usize), mut b: impl FnMut(usize)) -> (f64, f64) {
+    time(iters / 4, &mut a);
+    time(iters / 4, &mut b);
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        a.push(time(iters, &mut ours));
-        b.push(time(iters, &mut theirs));
+        ta.push(time(iters, &mut a));
+        tb.push(time(iters, &mut b));
     }
-    let (a, b) = (median(a), median(b));
+    (median(ta), median(tb))
+}
+
+fn pair(name: &str, iters: usize, ours: impl FnMut(usize), theirs: impl FnMut(usize)) -> (f64, f64) {
+    let (a, b) = medians(iters, ours, theirs);
     println!(
         "compare {name} tollgate_ns={a:.1} governor_ns={b:.1} ratio={:.2}",
         a / b
@@ -259,20 +263,15 @@ fn metrics_on_vs_off(name: &str, keys: u64, iters: usize) {
         off.check(&k);
     }
     let mask = seq.len() - 1;
-    let mut check_on = |i: usize| {
-        black_box(on.check(&seq[i & mask]).is_allowed());
-    };
-    let mut check_off = |i: usize| {
-        black_box(off.check(&seq[i & mask]).is_allowed());
-    };
-    time(iters / 4, &mut check_on);
-    time(iters / 4, &mut check_off);
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        a.push(time(iters, &mut check_on));
-        b.push(time(iters, &mut check_off));
-    }
-    let (a, b) = (median(a), median(b));
+    let (a, b) = medians(
+        iters,
+        |i| {
+            black_box(on.check(&seq[i & mask]).is_allowed());
+        },
+        |i| {
+            black_box(off.check(&seq[i & mask]).is_allowed());
+        },
+    );
     println!(
         "compare {name} metrics_on_ns={a:.1} metrics_off_ns={b:.1} ratio={:.3}",
         a / b

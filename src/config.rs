@@ -1062,16 +1062,10 @@ struct BuildSettings {
 }
 
 fn sf_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        if c == '"' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('"');
-    out
+    let mut out = Vec::with_capacity(s.len() + 2);
+    crate::http::headers::push_sf_string(&mut out, s);
+    // Escaping ASCII bytes in a `&str` keeps it UTF-8.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 fn policy_item(name: &str, p: &Policy) -> String {

@@ -26,6 +26,8 @@ pub(crate) enum Kind {
 
 const KINDS: usize = 3;
 
+const NO_SLOT: usize = usize::MAX;
+
 struct Block([AtomicU64; SLOTS * KINDS]);
 
 /// Every block ever made (never freed: a block outlives its thread, so that its counts stay).
@@ -89,8 +91,7 @@ fn sum_slot(slot: usize, kind: Kind) -> u64 {
 
 /// One limiter's counters.
 pub(crate) struct Tally {
-    slot: Option<usize>,
-    /// `slot * KINDS`, or `usize::MAX` without a slot (one compare on the hot path).
+    /// `slot * KINDS` of the tally's slot, or `NO_SLOT` (one compare on the hot path).
     base: usize,
     /// Counts already in the slot when this tally took it (from a dropped limiter).
     baseline: [u64; KINDS],
@@ -109,8 +110,7 @@ impl Tally {
             None => [0; KINDS],
         };
         Tally {
-            slot,
-            base: slot.map_or(usize::MAX, |s| s * KINDS),
+            base: slot.map_or(NO_SLOT, |s| s * KINDS),
             baseline,
             shared: Default::default(),
         }
@@ -118,7 +118,7 @@ impl Tally {
 
     #[inline(always)]
     pub(crate) fn bump(&self, kind: Kind) {
-        if self.base != usize::MAX {
+        if self.base != NO_SLOT {
             let mine = MINE.with(|m| m.get());
             // SAFETY: a non-null pointer is a leaked block, valid for the whole process.
             let block = if mine.is_null() {
@@ -139,16 +139,20 @@ impl Tally {
     /// The count so far (a snapshot: counts made while it sums may or may not be in it).
     pub(crate) fn get(&self, kind: Kind) -> u64 {
         let shared = self.shared[kind as usize].load(Ordering::Relaxed);
-        match self.slot {
+        match self.slot() {
             Some(s) => shared + sum_slot(s, kind).wrapping_sub(self.baseline[kind as usize]),
             None => shared,
         }
+    }
+
+    fn slot(&self) -> Option<usize> {
+        (self.base != NO_SLOT).then_some(self.base / KINDS)
     }
 }
 
 impl Drop for Tally {
     fn drop(&mut self) {
-        if let Some(s) = self.slot {
+        if let Some(s) = self.slot() {
             FREE_SLOTS.lock().push(s);
         }
     }

@@ -27,7 +27,9 @@ use tollgate::store::{
     Claim, ClaimOutcome, ErrorClass, Heartbeat, MemoryStore, NodeId, RedisConfig, RedisStore, Store, StoreFuture,
     StoreKey,
 };
-use tollgate::{Algorithm, CircuitState, ColdStart, FailurePolicy, Limiter, Node, NodeBuilder, NodeError, Policy};
+use tollgate::{
+    Algorithm, CircuitState, ColdStart, FailurePolicy, Limiter, Node, NodeBuilder, NodeError, NodeStats, Policy,
+};
 
 /// The sync interval of every node here.
 const T: Duration = Duration::from_millis(100);
@@ -471,7 +473,9 @@ fn per_instance(phases: &[Tally], n: usize) -> Vec<Tally> {
     out
 }
 
-async fn a8_all_cut_off(policy: FailurePolicy) -> (Vec<Tally>, Vec<Tally>, Duration, Fleet) {
+/// Per instance: the outage's tallies, the whole run's, and the node's stats; and how long
+/// the outage lasted.
+async fn a8_all_cut_off(policy: FailurePolicy) -> (Vec<Tally>, Vec<Tally>, Vec<NodeStats>, Duration) {
     let server = RedisServer::start();
     let fleet = Fleet::start(&server, 3, bucket(), move |b| b.failure_policy(policy)).await;
     let key = ["client"];
@@ -489,25 +493,16 @@ async fn a8_all_cut_off(policy: FailurePolicy) -> (Vec<Tally>, Vec<Tally>, Durat
     all.extend(fleet.until_recovered(&key, Instant::now()).await.0);
     all.extend(outage.iter().copied());
     assert_fast(&all);
-    // `server` must outlive the fleet's shutdown: leak nothing, stop it after.
-    fleet.shutdown_keep(server).await;
-    (per_instance(&outage, 3), per_instance(&all, 3), out_for, fleet)
-}
-
-impl Fleet {
-    async fn shutdown_keep(&self, server: RedisServer) {
-        for i in &self.instances {
-            i.node.shutdown().await;
-        }
-        drop(server);
-    }
+    let stats = fleet.instances.iter().map(|i| i.node.stats()).collect();
+    fleet.shutdown().await;
+    (per_instance(&outage, 3), per_instance(&all, 3), stats, out_for)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a8_all_cut_off_local_share_admits_at_most_each_nodes_share() {
     let _serial = SERIAL.lock().await;
-    let (outage, _, out_for, fleet) = a8_all_cut_off(FailurePolicy::LocalShare).await;
-    for (t, i) in outage.iter().zip(&fleet.instances) {
+    let (outage, _, stats, out_for) = a8_all_cut_off(FailurePolicy::LocalShare).await;
+    for (t, s) in outage.iter().zip(&stats) {
         let share = share_bound(3, out_for);
         assert!(t.degraded_admitted <= share, "{t:?} > share {share}");
         // Offered ~500/s against a share of 100/s: the share is used, not denied outright.
@@ -515,25 +510,25 @@ async fn a8_all_cut_off_local_share_admits_at_most_each_nodes_share() {
             t.degraded_admitted * 2 >= share,
             "{t:?} uses under half of share {share}"
         );
-        assert_eq!(i.node.stats().fail_open_admitted, 0);
+        assert_eq!(s.fail_open_admitted, 0);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a8_all_cut_off_fail_open_admits_everything_and_counts_it() {
     let _serial = SERIAL.lock().await;
-    let (outage, all, _, fleet) = a8_all_cut_off(FailurePolicy::FailOpen).await;
-    for ((t, a), i) in outage.iter().zip(&all).zip(&fleet.instances) {
+    let (outage, all, stats, _) = a8_all_cut_off(FailurePolicy::FailOpen).await;
+    for ((t, a), s) in outage.iter().zip(&all).zip(&stats) {
         assert_eq!(a.degraded_denied, 0, "{a:?}");
         assert!(t.degraded_admitted > 0);
-        assert_eq!(i.node.stats().fail_open_admitted, a.degraded_admitted);
+        assert_eq!(s.fail_open_admitted, a.degraded_admitted);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a8_all_cut_off_fail_closed_admits_only_held_tokens() {
     let _serial = SERIAL.lock().await;
-    let (outage, _, _, _fleet) = a8_all_cut_off(FailurePolicy::FailClosed).await;
+    let (outage, _, _, _) = a8_all_cut_off(FailurePolicy::FailClosed).await;
     let s = sum(&outage);
     assert_eq!(s.degraded_admitted, 0, "{s:?}");
     assert!(s.degraded_denied > 0);

@@ -594,10 +594,7 @@ impl NodeBuilder {
     /// credentials first.
     pub fn start(self) -> Result<Node, NodeError> {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| NodeError::NoRuntime)?;
-        let inner = self.built()?;
-        let task = handle.spawn(supervise(Arc::downgrade(&inner)));
-        *inner.task.lock() = Some(task);
-        Ok(Node { inner })
+        Ok(spawn(&handle, self.built()?))
     }
 
     /// Like [`start`](Self::start), after one heartbeat to the store: a configuration error
@@ -614,9 +611,7 @@ impl NodeBuilder {
             }
             inner.failed(&e, inner.clock.now_ns());
         }
-        let task = handle.spawn(supervise(Arc::downgrade(&inner)));
-        *inner.task.lock() = Some(task);
-        Ok(Node { inner })
+        Ok(spawn(&handle, inner))
     }
 
     /// Builds the node without a sync task: the caller drives it with [`Node::sync_once`]
@@ -624,6 +619,13 @@ impl NodeBuilder {
     pub fn build_manual(self) -> Result<Node, NodeError> {
         Ok(Node { inner: self.built()? })
     }
+}
+
+/// Starts the node's supervised sync task on `handle`.
+fn spawn(handle: &tokio::runtime::Handle, inner: Arc<NodeInner>) -> Node {
+    let task = handle.spawn(supervise(Arc::downgrade(&inner)));
+    *inner.task.lock() = Some(task);
+    Node { inner }
 }
 
 /// Runs the sync loop; a panic inside it is caught, counted and logged, and the loop starts

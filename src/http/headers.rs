@@ -88,22 +88,24 @@ fn state_value(name: &str, remaining: u64, reset: u64) -> HeaderValue {
     let (r, t) = (digits(remaining, &mut r), digits(reset, &mut t));
     let escapes = name.bytes().filter(|b| matches!(b, b'"' | b'\\')).count();
     let mut v = Vec::with_capacity(name.len() + escapes + r.len() + t.len() + 8);
-    v.push(b'"');
-    if escapes == 0 {
-        v.extend_from_slice(name.as_bytes());
-    } else {
-        for b in name.bytes() {
-            if matches!(b, b'"' | b'\\') {
-                v.push(b'\\');
-            }
-            v.push(b);
-        }
-    }
-    v.extend_from_slice(b"\";r=");
+    push_sf_string(&mut v, name);
+    v.extend_from_slice(b";r=");
     v.extend_from_slice(r);
     v.extend_from_slice(b";t=");
     v.extend_from_slice(t);
     HeaderValue::from_maybe_shared(Bytes::from(v)).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// Appends `s` as a structured-field string: quoted, with `"` and `\\` escaped.
+pub(crate) fn push_sf_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    for b in s.bytes() {
+        if matches!(b, b'"' | b'\\') {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
 }
 
 /// `00`, `01`, ... `99`.

@@ -61,7 +61,7 @@
 //! IPv6 clients are counted per /64 by default (`client_ip.ipv6_prefix`), IPv4 per address;
 //! IPv4-mapped IPv6 addresses count as IPv4.
 
-mod headers;
+pub(crate) mod headers;
 mod key;
 mod layer;
 
