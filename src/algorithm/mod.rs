@@ -181,10 +181,11 @@ impl Rule {
     pub(crate) fn near_limit(&self, state: u64, now: u64) -> bool {
         match self.kind {
             Kind::TokenBucket => {
-                // remaining = floor(free / period) < ceil(capacity / 5)
+                // remaining = floor(free / period) < ceil(capacity / 5). free <= aux and the
+                // threshold <= capacity * period = aux, so both fit a u64 (aux saturates).
                 let now = clamp(now);
-                let free = (now as u128 + self.aux as u128).saturating_sub(state.max(now) as u128);
-                free < self.capacity.div_ceil(5) as u128 * self.period as u128
+                let free = now.saturating_add(self.aux).saturating_sub(state.max(now));
+                free < self.capacity.div_ceil(5).saturating_mul(self.period)
             }
             _ => self.remaining(state, now).saturating_mul(5) < self.capacity,
         }
