@@ -9,17 +9,24 @@
 //! five rounds), then `distributed redis_us_per_key_sync_rounds=<r1,...,r5>` (every round), and
 //! `distributed redis_us_per_key_sync_<case>=<z> rounds=<r1,...,r5>` for the same batches
 //! synced by eight nodes in turn (`token_bucket_8_nodes`: every key holds eight nodes'
-//! records) and for the window algorithms (`fixed_window`, `sliding_window`).
+//! records) and for the window algorithms (`fixed_window`, `sliding_window`);
+//! `distributed cluster_round_trips_per_sync=<n> masters=3 calls_per_sync=<c>`: on a 3-master
+//! Redis Cluster this bench makes, the pipelines a node sends per regular sync (one per master
+//! its keys live on) while 1000 keys spread over every hash-tag group are checked, and the
+//! script calls those pipelines carry (one per slot and algorithm).
 
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
+
+#[path = "../tests/common/redis_cluster.rs"]
+mod redis_cluster;
 
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis_server::RedisServer;
-use tollgate::store::{Claim, KeyEncoder, Limits, RedisConfig, RedisStore, Store};
+use tollgate::store::{Claim, KeyEncoder, Limits, RedisClusterStore, RedisConfig, RedisStore, Store};
 use tollgate::{Algorithm, Limiter, Node, Policy};
 
 /// One token bucket per key, advanced on every call with the server's clock: the usual
@@ -141,6 +148,45 @@ fn main() {
             println!("distributed redis_us_per_key_sync{case}={us_per_key:.2} rounds={list}");
         }
     }
+
+    // Round trips per sync on a 3-master cluster.
+    let cluster = redis_cluster::RedisCluster::start(3);
+    let store = rt.block_on(RedisClusterStore::connect(cluster.urls())).unwrap();
+    let node = {
+        let _guard = rt.enter();
+        Node::builder(Arc::new(store.clone()))
+            .sync_interval(Duration::from_millis(100))
+            .start()
+            .unwrap()
+    };
+    let limiter: Limiter = Limiter::builder(Policy::per_second(1_000))
+        .name("cluster")
+        .node(&node)
+        .build()
+        .unwrap();
+    let keys: Vec<String> = (0..1000).map(|i| format!("client-{i}")).collect();
+    let drive = |d: Duration| {
+        let start = Instant::now();
+        while start.elapsed() < d {
+            for k in &keys {
+                black_box(limiter.check(k.as_str()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    // Warm up: the scripts get loaded on every master (NOSCRIPT costs a round once).
+    drive(Duration::from_millis(500));
+    let before = store.stats();
+    drive(Duration::from_secs(2));
+    let after = store.stats();
+    let syncs = (after.batches - before.batches).max(1) as f64;
+    println!(
+        "distributed cluster_round_trips_per_sync={:.2} masters={} calls_per_sync={:.1}",
+        (after.round_trips - before.round_trips) as f64 / syncs,
+        after.masters,
+        (after.calls - before.calls) as f64 / syncs
+    );
+    rt.block_on(node.shutdown());
 }
 
 /// Five rounds of 50 syncs of the same 1000 keys (namespace `name`), by `nodes`

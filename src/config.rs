@@ -25,7 +25,7 @@
 //!   "shadow": false,
 //!   "response": { "headers": "draft", "body": "json", "key_error_status": 500 },
 //!   "failure_policy": "local_share",
-//!   "redis": { "url": "redis://127.0.0.1:6379", "key_prefix": "tollgate", "sync_interval": 0.1 },
+//!   "redis": { "url": "redis://127.0.0.1:6379", "key_prefix": "tollgate", "sync_interval": 0.1, "cluster": false },
 //!   "max_keys": 1000000
 //! }
 //! ```
@@ -378,6 +378,8 @@ pub struct RedisSettings {
     pub sync_interval: Duration,
     /// The most keys in one store call (default 1000).
     pub batch_size: usize,
+    /// `url` is a seed of a Redis Cluster (default false: a single Redis).
+    pub cluster: bool,
 }
 
 impl RedisSettings {
@@ -388,6 +390,17 @@ impl RedisSettings {
             b = b.key_encoder(enc);
         }
         b
+    }
+
+    /// Connects to the configured Redis ([`RedisStore`](crate::store::RedisStore)) or Redis
+    /// Cluster ([`RedisClusterStore`](crate::store::RedisClusterStore)).
+    #[cfg(feature = "redis")]
+    pub async fn connect(&self) -> Result<std::sync::Arc<dyn crate::store::Store>, crate::store::StoreError> {
+        Ok(if self.cluster {
+            std::sync::Arc::new(crate::store::RedisClusterStore::connect([self.url.as_str()]).await?)
+        } else {
+            std::sync::Arc::new(crate::store::RedisStore::connect(self.url.as_str()).await?)
+        })
     }
 }
 
@@ -699,6 +712,8 @@ struct RedisSpec {
     sync_interval: Option<f64>,
     #[serde(default)]
     batch_size: Option<u64>,
+    #[serde(default)]
+    cluster: bool,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -923,6 +938,7 @@ impl ConfigSpec {
                 key_prefix,
                 sync_interval,
                 batch_size: batch_size as usize,
+                cluster: r.cluster,
             })
         });
 

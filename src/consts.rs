@@ -40,3 +40,19 @@ pub(crate) const CLAIM_MARGIN_NS: u64 = 5_000_000;
 /// The shortest lease, and the shortest window of a distributed window policy: claimed tokens
 /// must stay spendable well beyond `CLAIM_MARGIN_NS`.
 pub(crate) const MIN_CLAIM_SPAN: Duration = Duration::from_millis(50);
+
+/// How much longer than the sync timeout a store call may take before a node gives up on it
+/// (stores bound their own calls by the sync timeout; this is the net for those that do not).
+pub(crate) const SYNC_TIMEOUT_GRACE: Duration = Duration::from_millis(50);
+
+/// Redis Cluster: the most times one script call is sent (the first time, then after `MOVED`,
+/// `ASK`, `TRYAGAIN` or `NOSCRIPT`, none of which ran it) within one sync.
+pub(crate) const CLUSTER_MAX_SENDS: usize = 6;
+
+/// Redis Cluster: the pause before sending again the calls answered `TRYAGAIN` (a slot is
+/// being migrated and the call's keys are split between the two masters for now).
+pub(crate) const CLUSTER_TRYAGAIN_PAUSE: Duration = Duration::from_millis(10);
+
+/// Redis Cluster: the shortest time between two reads of the slot map (`CLUSTER SLOTS`) after
+/// errors that suggest it changed; a `MOVED` reply updates its slot at once all the same.
+pub(crate) const CLUSTER_MIN_REFRESH: Duration = Duration::from_millis(500);

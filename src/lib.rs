@@ -86,7 +86,7 @@
 //! | feature | default | what it adds | run-time cost |
 //! |---|---|---|---|
 //! | (none) | yes | local mode, distributed mode over [`store::MemoryStore`], the `tollgate` CLI | one 1 ms clock thread per process with the default clock |
-//! | `redis` | no | `store::RedisStore` (redis-rs, `redis://`) | one multiplexed connection per store; a sync task per node |
+//! | `redis` | no | `store::RedisStore` (redis-rs, `redis://`), `store::RedisClusterStore` (Redis Cluster) | one multiplexed connection per store (per master on a cluster); a sync task per node |
 //! | `redis-tls` | no | `rediss://` through rustls | TLS on the store connection |
 //! | `metrics` | no | [`metrics`] (names, descriptions, a publisher) through the `metrics` facade | per check: one thread-local load and store; totals published by nodes after syncs and by a `metrics::Publisher` thread |
 //! | `http` | no | `config` (tiers file, validation, hot reload) and `http` (tower `RateLimitLayer`) | per request: one `ArcSwap` load, key formatting without allocation, one check per layer, two small header allocations |

@@ -47,6 +47,9 @@ pub struct Scenario {
     pub seed: u64,
     /// Keys the load is spread over, uniformly (the oracle judges each key).
     pub keys: usize,
+    /// The identifiers of the keys, when not the default `key-0`, `key-1`, ... (then `keys` is
+    /// ignored). Any bytes go: braces, colons, non-ASCII.
+    pub identifiers: Vec<String>,
     /// Node `i` sends its first request after `i * stagger`, so late nodes start cold while
     /// the others are already spending the quota.
     pub stagger: Duration,
@@ -65,6 +68,7 @@ impl Scenario {
             cold_start: ColdStart::Deny,
             seed: 1,
             keys: 1,
+            identifiers: Vec::new(),
             stagger: Duration::ZERO,
         }
     }
@@ -209,8 +213,11 @@ enum Event {
     Request(usize),
 }
 
-fn key_names(n: usize) -> Vec<String> {
-    (0..n.max(1)).map(|k| format!("key-{k}")).collect()
+fn key_names(s: &Scenario) -> Vec<String> {
+    if !s.identifiers.is_empty() {
+        return s.identifiers.clone();
+    }
+    (0..s.keys.max(1)).map(|k| format!("key-{k}")).collect()
 }
 
 /// Runs a scenario on virtual time with an in-process store. Deterministic for a seed (apart
@@ -251,7 +258,7 @@ async fn virtual_run(s: &Scenario) -> Report {
         .collect();
     let interval = s.sync_interval.as_nanos() as u64;
     let end = s.duration.as_nanos() as u64;
-    let keys = key_names(s.keys);
+    let keys = key_names(s);
     let rate = rate_per_ns(&s.policy) * s.load * keys.len() as f64;
     let shares = shares(s.nodes, s.skew);
     let mut rng = Rng(s.seed);
@@ -391,7 +398,7 @@ pub async fn run_real(s: &Scenario, store: Arc<dyn Store>) -> Report {
         .as_nanos() as u64;
     let origin = clock.now_ns();
     let end = s.duration.as_nanos() as u64;
-    let keys = key_names(s.keys);
+    let keys = key_names(s);
     let rate = rate_per_ns(&s.policy) * s.load * keys.len() as f64;
     let shares = shares(s.nodes, s.skew);
     let mut rng = Rng(s.seed);

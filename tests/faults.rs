@@ -729,10 +729,11 @@ async fn b7_wrongtype_isolates_one_key_and_the_rest_of_the_batch_syncs() {
     // Another application writes a list under that name.
     let client = redis::Client::open(server.url()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("DEL").arg(ours[0]).query_async(&mut c).await.unwrap();
-    let _: () = redis::cmd("LPUSH")
+    // At once, so that no sync writes the key between the two.
+    let _: () = redis::cmd("EVAL")
+        .arg("redis.call('DEL', KEYS[1]); redis.call('LPUSH', KEYS[1], 'x')")
+        .arg(1)
         .arg(ours[0])
-        .arg("x")
         .query_async(&mut c)
         .await
         .unwrap();

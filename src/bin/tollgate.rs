@@ -32,6 +32,7 @@ options:
   --svg PATH           where to write the plot (default tune.svg)
   --redis URL          run on the wall clock against this Redis (needs the `redis` feature);
                        without it the run uses the in-process store on virtual time
+  --redis-cluster URLS the same against a Redis Cluster: seed URLs, comma-separated
 ";
 
 struct Args {
@@ -44,6 +45,7 @@ struct Args {
     seed: u64,
     svg: String,
     redis: Option<String>,
+    cluster: bool,
 }
 
 fn parse_list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>, String> {
@@ -65,6 +67,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
         seed: 1,
         svg: "tune.svg".into(),
         redis: None,
+        cluster: false,
     };
     let (mut points, mut duration_s, mut burst, mut algorithm) = (1000u64, 1.0f64, None, Algorithm::TokenBucket);
     let mut it = args.iter();
@@ -85,6 +88,10 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--seed" => a.seed = num(value()?)? as u64,
             "--svg" => a.svg = value()?,
             "--redis" => a.redis = Some(value()?),
+            "--redis-cluster" => {
+                a.redis = Some(value()?);
+                a.cluster = true;
+            }
             "--algorithm" => {
                 algorithm = match value()?.as_str() {
                     "token_bucket" => Algorithm::TokenBucket,
@@ -167,10 +174,19 @@ fn run(args: &Args) -> Result<Vec<Row>, String> {
     let (runtime, store) = match &args.redis {
         Some(url) => {
             let rt = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start a runtime: {e}"))?;
-            let store = rt
-                .block_on(tollgate::store::RedisStore::connect(url))
-                .map_err(|e| format!("--redis {url}: {e}"))?;
-            (Some(rt), Some(std::sync::Arc::new(store)))
+            let store: std::sync::Arc<dyn tollgate::store::Store> = if args.cluster {
+                let seeds: Vec<&str> = url.split(',').map(str::trim).collect();
+                std::sync::Arc::new(
+                    rt.block_on(tollgate::store::RedisClusterStore::connect(seeds))
+                        .map_err(|e| format!("--redis-cluster {url}: {e}"))?,
+                )
+            } else {
+                std::sync::Arc::new(
+                    rt.block_on(tollgate::store::RedisStore::connect(url))
+                        .map_err(|e| format!("--redis {url}: {e}"))?,
+                )
+            };
+            (Some(rt), Some(store))
         }
         None => (None, None),
     };
@@ -216,7 +232,9 @@ fn print(args: &Args, rows: &[Row]) {
         "tollgate tune: {} nodes sharing {} ({}), cold start {:?}",
         args.nodes,
         args.policy,
-        if args.redis.is_some() {
+        if args.cluster {
+            "Redis Cluster, wall clock"
+        } else if args.redis.is_some() {
             "Redis, wall clock"
         } else {
             "in-process store, virtual time"

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::breaker::{Breaker, CircuitState, Permit, Transition};
 use crate::clock::Clock;
 use crate::consts::MIN_CLAIM_SPAN;
-use crate::store::{Claim, ClaimOutcome, ErrorClass, KeyEncoder, NodeId, Store, StoreError, StoreKey};
+use crate::store::{Claim, ClaimOutcome, ErrorClass, KeyEncoder, KeyError, NodeId, Store, StoreError, StoreKey};
 
 /// What the synchronous check does for a key this node holds no claim for yet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -732,12 +732,16 @@ impl NodeInner {
     /// One heartbeat, bounded by the sync timeout; updates the live node count and checks
     /// the server identity.
     async fn heartbeat(&self, bound: Duration) -> Result<(), StoreError> {
-        let ttl = self.lease.max(self.sync_interval * 3);
+        // Three heartbeat periods: a node drops out of the count only after missing three
+        // (with one, the count flickered between heartbeats that came a little late).
+        let ttl = self.lease.max(self.heartbeat_every() * 3);
         let beat = match tokio::time::timeout(bound, self.store.heartbeat(&self.registry, self.id, ttl)).await {
             Ok(r) => r?,
             Err(_) => return Err(timed_out(bound)),
         };
-        self.live_nodes.store(beat.live_nodes.max(1), Ordering::Relaxed);
+        if beat.live_nodes > 0 {
+            self.live_nodes.store(beat.live_nodes, Ordering::Relaxed);
+        }
         let before = self.server.swap(beat.server, Ordering::AcqRel);
         if before != 0 && before != beat.server {
             self.counters.state_losses.fetch_add(1, Ordering::Relaxed);
@@ -747,6 +751,11 @@ impl NodeInner {
             );
         }
         Ok(())
+    }
+
+    /// How often the node tells the registry it is alive: every sync, at most once a second.
+    fn heartbeat_every(&self) -> Duration {
+        self.sync_interval.max(Duration::from_secs(1))
     }
 
     /// Counts a failed sync, acts on its class and feeds the breaker.
@@ -879,9 +888,25 @@ impl NodeInner {
                 continue;
             }
             self.counters.round_trips.fetch_add(1, Ordering::Relaxed);
-            let reply = tokio::time::timeout(self.sync_timeout, self.store.claim(self.id, batch)).await;
+            // The store bounds its calls by the sync timeout (a cluster store then answers
+            // what it has); the outer bound, a little later, is for stores that do not.
+            let reply = tokio::time::timeout(
+                self.sync_timeout + crate::consts::SYNC_TIMEOUT_GRACE,
+                self.store.claim_within(self.id, batch, self.sync_timeout),
+            )
+            .await;
             match reply {
-                Ok(Ok(replies)) if replies.len() == batch.len() => outcomes.extend(replies.into_iter().map(Some)),
+                Ok(Ok(replies)) if replies.len() == batch.len() => {
+                    // Keys whose call failed alone: their fate is as unknown as a failed batch's.
+                    let (r, w) = batch
+                        .iter()
+                        .zip(&replies)
+                        .filter(|(_, o)| matches!(o, Err(KeyError::Unavailable(_))))
+                        .fold((0, 0), |(r, w), (c, _)| (r + c.returned, w + c.wanted));
+                    self.counters.unconfirmed_returns.fetch_add(r, Ordering::Relaxed);
+                    self.counters.unconfirmed_wants.fetch_add(w, Ordering::Relaxed);
+                    outcomes.extend(replies.into_iter().map(Some))
+                }
                 other => {
                     // Failed or ambiguous: nothing granted, returns lost, never resent.
                     self.counters.failed.fetch_add(1, Ordering::Relaxed);
@@ -909,14 +934,22 @@ impl NodeInner {
         }
         self.report(&report);
         let now = self.clock.now_ns();
-        let heartbeat_every = self.sync_interval.max(Duration::from_secs(1)).as_nanos() as u64;
+        let heartbeat_every = self.heartbeat_every().as_nanos() as u64;
         let last = self.last_heartbeat.load(Ordering::Relaxed);
         let mut touched = beat_done || !claims.is_empty();
         if error.is_none() && !drain && !beat_done && (last == 0 || now.saturating_sub(last) >= heartbeat_every) {
             self.last_heartbeat.store(now.max(1), Ordering::Relaxed);
             touched = true;
             if let Err(e) = self.heartbeat(self.sync_timeout).await {
-                error = Some(e);
+                if claims.is_empty() {
+                    error = Some(e);
+                } else {
+                    // The claims went through: the store works, only the registry did not
+                    // answer (on a cluster, its master may be down). Not a reason to open the
+                    // circuit for every key; the live node count keeps its last value.
+                    self.counters.errors[class_index(e.class())].fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(node = self.id, error = %e, "tollgate: heartbeat failed after a good sync");
+                }
             }
         }
         match error {

@@ -51,11 +51,15 @@ use std::time::Duration;
 
 use crate::policy::{Algorithm, Policy};
 
+#[cfg(feature = "redis")]
+mod cluster;
 pub mod keys;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 
+#[cfg(feature = "redis")]
+pub use self::cluster::{key_slot, ClusterStats, RedisClusterStore};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisConfig, RedisStore};
 pub use keys::{KeyConfigError, KeyEncoder, StoreKey};
@@ -282,10 +286,12 @@ pub struct Grant {
 /// The store's answer to a heartbeat.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Heartbeat {
-    /// Live nodes in the registry, this one included.
+    /// Live nodes in the registry, this one included; 0 when the registry could not be read
+    /// though the store works (a cluster whose registry master is down): keep the last count.
     pub live_nodes: u64,
     /// Identifies the server process (a hash of Redis `run_id`): a change means the store
-    /// restarted, and may have lost its state.
+    /// restarted, and may have lost its state. 0 when the store cannot tell (a cluster, whose
+    /// masters each have their own).
     pub server: u64,
 }
 
@@ -301,6 +307,12 @@ pub enum KeyError {
     /// Another error for this key alone.
     #[error("store error for this key: {0}")]
     Other(String),
+    /// The call that carried this key failed as a whole while other calls of the batch
+    /// succeeded (Redis Cluster: its master is down or unreachable, its slot is not served, or
+    /// the user may not touch the key). The claim may or may not have been applied: the node
+    /// treats it like a failed batch for this key alone.
+    #[error("the store call for this key failed: {0}")]
+    Unavailable(StoreError),
 }
 
 /// The outcome for one claim of a batch.
@@ -386,6 +398,26 @@ pub trait Store: Send + Sync {
     /// Applies one sync's claims of `node` and answers one outcome per claim, in order.
     /// Claims may mix algorithms and policies; a key should appear at most once per batch.
     fn claim<'a>(&'a self, node: NodeId, claims: &'a [Claim]) -> StoreFuture<'a, Vec<ClaimOutcome>>;
+
+    /// [`claim`](Self::claim) within `timeout`. A store that sends several calls (a cluster)
+    /// answers what it has when the time is up, failing only the calls still out
+    /// ([`KeyError::Unavailable`]); the default fails the whole batch.
+    fn claim_within<'a>(
+        &'a self,
+        node: NodeId,
+        claims: &'a [Claim],
+        timeout: Duration,
+    ) -> StoreFuture<'a, Vec<ClaimOutcome>> {
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, self.claim(node, claims)).await {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::new(
+                    ErrorClass::Transient,
+                    format!("no reply within {} ms", timeout.as_millis()),
+                )),
+            }
+        })
+    }
 
     /// Registers `node` as alive for `ttl` (at least 1 ms) in the registry `registry` (see
     /// [`KeyEncoder::registry_key`]) and answers the number of live nodes, this one included,

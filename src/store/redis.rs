@@ -101,6 +101,14 @@ impl RedisConfig {
     pub fn url(&self) -> &str {
         &self.url
     }
+
+    pub(crate) fn connect_timeout_value(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    pub(crate) fn response_timeout_value(&self) -> Duration {
+        self.response_timeout
+    }
 }
 
 impl From<&str> for RedisConfig {
@@ -131,11 +139,108 @@ pub struct RedisStore {
     time_override: Arc<AtomicU64>,
 }
 
-struct Scripts {
-    token_bucket: Script,
-    fixed_window: Script,
-    sliding_window: Script,
-    registry: Script,
+/// The four scripts, with their hashes.
+pub(super) struct Scripts {
+    pub(super) token_bucket: Script,
+    pub(super) fixed_window: Script,
+    pub(super) sliding_window: Script,
+    pub(super) registry: Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Self {
+        Scripts {
+            token_bucket: Script::new(TOKEN_BUCKET_LUA),
+            fixed_window: Script::new(FIXED_WINDOW_LUA),
+            sliding_window: Script::new(SLIDING_WINDOW_LUA),
+            registry: Script::new(REGISTRY_LUA),
+        }
+    }
+
+    pub(super) fn claim(&self, algorithm: StoreAlgorithm) -> &Script {
+        match algorithm {
+            StoreAlgorithm::TokenBucket => &self.token_bucket,
+            StoreAlgorithm::FixedWindow => &self.fixed_window,
+            StoreAlgorithm::SlidingWindow => &self.sliding_window,
+        }
+    }
+
+    /// Every script with its source, for `SCRIPT LOAD`.
+    pub(super) fn sources() -> [&'static str; 4] {
+        [TOKEN_BUCKET_LUA, FIXED_WINDOW_LUA, SLIDING_WINDOW_LUA, REGISTRY_LUA]
+    }
+}
+
+/// The keys and arguments of one claim script call: claims (indices into a batch) that share
+/// an algorithm and, on a cluster, a hash slot.
+pub(super) struct ClaimCall<'a> {
+    pub(super) keys: Vec<&'a [u8]>,
+    pub(super) args: Vec<Vec<u8>>,
+}
+
+impl<'a> ClaimCall<'a> {
+    pub(super) fn new(
+        node: NodeId,
+        time_arg: &str,
+        algorithm: StoreAlgorithm,
+        claims: &'a [Claim],
+        idx: &[usize],
+    ) -> Self {
+        let mut policies: Vec<Limits> = Vec::new();
+        let mut pidx = Vec::with_capacity(idx.len());
+        for &i in idx {
+            let l = claims[i].limits;
+            let p = match policies.iter().position(|q| *q == l) {
+                Some(p) => p,
+                None => {
+                    policies.push(l);
+                    policies.len() - 1
+                }
+            };
+            pidx.push(p + 1);
+        }
+        // The scripts read every key with one MGET up front, which is only right if no key
+        // repeats (a later claim on a key must see what an earlier one wrote).
+        let repeats = {
+            let mut seen = std::collections::HashSet::with_capacity_and_hasher(idx.len(), ahash::RandomState::new());
+            !idx.iter().all(|&i| seen.insert(claims[i].key.as_bytes()))
+        };
+        let num = |n: u64| n.to_string().into_bytes();
+        let mut args = vec![
+            node.to_le_bytes().to_vec(),
+            time_arg.as_bytes().to_vec(),
+            if repeats { b"1".to_vec() } else { b"0".to_vec() },
+            num(policies.len() as u64),
+        ];
+        for l in &policies {
+            args.push(num(l.capacity()));
+            args.push(num(l.period_us()));
+            match algorithm {
+                StoreAlgorithm::TokenBucket => args.push(num(l.lease_ms())),
+                StoreAlgorithm::FixedWindow => {}
+                StoreAlgorithm::SlidingWindow => args.push(num(l.tick_us())),
+            }
+        }
+        // Per-key numbers travel as one binary argument: parsing string arguments per key
+        // costs the server more than the rest of the script.
+        let mut blob = Vec::with_capacity(idx.len() * claim_width(algorithm));
+        let mut keys = Vec::with_capacity(idx.len());
+        for (&i, &p) in idx.iter().zip(&pidx) {
+            let c = &claims[i];
+            let (kept, ret, want, window) = clamped(c);
+            keys.push(c.key.as_bytes());
+            // p <= MAX_KEYS_PER_CALL; kept, ret and want <= capacity <= u32::MAX.
+            blob.extend_from_slice(&(p as u16).to_le_bytes());
+            for v in [kept, ret, want] {
+                blob.extend_from_slice(&(v as u32).to_le_bytes());
+            }
+            if algorithm != StoreAlgorithm::TokenBucket {
+                blob.extend_from_slice(&(window as f64).to_le_bytes());
+            }
+        }
+        args.push(blob);
+        ClaimCall { keys, args }
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -174,7 +279,7 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(2))
     }
 
-    fn client(config: &RedisConfig) -> Result<redis::Client, StoreError> {
+    pub(crate) fn client(config: &RedisConfig) -> Result<redis::Client, StoreError> {
         #[cfg(feature = "redis-tls")]
         if config.url.starts_with("rediss://") {
             // The process may have chosen a provider already; otherwise use ring.
@@ -187,12 +292,7 @@ impl RedisStore {
         RedisStore {
             conn: Arc::new(parking_lot::Mutex::new(conn)),
             source: Arc::new((client, config)),
-            scripts: Arc::new(Scripts {
-                token_bucket: Script::new(TOKEN_BUCKET_LUA),
-                fixed_window: Script::new(FIXED_WINDOW_LUA),
-                sliding_window: Script::new(SLIDING_WINDOW_LUA),
-                registry: Script::new(REGISTRY_LUA),
-            }),
+            scripts: Arc::new(Scripts::new()),
             time_override: Arc::new(AtomicU64::new(NO_OVERRIDE)),
         }
     }
@@ -239,11 +339,7 @@ impl RedisStore {
     }
 
     fn script(&self, algorithm: StoreAlgorithm) -> &Script {
-        match algorithm {
-            StoreAlgorithm::TokenBucket => &self.scripts.token_bucket,
-            StoreAlgorithm::FixedWindow => &self.scripts.fixed_window,
-            StoreAlgorithm::SlidingWindow => &self.scripts.sliding_window,
-        }
+        self.scripts.claim(algorithm)
     }
 
     /// One script call for claims (indices into `claims`) that share an algorithm.
@@ -254,55 +350,14 @@ impl RedisStore {
         claims: &[Claim],
         idx: &[usize],
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        let mut policies: Vec<Limits> = Vec::new();
-        let mut pidx = Vec::with_capacity(idx.len());
-        for &i in idx {
-            let l = claims[i].limits;
-            let p = match policies.iter().position(|q| *q == l) {
-                Some(p) => p,
-                None => {
-                    policies.push(l);
-                    policies.len() - 1
-                }
-            };
-            pidx.push(p + 1);
+        let args = ClaimCall::new(node, &self.time_arg(), algorithm, claims, idx);
+        let mut inv = self.script(algorithm).prepare_invoke();
+        for k in &args.keys {
+            inv.key(*k);
         }
-        let script = self.script(algorithm);
-        let mut inv = script.prepare_invoke();
-        // The scripts read every key with one MGET up front, which is only right if no key
-        // repeats (a later claim on a key must see what an earlier one wrote).
-        let repeats = {
-            let mut seen = std::collections::HashSet::with_capacity_and_hasher(idx.len(), ahash::RandomState::new());
-            !idx.iter().all(|&i| seen.insert(claims[i].key.as_bytes()))
-        };
-        inv.arg(&node.to_le_bytes()[..])
-            .arg(self.time_arg())
-            .arg(if repeats { "1" } else { "0" })
-            .arg(policies.len());
-        for l in &policies {
-            match algorithm {
-                StoreAlgorithm::TokenBucket => inv.arg(l.capacity()).arg(l.period_us()).arg(l.lease_ms()),
-                StoreAlgorithm::FixedWindow => inv.arg(l.capacity()).arg(l.period_us()),
-                StoreAlgorithm::SlidingWindow => inv.arg(l.capacity()).arg(l.period_us()).arg(l.tick_us()),
-            };
+        for a in &args.args {
+            inv.arg(a.as_slice());
         }
-        // Per-key numbers travel as one binary argument: parsing string arguments per key
-        // costs the server more than the rest of the script.
-        let mut blob = Vec::with_capacity(idx.len() * claim_width(algorithm));
-        for (&i, &p) in idx.iter().zip(&pidx) {
-            let c = &claims[i];
-            let (kept, ret, want, window) = clamped(c);
-            inv.key(c.key.as_bytes());
-            // p <= MAX_KEYS_PER_CALL; kept, ret and want <= capacity <= u32::MAX.
-            blob.extend_from_slice(&(p as u16).to_le_bytes());
-            for v in [kept, ret, want] {
-                blob.extend_from_slice(&(v as u32).to_le_bytes());
-            }
-            if algorithm != StoreAlgorithm::TokenBucket {
-                blob.extend_from_slice(&(window as f64).to_le_bytes());
-            }
-        }
-        inv.arg(blob);
         let mut conn = self.connection();
         let reply: Value = inv.invoke_async(&mut conn).await.map_err(|e| classify(&e))?;
         decode_reply(reply, idx.len())
@@ -342,7 +397,7 @@ impl RedisStore {
 }
 
 /// Polls all futures to completion concurrently, keeping their order.
-async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+pub(super) async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
     let mut results: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
     std::future::poll_fn(move |cx: &mut Context<'_>| {
@@ -364,7 +419,7 @@ async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     .await
 }
 
-fn as_u64(v: &Value) -> Option<u64> {
+pub(super) fn as_u64(v: &Value) -> Option<u64> {
     match v {
         Value::Int(i) => u64::try_from(*i).ok(),
         Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
@@ -373,7 +428,7 @@ fn as_u64(v: &Value) -> Option<u64> {
     }
 }
 
-fn as_text(v: &Value) -> String {
+pub(super) fn as_text(v: &Value) -> String {
     match v {
         Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
         Value::SimpleString(s) => s.clone(),
@@ -443,6 +498,18 @@ pub(crate) fn decode_reply(reply: Value, n: usize) -> Result<Vec<ClaimOutcome>, 
     Ok(out)
 }
 
+/// Decodes the registry script's reply.
+pub(super) fn decode_heartbeat(v: &Value) -> Result<Heartbeat, StoreError> {
+    let bad = || StoreError::new(ErrorClass::Protocol, format!("unexpected heartbeat reply: {v:?}"));
+    match v {
+        Value::Array(items) if items.len() == 2 => Ok(Heartbeat {
+            live_nodes: as_u64(&items[0]).ok_or_else(bad)?,
+            server: ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(as_text(&items[1])),
+        }),
+        _ => Err(bad()),
+    }
+}
+
 /// A reply number: a double holding a non-negative integer below 2^53.
 fn number(b: &[u8]) -> Option<u64> {
     let v = f64::from_le_bytes(b.try_into().ok()?);
@@ -491,14 +558,7 @@ impl Store for RedisStore {
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| classify(&e))?;
-            let bad = || StoreError::new(ErrorClass::Protocol, format!("unexpected heartbeat reply: {v:?}"));
-            match &v {
-                Value::Array(items) if items.len() == 2 => Ok(Heartbeat {
-                    live_nodes: as_u64(&items[0]).ok_or_else(bad)?,
-                    server: ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(as_text(&items[1])),
-                }),
-                _ => Err(bad()),
-            }
+            decode_heartbeat(&v)
         })
     }
 

@@ -39,6 +39,23 @@ impl RedisServer {
         panic!("redis-server did not answer PING on a loopback port after 5 attempts");
     }
 
+    /// Starts `redis-server` on `port` (127.0.0.1) with extra arguments; `None` if it does not
+    /// answer (the port is taken).
+    pub fn start_on(port: u16, extra: &[&str]) -> Option<RedisServer> {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut server = RedisServer {
+            child: spawn(port, &extra),
+            port,
+            extra,
+        };
+        if server.wait_ready() {
+            return Some(server);
+        }
+        let _ = server.child.kill();
+        let _ = server.child.wait();
+        None
+    }
+
     /// Kills the server (SIGKILL): everything it held is lost.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
