@@ -737,13 +737,18 @@ async fn a_least_privilege_user_runs_a_node_and_a_key_outside_the_prefix_is_refu
     let registry = KeyEncoder::default().registry_key();
     let registry_key = String::from_utf8(registry.as_bytes().to_vec()).unwrap();
     let member = node.id().to_string();
-    let first_beat: f64 = server.cli(&["ZSCORE", &registry_key, &member]).parse().unwrap();
+    let score = || -> f64 { server.cli(&["ZSCORE", &registry_key, &member]).parse().unwrap() };
+    let first_beat = score();
     // Real claims, and the next heartbeat (one a second), through the ACL user.
-    let admitted = drive(&node, &limiter, Duration::from_millis(1500), |_| false).await;
+    let (mut admitted, mut beat) = (0, first_beat);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < deadline && (beat <= first_beat || node.stats().round_trips < 10) {
+        admitted += drive(&node, &limiter, Duration::from_millis(200), |_| false).await;
+        beat = score();
+    }
     let s = node.stats();
-    assert!(admitted > 100 && s.round_trips >= 10, "{admitted} admitted, {s:?}");
+    assert!(admitted >= 10 && s.round_trips >= 10, "{admitted} admitted, {s:?}");
     assert!(no_errors(&s), "{s:?}");
-    let beat: f64 = server.cli(&["ZSCORE", &registry_key, &member]).parse().unwrap();
     assert!(beat > first_beat, "no heartbeat since the first: {first_beat} {beat}");
     assert!(server.cli(&["DBSIZE"]).parse::<u64>().unwrap() >= 2);
 
