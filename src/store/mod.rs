@@ -326,7 +326,8 @@ pub enum ErrorClass {
     Transient,
     /// `READONLY`, `MOVED`, `ASK`, `CROSSSLOT`: the topology changed or the keys are misrouted.
     Topology,
-    /// `NOAUTH`, `WRONGPASS`, `NOPERM`, bad URL or TLS setup: fix the configuration.
+    /// `NOAUTH`, `WRONGPASS`, `NOPERM`, bad URL or TLS setup, a TLS certificate refused
+    /// (unknown CA, wrong host name, client certificate refused): fix the configuration.
     Config,
     /// `OOM`: the server is out of memory.
     Resource,

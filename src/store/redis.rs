@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -57,23 +58,66 @@ const fn claim_width(algorithm: StoreAlgorithm) -> usize {
 const NO_OVERRIDE: u64 = u64::MAX;
 
 /// How to reach Redis.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
     url: String,
     connect_timeout: Duration,
     response_timeout: Duration,
     reconnect_retries: usize,
+    tls: TlsOptions,
+}
+
+/// Where the CA to trust comes from.
+#[derive(Clone, PartialEq, Eq)]
+enum CaSource {
+    Pem(Vec<u8>),
+    File(PathBuf),
+}
+
+/// The TLS options of a `rediss://` connection.
+#[derive(Clone, Default, PartialEq, Eq)]
+struct TlsOptions {
+    ca: Option<CaSource>,
+    /// Client certificate chain and private key, PEM.
+    client_cert: Option<(Vec<u8>, Vec<u8>)>,
+    insecure: bool,
+}
+
+impl TlsOptions {
+    fn is_set(&self) -> bool {
+        self.ca.is_some() || self.client_cert.is_some() || self.insecure
+    }
+
+    /// The names of the options that are set, for error messages.
+    fn names(&self) -> String {
+        let mut names = Vec::new();
+        match self.ca {
+            Some(CaSource::Pem(_)) => names.push("tls_ca_pem"),
+            Some(CaSource::File(_)) => names.push("tls_ca_file"),
+            None => {}
+        }
+        if self.client_cert.is_some() {
+            names.push("tls_client_cert");
+        }
+        if self.insecure {
+            names.push("tls_insecure_skip_verify");
+        }
+        names.join(", ")
+    }
 }
 
 impl RedisConfig {
     /// A `redis://[user:password@]host[:port][/db]` URL, or `rediss://` (TLS: feature
-    /// `redis-tls`, certificate and host name verified). Timeouts default to 1 s.
+    /// `redis-tls`; the server's certificate chain and host name are verified, against the
+    /// system's root certificates unless [`tls_ca_pem`](Self::tls_ca_pem) or
+    /// [`tls_ca_file`](Self::tls_ca_file) names a CA). Timeouts default to 1 s.
     pub fn new(url: impl Into<String>) -> Self {
         RedisConfig {
             url: url.into(),
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
             reconnect_retries: 0,
+            tls: TlsOptions::default(),
         }
     }
 
@@ -97,6 +141,48 @@ impl RedisConfig {
         self
     }
 
+    /// `rediss://` only (feature `redis-tls`): trust the CA certificate(s) in `pem` (one or
+    /// more PEM `CERTIFICATE` blocks) instead of the system's root certificates. The server's
+    /// certificate must chain to one of them and name the URL's host (a DNS name, or an IP
+    /// address in its subjectAltName). Replaces an earlier [`tls_ca_file`](Self::tls_ca_file).
+    ///
+    /// Invalid PEM is an [`ErrorClass::Config`] error when the store connects.
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.ca = Some(CaSource::Pem(pem.into()));
+        self
+    }
+
+    /// Like [`tls_ca_pem`](Self::tls_ca_pem), with the PEM read from `path` when the store
+    /// connects (and again when it builds a new client): a missing, unreadable or invalid file
+    /// is an [`ErrorClass::Config`] error that names the path.
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.ca = Some(CaSource::File(path.into()));
+        self
+    }
+
+    /// `rediss://` only (feature `redis-tls`): present this client certificate (PEM, the
+    /// chain with the leaf first) and its private key (PEM: PKCS#8, PKCS#1 or SEC1) to
+    /// servers that require one (Redis `tls-auth-clients yes`). Invalid PEM is an
+    /// [`ErrorClass::Config`] error when the store connects.
+    pub fn tls_client_cert(mut self, cert_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.client_cert = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// `rediss://` only (feature `redis-tls`). **Development only; dangerous.** With `true`,
+    /// the server's certificate is not verified at all: any certificate, from any issuer, for
+    /// any host name, expired or not, is accepted. The connection is still encrypted, but
+    /// anyone who can intercept the traffic can impersonate the server, read the password and
+    /// every key, and answer claims as they like (granting unlimited quota). Use a CA
+    /// ([`tls_ca_file`](Self::tls_ca_file)) for self-signed or private certificates instead.
+    ///
+    /// Default `false`: the certificate chain and the host name are verified. (The URL form
+    /// `rediss://host:port/#insecure` does the same as `true`.)
+    pub fn tls_insecure_skip_verify(mut self, insecure: bool) -> Self {
+        self.tls.insecure = insecure;
+        self
+    }
+
     /// The URL.
     pub fn url(&self) -> &str {
         &self.url
@@ -109,6 +195,47 @@ impl RedisConfig {
     pub(crate) fn response_timeout_value(&self) -> Duration {
         self.response_timeout
     }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ca = match &self.tls.ca {
+            None => None,
+            Some(CaSource::Pem(_)) => Some("<pem>".to_string()),
+            Some(CaSource::File(p)) => Some(p.display().to_string()),
+        };
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_password(&self.url))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("reconnect_retries", &self.reconnect_retries)
+            .field("tls_ca", &ca)
+            .field("tls_client_cert", &self.tls.client_cert.as_ref().map(|_| "<redacted>"))
+            .field("tls_insecure_skip_verify", &self.tls.insecure)
+            .finish()
+    }
+}
+
+/// The URL with the password (if any) replaced, for `Debug`.
+fn redact_password(url: &str) -> Cow<'_, str> {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return Cow::Borrowed(url);
+    };
+    let end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
+    let Some(at) = url[start..end].rfind('@').map(|i| start + i) else {
+        return Cow::Borrowed(url);
+    };
+    match url[start..at].find(':') {
+        Some(colon) => Cow::Owned(format!("{}:<redacted>{}", &url[..start + colon], &url[at..])),
+        // `redis://password@host` is not a password in redis URLs, but is kept out all the same.
+        None => Cow::Owned(format!("{}<redacted>{}", &url[..start], &url[at..])),
+    }
+}
+
+/// True for the URL schemes redis-rs connects to with TLS.
+fn is_tls_url(url: &str) -> bool {
+    let scheme = url.split("://").next().unwrap_or_default();
+    scheme.eq_ignore_ascii_case("rediss") || scheme.eq_ignore_ascii_case("valkeys")
 }
 
 impl From<&str> for RedisConfig {
@@ -249,6 +376,10 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+fn config_error(message: impl Into<String>) -> StoreError {
+    StoreError::new(ErrorClass::Config, message)
+}
+
 /// Classifies a client error.
 pub(crate) fn classify(e: &RedisError) -> StoreError {
     let message = e.to_string();
@@ -257,7 +388,23 @@ pub(crate) fn classify(e: &RedisError) -> StoreError {
         if code == "ERR" && e.detail().is_some_and(|d| d.contains("unauthenticated")) {
             return StoreError::new(ErrorClass::Config, message);
         }
+        // Redis 7.0 refuses a command a script sends that the ACL user may not run with this
+        // instead of NOPERM.
+        if code == "ERR"
+            && e.detail()
+                .is_some_and(|d| d.contains("user executing the script can't"))
+        {
+            return StoreError::new(
+                ErrorClass::Config,
+                format!("NOPERM: the ACL user may not run a command of tollgate's scripts: {message}"),
+            );
+        }
         return StoreError::from_code(code, message);
+    }
+    // A refused certificate is an I/O error to the client, but no retry will fix it.
+    #[cfg(feature = "redis-tls")]
+    if let Some(refused) = tls::handshake_refusal(e) {
+        return refused;
     }
     if e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
         return StoreError::new(ErrorClass::Transient, message);
@@ -270,6 +417,111 @@ pub(crate) fn classify(e: &RedisError) -> StoreError {
     StoreError::new(class, message)
 }
 
+/// `rediss://`: building TLS clients, and telling refused certificates from network failures.
+#[cfg(feature = "redis-tls")]
+mod tls {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    use super::{config_error, CaSource, ErrorClass, RedisError, StoreError, TlsOptions};
+
+    /// Adds the TLS options to a client of a `rediss://` URL.
+    pub(super) fn client(client: redis::Client, tls: &TlsOptions) -> Result<redis::Client, StoreError> {
+        // The process may have chosen a provider already; otherwise use ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut client = client;
+        if tls.ca.is_some() || tls.client_cert.is_some() {
+            let root_cert = match &tls.ca {
+                None => None,
+                Some(CaSource::Pem(pem)) => Some(check_ca(pem.clone(), "tls_ca_pem")?),
+                Some(CaSource::File(path)) => {
+                    let what = format!("TLS CA file {}", path.display());
+                    let pem = std::fs::read(path).map_err(|e| config_error(format!("{what}: {e}")))?;
+                    Some(check_ca(pem, &what)?)
+                }
+            };
+            let client_tls = tls.client_cert.as_ref().map(|(cert, key)| redis::ClientTlsConfig {
+                client_cert: cert.clone(),
+                client_key: key.clone(),
+            });
+            let certificates = redis::TlsCertificates { client_tls, root_cert };
+            client = redis::Client::build_with_tls(client.get_connection_info().clone(), certificates)
+                .map_err(|e| config_error(format!("TLS client certificate or key: {e}")))?;
+        }
+        if tls.insecure {
+            let info = client.get_connection_info().clone();
+            let addr = match info.addr().clone() {
+                redis::ConnectionAddr::TcpTls {
+                    host, port, tls_params, ..
+                } => redis::ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    insecure: true,
+                    tls_params,
+                },
+                other => other,
+            };
+            client = redis::Client::open(info.set_addr(addr)).map_err(|e| config_error(e.to_string()))?;
+        }
+        Ok(client)
+    }
+
+    /// The PEM of a CA, once it is known to hold at least one usable certificate.
+    fn check_ca(pem: Vec<u8>, what: &str) -> Result<Vec<u8>, StoreError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| config_error(format!("{what}: invalid PEM: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| config_error(format!("{what}: not a usable CA certificate: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(config_error(format!("{what}: no PEM CERTIFICATE block")));
+        }
+        Ok(pem)
+    }
+
+    /// The rustls error inside a client I/O error, if the TLS handshake failed.
+    fn rustls_error(e: &RedisError) -> Option<&rustls::Error> {
+        use std::error::Error;
+        // redis-rs keeps the `io::Error` (which tokio-rustls made from the rustls error) in an
+        // `Arc`; `io::Error::source` skips its payload, so the chain is walked by hand.
+        let inner = e.source()?;
+        let io = match inner.downcast_ref::<std::sync::Arc<dyn Error + Send + Sync>>() {
+            Some(arc) => (**arc).downcast_ref::<std::io::Error>(),
+            None => inner.downcast_ref::<std::io::Error>(),
+        }?;
+        io.get_ref()?.downcast_ref::<rustls::Error>()
+    }
+
+    /// A TLS handshake the certificates decided: a [`ErrorClass::Config`] error.
+    pub(super) fn handshake_refusal(e: &RedisError) -> Option<StoreError> {
+        use rustls::{AlertDescription as A, CertificateError as C};
+        let err = rustls_error(e)?;
+        let message = match err {
+            rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => format!(
+                "TLS: the server's certificate was refused: it is not valid for the host name in the URL ({err})"
+            ),
+            rustls::Error::InvalidCertificate(C::UnknownIssuer) => format!(
+                "TLS: the server's certificate was refused: it is not signed by a trusted CA (see tls_ca_file) ({err})"
+            ),
+            rustls::Error::InvalidCertificate(_) => format!("TLS: the server's certificate was refused ({err})"),
+            rustls::Error::AlertReceived(
+                A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::CertificateRequired,
+            ) => format!("TLS: the server refused this client's certificate (see tls_client_cert) ({err})"),
+            other => format!("TLS handshake failed (is the port a TLS port?) ({other})"),
+        };
+        Some(StoreError::new(ErrorClass::Config, message))
+    }
+}
+
 impl RedisStore {
     fn manager_config(config: &RedisConfig) -> ConnectionManagerConfig {
         ConnectionManagerConfig::new()
@@ -279,13 +531,33 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(2))
     }
 
+    /// Builds the `redis::Client` for a configuration: the one place that does, so that the
+    /// TLS parameters live in the client's connection info (a client for another node of the
+    /// same deployment can be made from a copy of it with another address).
     pub(crate) fn client(config: &RedisConfig) -> Result<redis::Client, StoreError> {
-        #[cfg(feature = "redis-tls")]
-        if config.url.starts_with("rediss://") {
-            // The process may have chosen a provider already; otherwise use ring.
-            let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls_url = is_tls_url(&config.url);
+        if !cfg!(feature = "redis-tls") && (tls_url || config.tls.is_set()) {
+            return Err(config_error(
+                "`rediss://` URLs and TLS options need tollgate's `redis-tls` feature",
+            ));
         }
-        redis::Client::open(config.url.as_str()).map_err(|e| StoreError::new(ErrorClass::Config, e.to_string()))
+        if config.tls.is_set() && !tls_url {
+            return Err(config_error(format!(
+                "TLS options ({}) need a `rediss://` URL",
+                config.tls.names()
+            )));
+        }
+        let client = redis::Client::open(config.url.as_str()).map_err(|e| config_error(e.to_string()))?;
+        if !matches!(
+            client.get_connection_info().addr(),
+            redis::ConnectionAddr::TcpTls { .. }
+        ) {
+            return Ok(client);
+        }
+        #[cfg(feature = "redis-tls")]
+        return tls::client(client, &config.tls);
+        #[cfg(not(feature = "redis-tls"))]
+        Err(config_error("`rediss://` URLs need tollgate's `redis-tls` feature"))
     }
 
     fn from_manager(conn: ConnectionManager, client: redis::Client, config: RedisConfig) -> Self {
@@ -701,6 +973,44 @@ mod tests {
         let odd = Value::Array(vec![Value::Array(vec![Value::BulkString(a), Value::Int(1)])]);
         assert_eq!(decode_reply(odd, 1).unwrap_err().class(), ErrorClass::Protocol);
         assert_eq!(decode_reply(parts(vec![]), 0).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn passwords_stay_out_of_debug() {
+        for (url, shown) in [
+            ("redis://u:p4ss@host:1/0", "redis://u:<redacted>@host:1/0"),
+            ("rediss://:p4ss@host", "rediss://:<redacted>@host"),
+            ("redis://p4ss@host/", "redis://<redacted>@host/"),
+            ("redis://host:1/#a@b", "redis://host:1/#a@b"),
+            ("redis://u:p@4ss@host", "redis://u:<redacted>@host"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_password(url), shown);
+        }
+        let debug = format!("{:?}", RedisConfig::new("redis://u:p4ss@h").tls_client_cert("c", "KEY"));
+        assert!(!debug.contains("p4ss") && !debug.contains("KEY"), "{debug}");
+    }
+
+    #[test]
+    fn tls_needs_a_tls_url_and_the_feature() {
+        let config_err = |c: RedisConfig| RedisStore::client(&c).unwrap_err();
+        let e = config_err(RedisConfig::new("redis://127.0.0.1:1").tls_insecure_skip_verify(true));
+        assert_eq!(e.class(), ErrorClass::Config);
+        let needle = if cfg!(feature = "redis-tls") {
+            "tls_insecure_skip_verify"
+        } else {
+            "redis-tls"
+        };
+        assert!(e.message().contains(needle), "{e}");
+        assert!(RedisStore::client(&RedisConfig::new("redis://127.0.0.1:1").tls_insecure_skip_verify(false)).is_ok());
+        let tls = RedisConfig::new("REDISS://127.0.0.1:1");
+        if cfg!(feature = "redis-tls") {
+            assert!(RedisStore::client(&tls).is_ok());
+        } else {
+            let e = config_err(tls);
+            assert_eq!(e.class(), ErrorClass::Config);
+            assert!(e.message().contains("redis-tls"), "{e}");
+        }
     }
 
     #[test]

@@ -9,8 +9,12 @@ use std::time::{Duration, Instant};
 
 pub struct RedisServer {
     child: Child,
+    /// The port clients connect to (the TLS port of a TLS-only server).
     pub port: u16,
     extra: Vec<String>,
+    /// TLS only (no plain port, `port` is the TLS port): the certificate and key files, which
+    /// `redis-cli` also presents as a client certificate.
+    tls: Option<(String, String)>,
 }
 
 impl RedisServer {
@@ -21,13 +25,37 @@ impl RedisServer {
 
     /// Starts `redis-server` with extra arguments (for example `--requirepass x`).
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        Self::start_inner(extra, None)
+    }
+
+    /// Starts a TLS-only `redis-server` (`--port 0 --tls-port <port>`) with this certificate,
+    /// key and CA (PEM files); clients need no certificate unless `extra` says
+    /// `--tls-auth-clients yes` (the certificate must then allow client authentication too:
+    /// [`cli`](Self::cli) presents it). [`url`](Self::url) is then `rediss://127.0.0.1:<port>/`.
+    pub fn start_tls(cert: &str, key: &str, ca: &str, extra: &[&str]) -> RedisServer {
+        let mut args = vec![
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-ca-cert-file",
+            ca,
+            "--tls-auth-clients",
+            "no",
+        ];
+        args.extend_from_slice(extra);
+        Self::start_inner(&args, Some((cert.to_string(), key.to_string())))
+    }
+
+    fn start_inner(extra: &[&str], tls: Option<(String, String)>) -> RedisServer {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         for _attempt in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
             let mut server = RedisServer {
-                child: spawn(port, &extra),
+                child: spawn(port, &extra, tls.is_some()),
                 port,
                 extra: extra.clone(),
+                tls: tls.clone(),
             };
             if server.wait_ready() {
                 return server;
@@ -44,9 +72,10 @@ impl RedisServer {
     pub fn start_on(port: u16, extra: &[&str]) -> Option<RedisServer> {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut server = RedisServer {
-            child: spawn(port, &extra),
+            child: spawn(port, &extra, false),
             port,
             extra,
+            tls: None,
         };
         if server.wait_ready() {
             return Some(server);
@@ -67,7 +96,7 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.kill();
         for _attempt in 0..20 {
-            self.child = spawn(self.port, &self.extra);
+            self.child = spawn(self.port, &self.extra, self.tls.is_some());
             if self.wait_ready() {
                 return;
             }
@@ -97,6 +126,10 @@ impl RedisServer {
     pub fn cli_auth(&self, password: Option<&str>, args: &[&str]) -> String {
         let mut cmd = Command::new("timeout");
         cmd.args(["10", "redis-cli", "--no-auth-warning", "-p", &self.port.to_string()]);
+        if let Some((cert, key)) = &self.tls {
+            // Only for driving the test's own server: the tests check verification themselves.
+            cmd.args(["--tls", "--insecure", "--cert", cert, "--key", key]);
+        }
         if let Some(p) = password {
             cmd.args(["-a", p]);
         }
@@ -117,6 +150,13 @@ impl RedisServer {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return false;
             }
+            if self.tls.is_some() {
+                if TcpStream::connect(("127.0.0.1", self.port)).is_ok() && self.cli(&["PING"]) == "PONG" {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
             if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
                 let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
                 let mut buf = [0u8; 64];
@@ -135,7 +175,8 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
     }
 
     pub fn pid(&self) -> u32 {
@@ -143,18 +184,18 @@ impl RedisServer {
     }
 }
 
-fn spawn(port: u16, extra: &[String]) -> Child {
+fn spawn(port: u16, extra: &[String], tls: bool) -> Child {
+    let port = port.to_string();
+    // A TLS-only server has no plain port.
+    let ports = if tls {
+        vec!["--port", "0", "--tls-port", &port]
+    } else {
+        vec!["--port", &port]
+    };
     let child = Command::new("redis-server")
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
+        .args(["--bind", "127.0.0.1"])
+        .args(ports)
+        .args(["--save", "", "--appendonly", "no"])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
