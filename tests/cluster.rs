@@ -393,3 +393,92 @@ async fn a_dead_master_degrades_its_keys_while_the_others_sync_on() {
     );
     node.shutdown().await;
 }
+
+/// The least-privilege user of the README, with the three commands a cluster adds.
+fn acl_user(cluster: &RedisCluster, without: Option<&str>) -> Vec<String> {
+    let commands = [
+        "evalsha",
+        "script|load",
+        "zrem",
+        "time",
+        "mget",
+        "exists",
+        "get",
+        "set",
+        "setrange",
+        "append",
+        "del",
+        "zadd",
+        "zremrangebyscore",
+        "zcard",
+        "zrange",
+        "pexpire",
+        "info",
+        "cluster|slots",
+        "asking",
+        "ping",
+    ];
+    let grants: Vec<String> = commands
+        .iter()
+        .filter(|c| Some(**c) != without)
+        .map(|c| format!("+{c}"))
+        .collect();
+    for m in &cluster.masters {
+        let mut args = vec![
+            "ACL",
+            "SETUSER",
+            "tollgate",
+            "reset",
+            "on",
+            ">pw",
+            "~tg:*",
+            "resetchannels",
+            "-@all",
+        ];
+        args.extend(grants.iter().map(String::as_str));
+        assert_eq!(m.cli(&args), "OK");
+    }
+    cluster
+        .masters
+        .iter()
+        .map(|m| format!("redis://tollgate:pw@127.0.0.1:{}/", m.port))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_least_privilege_acl_user_runs_a_node_on_the_cluster() {
+    let _serial = SERIAL.lock().await;
+    let cluster = RedisCluster::start(3);
+    // Without the slot map command the store cannot start, and says why.
+    let urls = acl_user(&cluster, Some("cluster|slots"));
+    let err = RedisClusterStore::connect(urls).await.unwrap_err();
+    assert_eq!(err.class(), tollgate::store::ErrorClass::Config, "{err}");
+    let urls = acl_user(&cluster, None);
+    let store = RedisClusterStore::connect(urls).await.unwrap();
+    let node = Node::builder(Arc::new(store.clone())).sync_interval(T).start().unwrap();
+    let limiter: Limiter = Limiter::builder(Policy::per_second(100))
+        .name("acl")
+        .node(&node)
+        .build()
+        .unwrap();
+    let ids = awkward_identifiers(30);
+    let mut allowed = 0;
+    for _ in 0..15 {
+        for id in &ids {
+            allowed += u64::from(limiter.check(id.as_str()).is_allowed());
+        }
+        tokio::time::sleep(T).await;
+    }
+    let s = node.stats();
+    let c = store.stats();
+    println!("{s:?}\n{c:?}");
+    assert!(allowed >= 10 * ids.len() as u64, "{allowed} allowed");
+    assert_eq!(c.failed_calls, 0, "{c:?}");
+    assert_eq!(
+        s.key_errors + s.config_errors + s.transient_errors + s.protocol_errors,
+        0,
+        "{s:?}"
+    );
+    assert_eq!(s.live_nodes, 1);
+    node.shutdown().await;
+}
