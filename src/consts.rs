@@ -47,12 +47,19 @@ pub(crate) const SYNC_TIMEOUT_GRACE: Duration = Duration::from_millis(50);
 
 /// Redis Cluster: the most times one script call is sent (the first time, then after `MOVED`,
 /// `ASK`, `TRYAGAIN` or `NOSCRIPT`, none of which ran it) within one sync.
+#[cfg(feature = "redis")]
 pub(crate) const CLUSTER_MAX_SENDS: usize = 6;
 
 /// Redis Cluster: the pause before sending again the calls answered `TRYAGAIN` (a slot is
 /// being migrated and the call's keys are split between the two masters for now).
+#[cfg(feature = "redis")]
 pub(crate) const CLUSTER_TRYAGAIN_PAUSE: Duration = Duration::from_millis(10);
 
 /// Redis Cluster: the shortest time between two reads of the slot map (`CLUSTER SLOTS`) after
 /// errors that suggest it changed; a `MOVED` reply updates its slot at once all the same.
+#[cfg(feature = "redis")]
 pub(crate) const CLUSTER_MIN_REFRESH: Duration = Duration::from_millis(500);
+
+/// Distributed mode: a node's demand estimate per key counts in 1/256 units, so that a slow
+/// key's estimate decays smoothly over many syncs.
+pub(crate) const DEMAND_ONE: u64 = 256;

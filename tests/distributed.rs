@@ -78,6 +78,31 @@ fn invariant_3_utilization_at_least_97_percent_at_100ms() {
     }
 }
 
+/// Many slow keys: each node sees a key less than once per interval, while its busy keys make
+/// it sync ten times an interval. The demand estimate must decay with time, not with syncs,
+/// or every node returns a slow key's tokens between two of its requests and denies the next.
+#[test]
+fn invariant_3_utilization_holds_for_many_slow_keys() {
+    for (points, keys, least) in [(50, 24, 0.95), (200, 24, 0.95), (10, 24, 0.7)] {
+        for (load, skew) in SHAPES {
+            let s = Scenario {
+                keys,
+                load,
+                skew,
+                duration: Duration::from_secs(20),
+                ..Scenario::new(Policy::per_second(points))
+            };
+            let r = run_virtual(&s);
+            assert_eq!(r.over_admitted, 0, "{points}/s x {keys} keys, {load}x {skew:?}");
+            assert!(
+                r.utilization >= least,
+                "{points}/s x {keys} keys, {load}x {skew:?}: utilization {:.4}",
+                r.utilization
+            );
+        }
+    }
+}
+
 #[test]
 fn window_algorithms_stay_within_points_per_window() {
     for alg in [Algorithm::FixedWindow, Algorithm::SlidingWindow] {

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use super::identifier::Identifier;
 use super::node::{ApplyReport, ColdStart, FailurePolicy, Member, NodeInner};
 use crate::algorithm::Rule;
-use crate::consts::CLAIM_MARGIN_NS;
+use crate::consts::{CLAIM_MARGIN_NS, DEMAND_ONE};
 use crate::local::cell::Cell;
 use crate::store::{Claim, ClaimOutcome, Limits, StoreAlgorithm};
 
@@ -52,7 +52,7 @@ struct SyncState {
     /// Tokens right after the last sync's changes: what checks have spent since is the
     /// difference with the current count.
     after: u64,
-    /// Smoothed demand per interval.
+    /// Smoothed demand per sync interval, in 1/DEMAND_ONE units.
     demand: u64,
     /// Optimistic cold-start units admitted and not yet paid for from grants.
     debt: u64,
@@ -384,15 +384,23 @@ where
         };
         let raw = spent + denied + cold_used;
         let per_interval = (raw as u128 * interval as u128 / elapsed.max(1) as u128) as u64;
-        // Decays by a quarter per sync, down to 0 (so an unused key is eventually forgotten).
-        s.demand = per_interval.max(s.demand * 3 / 4);
+        // The estimate (in 1/DEMAND_ONE units) decays by half per interval of time, not per
+        // sync: a node that syncs ten times an interval for its busy keys must not forget
+        // a slow key's demand ten times as fast (it would return that key's tokens between two
+        // of its requests and deny the next one). It still reaches 0, so that an unused key is
+        // eventually forgotten.
+        let decay = (u128::from(s.demand) * u128::from(elapsed))
+            .div_ceil(2 * u128::from(interval.max(1)))
+            .min(u128::from(s.demand)) as u64;
+        let now_fp = per_interval.saturating_mul(DEMAND_ONE);
+        s.demand = now_fp.max(s.demand - decay);
         s.last = now;
         let exhausted = now < cell.exhausted_until.load(Ordering::Relaxed);
         let target = if drain || (raw == 0 && !valid) {
             // Shutting down, or no demand since the held tokens expired: claim nothing.
             0
         } else {
-            let t = (s.demand as u128 * node.headroom_percent as u128 / 100) as u64;
+            let t = (u128::from(s.demand.div_ceil(DEMAND_ONE)) * node.headroom_percent as u128 / 100) as u64;
             t.max(u64::from(raw > 0)).min(capacity)
         };
         // Return what is well above the target (hysteresis: keep up to twice the target).
