@@ -1029,6 +1029,11 @@ pub(crate) struct Limit {
     pub(crate) layer: &'static str,
     /// `"name";q=..;w=..`, an item of `RateLimit-Policy`.
     pub(crate) policy_item: String,
+    /// `"name"` (a structured-field string), when it is valid in a header value: the start
+    /// of the `RateLimit` value.
+    pub(crate) quoted_name: Option<Box<[u8]>>,
+    /// User layer: 1 + the tier's position in [`Rules`]' `RateLimit-Policy` table; 0 otherwise.
+    pub(crate) slot: usize,
 }
 
 impl Limit {
@@ -1047,11 +1052,13 @@ pub struct Rules {
     config: Config,
     pub(crate) ip: Option<Limit>,
     pub(crate) tiers: HashMap<String, Limit, ahash::RandomState>,
+    /// The user layer for a request without a known tier: anonymous, then identified.
+    fallback: [Option<Limit>; 2],
     pub(crate) endpoints: Vec<Limit>,
     pub(crate) api_key_secret: [u8; 16],
     pub(crate) distributed: bool,
-    /// `RateLimit-Policy` per (user layer limiter name or "", endpoint index + 1 or 0).
-    policy_values: HashMap<(&'static str, usize), http::HeaderValue, ahash::RandomState>,
+    /// `RateLimit-Policy` at `tier slot * (endpoints + 1) + (endpoint index + 1 or 0)`.
+    policy_values: Vec<Option<http::HeaderValue>>,
 }
 
 /// How limiters are built: the clock and, for distributed mode, the node.
@@ -1066,6 +1073,14 @@ fn sf_string(s: &str) -> String {
     crate::http::headers::push_sf_string(&mut out, s);
     // Escaping ASCII bytes in a `&str` keeps it UTF-8.
     String::from_utf8(out).unwrap_or_default()
+}
+
+/// `name` as a structured-field string, when its bytes may appear in a header value.
+fn quoted_name(name: &str) -> Option<Box<[u8]>> {
+    let mut out = Vec::with_capacity(name.len() + 2);
+    crate::http::headers::push_sf_string(&mut out, name);
+    http::HeaderValue::from_bytes(&out).ok()?;
+    Some(out.into_boxed_slice())
 }
 
 fn policy_item(name: &str, p: &Policy) -> String {
@@ -1102,8 +1117,10 @@ impl Rules {
             match b.build() {
                 Ok(limiter) => Some(Limit {
                     policy_item: policy_item(&name, policy),
+                    quoted_name: quoted_name(&name),
                     limiter,
                     layer,
+                    slot: 0,
                 }),
                 Err(crate::BuildError::Distributed(m)) => {
                     // "block_duration: not available in distributed mode"
@@ -1126,7 +1143,8 @@ impl Rules {
         let mut tiers = HashMap::with_hasher(ahash::RandomState::new());
         if config.layers.user {
             for (name, p) in &config.tiers {
-                if let Some(l) = make(&format!("tiers.{name}"), "user", format!("user:{name}"), p) {
+                if let Some(mut l) = make(&format!("tiers.{name}"), "user", format!("user:{name}"), p) {
+                    l.slot = tiers.len() + 1;
                     tiers.insert(name.clone(), l);
                 }
             }
@@ -1158,25 +1176,27 @@ impl Rules {
             Some(s) => s,
             None => old.map(|o| o.api_key_secret).unwrap_or_else(random_secret),
         };
-        let mut policy_values = HashMap::with_hasher(ahash::RandomState::new());
+        let stride = endpoints.len() + 1;
+        let mut policy_values = vec![None; (tiers.len() + 1) * stride];
         let tier_options = std::iter::once(None).chain(tiers.values().map(Some));
         for tier in tier_options {
-            for e in 0..=endpoints.len() {
+            for e in 0..stride {
                 let items: Vec<&str> = ip
                     .iter()
                     .chain(tier)
                     .chain(e.checked_sub(1).map(|i| &endpoints[i]))
                     .map(|l| l.policy_item.as_str())
                     .collect();
-                if let Ok(v) = http::HeaderValue::from_str(&items.join(", ")) {
-                    policy_values.insert((tier.map_or("", |l| l.name()), e), v);
-                }
+                policy_values[tier.map_or(0, |l| l.slot) * stride + e] =
+                    http::HeaderValue::from_str(&items.join(", ")).ok();
             }
         }
+        let fallback = [&config.anonymous_tier, &config.default_tier].map(|t| tiers.get(t.as_str()).cloned());
         Ok(Rules {
             config,
             ip,
             tiers,
+            fallback,
             endpoints,
             api_key_secret,
             distributed,
@@ -1185,14 +1205,12 @@ impl Rules {
     }
 
     /// The `RateLimit-Policy` value of a request checked against the ip layer (when on), the
-    /// user layer limiter `tier` and the endpoint `endpoint`.
-    pub(crate) fn policy_value(
-        &self,
-        tier: Option<&'static str>,
-        endpoint: Option<usize>,
-    ) -> Option<&http::HeaderValue> {
+    /// user layer limit `tier` (of these rules) and the endpoint `endpoint`.
+    pub(crate) fn policy_value(&self, tier: Option<&Limit>, endpoint: Option<usize>) -> Option<&http::HeaderValue> {
+        let stride = self.endpoints.len() + 1;
         self.policy_values
-            .get(&(tier.unwrap_or(""), endpoint.map_or(0, |i| i + 1)))
+            .get(tier.map_or(0, |l| l.slot) * stride + endpoint.map_or(0, |i| i + 1))?
+            .as_ref()
     }
 
     fn find(&self, name: &str) -> Option<&Limit> {
@@ -1235,13 +1253,10 @@ impl Rules {
 
     /// The user layer for a tier name: that tier, else the default tier.
     pub(crate) fn tier(&self, tier: Option<&str>, anonymous: bool) -> Option<&Limit> {
-        let fallback = if anonymous {
-            &self.config.anonymous_tier
-        } else {
-            &self.config.default_tier
-        };
-        tier.and_then(|t| self.tiers.get(t))
-            .or_else(|| self.tiers.get(fallback.as_str()))
+        match tier.and_then(|t| self.tiers.get(t)) {
+            Some(l) => Some(l),
+            None => self.fallback[usize::from(!anonymous)].as_ref(),
+        }
     }
 
     /// True when limiters are shared through a node's store.

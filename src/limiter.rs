@@ -828,38 +828,43 @@ pub fn check_all(cost: u64, layers: &[&dyn Layer]) -> Result<Decision, Insuffici
         layer.capacity_check(cost)?;
     }
     const INLINE: usize = 8;
-    let mut inline = [None::<Decision>; INLINE];
-    let mut spill = Vec::new();
-    let mut tightest: Option<Decision> = None;
+    Ok(if layers.len() <= INLINE {
+        all_or_nothing(cost, layers, &mut [None; INLINE][..layers.len()])
+    } else {
+        all_or_nothing(cost, layers, &mut vec![None; layers.len()])
+    })
+}
+
+/// The takes of [`check_all`], with one slot per layer for what it took.
+fn all_or_nothing(cost: u64, layers: &[&dyn Layer], taken: &mut [Option<Decision>]) -> Decision {
+    // The tightest layer so far: its index and remaining (the first one on a tie).
+    let (mut tightest, mut least) = (0, u64::MAX);
     for (i, layer) in layers.iter().enumerate() {
-        let d = layer.take(cost);
+        let d = taken[i].insert(layer.take(cost));
         if d.is_denied() {
-            for (j, earlier) in layers[..i].iter().enumerate() {
-                let taken = if j < INLINE { inline[j] } else { spill[j - INLINE] };
-                if let Some(t) = taken {
-                    earlier.give_back(&t);
+            let d = *d;
+            for (earlier, t) in layers[..i].iter().zip(&taken[..i]) {
+                if let Some(t) = t {
+                    earlier.give_back(t);
                 }
             }
             // Only the denying layer decided: the others took nothing in the end.
             layer.count(&d);
-            return Ok(d);
+            return d;
         }
-        if i < INLINE {
-            inline[i] = Some(d);
-        } else {
-            spill.push(Some(d));
-        }
-        if tightest.is_none_or(|t| d.remaining() < t.remaining()) {
-            tightest = Some(d);
+        if layers.len() > 1 {
+            let remaining = d.remaining();
+            if remaining < least {
+                (tightest, least) = (i, remaining);
+            }
         }
     }
-    for (i, layer) in layers.iter().enumerate() {
-        let taken = if i < INLINE { inline[i] } else { spill[i - INLINE] };
-        if let Some(d) = taken {
-            layer.count(&d);
+    for (layer, t) in layers.iter().zip(taken.iter()) {
+        if let Some(d) = t {
+            layer.count(d);
         }
     }
-    Ok(tightest.unwrap_or(Decision {
+    taken.get(tightest).copied().flatten().unwrap_or(Decision {
         allowed: true,
         source: Source::Key,
         rule: Rule::token_bucket(1, 1_000_000, 1, 0),
@@ -868,7 +873,7 @@ pub fn check_all(cost: u64, layers: &[&dyn Layer]) -> Result<Decision, Insuffici
         cost,
         name: "",
         extra: 0,
-    }))
+    })
 }
 
 /// [`check_all`] for the async request path: in distributed mode, the keys this node holds

@@ -54,14 +54,20 @@ impl Attach {
         }
         let mut out = Attach::default();
         let reset = ceil_secs(d.reset_after());
+        let remaining = d.remaining();
+        // Limiter names are interned: the deciding limit is the one with the same name pointer.
+        let own = applied.iter().find(|l| std::ptr::eq(l.name(), d.policy()));
         if matches!(style, HeaderStyle::Draft | HeaderStyle::Both) {
             out.policy = policy.cloned();
-            out.state = Some(state_value(d.policy(), d.remaining(), reset));
+            out.state = Some(match own.and_then(|l| l.quoted_name.as_deref()) {
+                Some(quoted) => state_value_quoted(quoted, remaining, reset),
+                None => state_value(d.policy(), remaining, reset),
+            });
         }
         if matches!(style, HeaderStyle::Legacy | HeaderStyle::Both) {
-            let own = applied.iter().find(|l| l.name() == d.policy());
+            let own = own.or_else(|| applied.iter().find(|l| l.name() == d.policy()));
             let limit = own.map_or(d.limit(), |l| l.limiter.policy().points());
-            out.legacy = Some(Box::new([number(limit), number(d.remaining()), number(reset)]));
+            out.legacy = Some(Box::new([number(limit), number(remaining), number(reset)]));
         }
         out
     }
@@ -94,6 +100,21 @@ fn state_value(name: &str, remaining: u64, reset: u64) -> HeaderValue {
     v.extend_from_slice(b";t=");
     v.extend_from_slice(t);
     HeaderValue::from_maybe_shared(Bytes::from(v)).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// [`state_value`] for a name already quoted, and checked valid in a header value.
+fn state_value_quoted(quoted: &[u8], remaining: u64, reset: u64) -> HeaderValue {
+    let (mut r, mut t) = ([0u8; 20], [0u8; 20]);
+    let (r, t) = (digits(remaining, &mut r), digits(reset, &mut t));
+    let mut v = Vec::with_capacity(quoted.len() + r.len() + t.len() + 6);
+    v.extend_from_slice(quoted);
+    v.extend_from_slice(b";r=");
+    v.extend_from_slice(r);
+    v.extend_from_slice(b";t=");
+    v.extend_from_slice(t);
+    // SAFETY: `quoted` was checked valid in a header value when the limit was built, and the
+    // rest is visible ASCII (`;`, `=`, letters and digits).
+    unsafe { HeaderValue::from_maybe_shared_unchecked(Bytes::from(v)) }
 }
 
 /// Appends `s` as a structured-field string: quoted, with `"` and `\\` escaped.
@@ -226,6 +247,10 @@ mod tests {
             r#""user:free";r=0;t=12345678901234"#
         );
         assert_eq!(state_value("x", u64::MAX, 7), r#""x";r=18446744073709551615;t=7"#);
+        assert_eq!(
+            state_value_quoted(br#""user:free""#, 12, 60),
+            state_value("user:free", 12, 60)
+        );
         for n in [
             0,
             1,

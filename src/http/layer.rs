@@ -502,7 +502,7 @@ impl Shared {
             }
         }
         let applied = &applied[..layers.len()];
-        let policy = rules.policy_value(plan.tier.map(Limit::name), plan.endpoint.map(|(i, _)| i));
+        let policy = rules.policy_value(plan.tier, plan.endpoint.map(|(i, _)| i));
         let attach = Attach::new(config.response.headers, policy, applied, &d);
         if d.is_allowed() {
             return Action::Pass(attach, None);
