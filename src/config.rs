@@ -23,7 +23,7 @@
 //!   "deny": { "ips": [], "users": ["banned-user"] },
 //!   "block_duration": null,
 //!   "shadow": false,
-//!   "response": { "headers": "draft", "body": "json", "key_error_status": 500 },
+//!   "response": { "headers": "draft", "policy_header": "always", "body": "json", "key_error_status": 500 },
 //!   "failure_policy": "local_share",
 //!   "redis": { "url": "redis://127.0.0.1:6379", "key_prefix": "tollgate", "sync_interval": 0.1 },
 //!   "max_keys": 1000000
@@ -328,6 +328,19 @@ pub enum HeaderStyle {
     None,
 }
 
+/// Which responses carry `RateLimit-Policy` (with the draft's headers).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyHeader {
+    /// Every limited response (default).
+    #[default]
+    Always,
+    /// Only refusals (429, and what shadow mode would have refused): the policies do not
+    /// change from one response to the next, and leaving them out of admitted responses saves
+    /// the header's cost on every request. `RateLimit` is still sent on every response.
+    Denials,
+}
+
 /// The body of a 429.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -347,6 +360,8 @@ pub enum BodyStyle {
 pub struct ResponseConfig {
     /// Rate-limit headers.
     pub headers: HeaderStyle,
+    /// Which responses carry `RateLimit-Policy`.
+    pub policy_header: PolicyHeader,
     /// The 429 body.
     pub body: BodyStyle,
     /// The status answered when the client address cannot be determined (the server was not
@@ -358,6 +373,7 @@ impl Default for ResponseConfig {
     fn default() -> Self {
         ResponseConfig {
             headers: HeaderStyle::default(),
+            policy_header: PolicyHeader::default(),
             body: BodyStyle::default(),
             key_error_status: 500,
         }
@@ -684,6 +700,8 @@ struct ResponseSpec {
     #[serde(default)]
     headers: HeaderStyle,
     #[serde(default)]
+    policy_header: PolicyHeader,
+    #[serde(default)]
     body: BodyStyle,
     #[serde(default)]
     key_error_status: Option<u64>,
@@ -875,6 +893,7 @@ impl ConfigSpec {
 
         let mut response = ResponseConfig {
             headers: self.response.headers,
+            policy_header: self.response.policy_header,
             body: self.response.body,
             ..ResponseConfig::default()
         };

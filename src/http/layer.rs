@@ -20,7 +20,7 @@ use tower_service::Service;
 use super::headers::{self, Attach};
 use super::key::{self, Keys};
 use super::{PeerAddr, ShadowVerdict, Tier, UserId};
-use crate::config::{Limit, LiveConfig, Rules};
+use crate::config::{Limit, LiveConfig, PolicyHeader, Rules};
 use crate::{check_all, check_all_async, Decision};
 
 /// Reads a tier name from a request.
@@ -502,7 +502,10 @@ impl Shared {
             }
         }
         let applied = &applied[..layers.len()];
-        let policy = rules.policy_value(plan.tier, plan.endpoint.map(|(i, _)| i));
+        let policy = match config.response.policy_header {
+            PolicyHeader::Denials if d.is_allowed() => None,
+            _ => rules.policy_value(plan.tier, plan.endpoint.map(|(i, _)| i)),
+        };
         let attach = Attach::new(config.response.headers, policy, applied, &d);
         if d.is_allowed() {
             return Action::Pass(attach, None);
