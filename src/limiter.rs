@@ -824,6 +824,13 @@ where
 /// assert_eq!(ip.peek("10.0.0.1", 1).unwrap().remaining(), 98);
 /// ```
 pub fn check_all(cost: u64, layers: &[&dyn Layer]) -> Result<Decision, InsufficientCapacity> {
+    check_layers(cost, layers)
+}
+
+/// [`check_all`] over layers of one type, called without a virtual call when the type is
+/// known (the HTTP layer's limiters).
+#[inline]
+pub(crate) fn check_layers<L: Layer + ?Sized>(cost: u64, layers: &[&L]) -> Result<Decision, InsufficientCapacity> {
     for layer in layers {
         layer.capacity_check(cost)?;
     }
@@ -836,7 +843,7 @@ pub fn check_all(cost: u64, layers: &[&dyn Layer]) -> Result<Decision, Insuffici
 }
 
 /// The takes of [`check_all`], with one slot per layer for what it took.
-fn all_or_nothing(cost: u64, layers: &[&dyn Layer], taken: &mut [Option<Decision>]) -> Decision {
+fn all_or_nothing<L: Layer + ?Sized>(cost: u64, layers: &[&L], taken: &mut [Option<Decision>]) -> Decision {
     // The tightest layer so far: its index and remaining (the first one on a tie).
     let (mut tightest, mut least) = (0, u64::MAX);
     for (i, layer) in layers.iter().enumerate() {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use ::http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use ::http::{HeaderMap, Response, StatusCode};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::config::{BodyStyle, HeaderStyle, Limit};
 use crate::Decision;
@@ -106,15 +106,45 @@ fn state_value(name: &str, remaining: u64, reset: u64) -> HeaderValue {
 fn state_value_quoted(quoted: &[u8], remaining: u64, reset: u64) -> HeaderValue {
     let (mut r, mut t) = ([0u8; 20], [0u8; 20]);
     let (r, t) = (digits(remaining, &mut r), digits(reset, &mut t));
-    let mut v = Vec::with_capacity(quoted.len() + r.len() + t.len() + 6);
-    v.extend_from_slice(quoted);
-    v.extend_from_slice(b";r=");
-    v.extend_from_slice(r);
-    v.extend_from_slice(b";t=");
-    v.extend_from_slice(t);
+    let v = cut(&[quoted, b";r=", r, b";t=", t]);
     // SAFETY: `quoted` was checked valid in a header value when the limit was built, and the
     // rest is visible ASCII (`;`, `=`, letters and digits).
-    unsafe { HeaderValue::from_maybe_shared_unchecked(Bytes::from(v)) }
+    unsafe { HeaderValue::from_maybe_shared_unchecked(v) }
+}
+
+/// Values cut from one buffer share its allocation (freed with the last of them).
+const CHUNK: usize = 4096;
+
+thread_local! {
+    /// What is left of the thread's current buffer.
+    static CHUNKS: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
+/// The concatenation of `parts`, cut from the thread's buffer: a copy and a reference count
+/// instead of an allocation per value.
+fn cut(parts: &[&[u8]]) -> Bytes {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let concat = |buf: &mut BytesMut| {
+        for p in parts {
+            buf.extend_from_slice(p);
+        }
+    };
+    if len <= CHUNK / 8 {
+        let cut = CHUNKS.try_with(|c| {
+            let mut c = c.borrow_mut();
+            if c.capacity() - c.len() < len {
+                *c = BytesMut::with_capacity(CHUNK);
+            }
+            concat(&mut c);
+            c.split().freeze()
+        });
+        if let Ok(b) = cut {
+            return b;
+        }
+    }
+    let mut buf = BytesMut::with_capacity(len);
+    concat(&mut buf);
+    buf.freeze()
 }
 
 /// Appends `s` as a structured-field string: quoted, with `"` and `\\` escaped.
@@ -268,6 +298,17 @@ mod tests {
         ] {
             assert_eq!(digits(n, &mut [0; 20]), n.to_string().as_bytes());
         }
+        // Values cut from the thread's buffers stay intact across buffers, long ones too.
+        let values: Vec<(String, Bytes)> = (0..2000u64)
+            .map(|i| {
+                let text = format!("\"v{i}\";r={};t={}", i * 7, i % 60);
+                let cut = cut(&[text.as_bytes()]);
+                (text, cut)
+            })
+            .collect();
+        assert!(values.iter().all(|(text, cut)| text.as_bytes() == cut.as_ref()));
+        let big = "b".repeat(CHUNK);
+        assert_eq!(cut(&[big.as_bytes(), b"!"]).as_ref(), format!("{big}!").as_bytes());
         let long = format!("endpoint:GET /{}", "a".repeat(300));
         assert_eq!(state_value(&long, 3, 4), format!("\"{long}\";r=3;t=4").as_str());
     }

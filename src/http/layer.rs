@@ -21,7 +21,7 @@ use super::headers::{self, Attach};
 use super::key::{self, Keys};
 use super::{PeerAddr, ShadowVerdict, Tier, UserId};
 use crate::config::{Limit, LiveConfig, PolicyHeader, Rules};
-use crate::{check_all, check_all_async, Decision};
+use crate::{check_all_async, Decision};
 
 /// Reads a tier name from a request.
 pub type TierResolver = Arc<dyn Fn(&Parts) -> Option<Cow<'static, str>> + Send + Sync>;
@@ -462,15 +462,13 @@ impl Shared {
 
     fn decide(&self, rules: &Rules, plan: &Plan<'_>) -> Action {
         let (layers, n) = plan.layers();
-        let bound = layers.map(|l| l.map(|(l, k)| l.limiter.bind(k)));
-        let first: &dyn crate::Layer = bound[0].as_ref().expect("a plan has a layer");
-        let mut dyns = [first; 3];
-        for (slot, b) in dyns.iter_mut().zip(&bound) {
-            if let Some(b) = b {
-                *slot = b;
-            }
-        }
-        let d = check_all(1, &dyns[..n]);
+        let first = layers[0].expect("a plan has a layer");
+        // The slots beyond `n` repeat the first layer and are not checked.
+        let bound = layers.map(|l| {
+            let (l, k) = l.unwrap_or(first);
+            l.limiter.bind(k)
+        });
+        let d = crate::limiter::check_layers(1, &[&bound[0], &bound[1], &bound[2]][..n]);
         self.act(
             rules,
             plan,
