@@ -6,7 +6,11 @@
 //!
 //! ```text
 //! http throughput with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
+//! http throughput policy_header=denials with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! ```
+//!
+//! The first line is the default configuration (both headers on every response); the second
+//! sends `RateLimit-Policy` with refusals only (`"response": {"policy_header": "denials"}`).
 //!
 //! `HTTP_BENCH_SECS` (default 1) sets the length of one run, `HTTP_BENCH_PAIRS` (default 7)
 //! the number of pairs.
@@ -91,6 +95,32 @@ fn env(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// Median requests per second with and without the layer, and the median of the pairwise
+/// ratios, over `pairs` alternated pairs of runs.
+async fn compare(with: SocketAddr, without: SocketAddr, pairs: usize, secs: Duration, label: &str) -> (f64, f64, f64) {
+    let (mut w, mut wo, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..pairs {
+        // Alternate which goes first, so that drift does not favour one side.
+        let (a, b) = if i % 2 == 0 {
+            let a = load(with, secs).await;
+            (a, load(without, secs).await)
+        } else {
+            let b = load(without, secs).await;
+            (load(with, secs).await, b)
+        };
+        eprintln!(
+            "{label}pair {i}: with_layer={a:.0} without_layer={b:.0} ratio={:.3}",
+            a / b
+        );
+        w.push(a);
+        wo.push(b);
+        ratios.push(a / b);
+    }
+    let listed: Vec<String> = ratios.iter().map(|r| format!("{r:.3}")).collect();
+    eprintln!("{label}ratios: {}", listed.join(" "));
+    (median(w), median(wo), median(ratios))
+}
+
 fn main() {
     let secs = Duration::from_secs(env("HTTP_BENCH_SECS", 1).clamp(1, 30));
     let pairs = env("HTTP_BENCH_PAIRS", 7).clamp(1, 50) as usize;
@@ -101,42 +131,25 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         // Limits far above what loopback can reach: every request is checked and allowed.
-        let config = Config::from_json(
-            r#"{"tiers": {"anonymous": {"points": 1000000000, "duration": 60}},
-                "layers": {"ip": {"points": 1000000000, "duration": 60}}}"#,
-        )
-        .unwrap();
-        let live = LiveConfig::new(config).unwrap();
+        const LIMITS: &str = r#""tiers": {"anonymous": {"points": 1000000000, "duration": 60}},
+                "layers": {"ip": {"points": 1000000000, "duration": 60}}"#;
+        let live = |extra: &str| LiveConfig::new(Config::from_json(&format!("{{{LIMITS}{extra}}}")).unwrap()).unwrap();
         let hello = || Router::new().route("/", get(|| async { "Hello, World!" }));
-        let with = serve(hello().layer(RateLimitLayer::new(live))).await;
+        let with = serve(hello().layer(RateLimitLayer::new(live("")))).await;
         let without = serve(hello()).await;
+        let denials = serve(hello().layer(RateLimitLayer::new(live(
+            r#", "response": {"policy_header": "denials"}"#,
+        ))))
+        .await;
 
         // Warm-up.
         load(with, Duration::from_millis(300)).await;
         load(without, Duration::from_millis(300)).await;
+        load(denials, Duration::from_millis(300)).await;
 
-        let (mut w, mut wo, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        for i in 0..pairs {
-            // Alternate which goes first, so that drift does not favour one side.
-            let (a, b) = if i % 2 == 0 {
-                let a = load(with, secs).await;
-                (a, load(without, secs).await)
-            } else {
-                let b = load(without, secs).await;
-                (load(with, secs).await, b)
-            };
-            eprintln!("pair {i}: with_layer={a:.0} without_layer={b:.0} ratio={:.3}", a / b);
-            w.push(a);
-            wo.push(b);
-            ratios.push(a / b);
-        }
-        let listed: Vec<String> = ratios.iter().map(|r| format!("{r:.3}")).collect();
-        eprintln!("ratios: {}", listed.join(" "));
-        println!(
-            "http throughput with_layer={:.0} without_layer={:.0} ratio={:.3}",
-            median(w),
-            median(wo),
-            median(ratios)
-        );
+        let (w, wo, ratio) = compare(with, without, pairs, secs, "").await;
+        println!("http throughput with_layer={w:.0} without_layer={wo:.0} ratio={ratio:.3}");
+        let (w, wo, ratio) = compare(denials, without, pairs, secs, "policy_header=denials ").await;
+        println!("http throughput policy_header=denials with_layer={w:.0} without_layer={wo:.0} ratio={ratio:.3}");
     });
 }

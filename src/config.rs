@@ -23,7 +23,7 @@
 //!   "deny": { "ips": [], "users": ["banned-user"] },
 //!   "block_duration": null,
 //!   "shadow": false,
-//!   "response": { "headers": "draft", "body": "json", "key_error_status": 500 },
+//!   "response": { "headers": "draft", "policy_header": "always", "body": "json", "key_error_status": 500 },
 //!   "failure_policy": "local_share",
 //!   "redis": { "url": "redis://127.0.0.1:6379", "key_prefix": "tollgate", "sync_interval": 0.1, "cluster": false },
 //!   "max_keys": 1000000
@@ -328,6 +328,19 @@ pub enum HeaderStyle {
     None,
 }
 
+/// Which responses carry `RateLimit-Policy` (with the draft's headers).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyHeader {
+    /// Every limited response (default).
+    #[default]
+    Always,
+    /// Only refusals (429, and what shadow mode would have refused): the policies do not
+    /// change from one response to the next, and leaving them out of admitted responses saves
+    /// the header's cost on every request. `RateLimit` is still sent on every response.
+    Denials,
+}
+
 /// The body of a 429.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -347,6 +360,8 @@ pub enum BodyStyle {
 pub struct ResponseConfig {
     /// Rate-limit headers.
     pub headers: HeaderStyle,
+    /// Which responses carry `RateLimit-Policy`.
+    pub policy_header: PolicyHeader,
     /// The 429 body.
     pub body: BodyStyle,
     /// The status answered when the client address cannot be determined (the server was not
@@ -358,6 +373,7 @@ impl Default for ResponseConfig {
     fn default() -> Self {
         ResponseConfig {
             headers: HeaderStyle::default(),
+            policy_header: PolicyHeader::default(),
             body: BodyStyle::default(),
             key_error_status: 500,
         }
@@ -697,6 +713,8 @@ struct ResponseSpec {
     #[serde(default)]
     headers: HeaderStyle,
     #[serde(default)]
+    policy_header: PolicyHeader,
+    #[serde(default)]
     body: BodyStyle,
     #[serde(default)]
     key_error_status: Option<u64>,
@@ -890,6 +908,7 @@ impl ConfigSpec {
 
         let mut response = ResponseConfig {
             headers: self.response.headers,
+            policy_header: self.response.policy_header,
             body: self.response.body,
             ..ResponseConfig::default()
         };
@@ -1045,6 +1064,11 @@ pub(crate) struct Limit {
     pub(crate) layer: &'static str,
     /// `"name";q=..;w=..`, an item of `RateLimit-Policy`.
     pub(crate) policy_item: String,
+    /// `"name"` (a structured-field string), when it is valid in a header value: the start
+    /// of the `RateLimit` value.
+    pub(crate) quoted_name: Option<Box<[u8]>>,
+    /// User layer: 1 + the tier's position in [`Rules`]' `RateLimit-Policy` table; 0 otherwise.
+    pub(crate) slot: usize,
 }
 
 impl Limit {
@@ -1063,11 +1087,13 @@ pub struct Rules {
     config: Config,
     pub(crate) ip: Option<Limit>,
     pub(crate) tiers: HashMap<String, Limit, ahash::RandomState>,
+    /// The user layer for a request without a known tier: anonymous, then identified.
+    fallback: [Option<Limit>; 2],
     pub(crate) endpoints: Vec<Limit>,
     pub(crate) api_key_secret: [u8; 16],
     pub(crate) distributed: bool,
-    /// `RateLimit-Policy` per (user layer limiter name or "", endpoint index + 1 or 0).
-    policy_values: HashMap<(&'static str, usize), http::HeaderValue, ahash::RandomState>,
+    /// `RateLimit-Policy` at `tier slot * (endpoints + 1) + (endpoint index + 1 or 0)`.
+    policy_values: Vec<Option<http::HeaderValue>>,
 }
 
 /// How limiters are built: the clock and, for distributed mode, the node.
@@ -1082,6 +1108,14 @@ fn sf_string(s: &str) -> String {
     crate::http::headers::push_sf_string(&mut out, s);
     // Escaping ASCII bytes in a `&str` keeps it UTF-8.
     String::from_utf8(out).unwrap_or_default()
+}
+
+/// `name` as a structured-field string, when its bytes may appear in a header value.
+fn quoted_name(name: &str) -> Option<Box<[u8]>> {
+    let mut out = Vec::with_capacity(name.len() + 2);
+    crate::http::headers::push_sf_string(&mut out, name);
+    http::HeaderValue::from_bytes(&out).ok()?;
+    Some(out.into_boxed_slice())
 }
 
 fn policy_item(name: &str, p: &Policy) -> String {
@@ -1118,8 +1152,10 @@ impl Rules {
             match b.build() {
                 Ok(limiter) => Some(Limit {
                     policy_item: policy_item(&name, policy),
+                    quoted_name: quoted_name(&name),
                     limiter,
                     layer,
+                    slot: 0,
                 }),
                 Err(crate::BuildError::Distributed(m)) => {
                     // "block_duration: not available in distributed mode"
@@ -1142,7 +1178,8 @@ impl Rules {
         let mut tiers = HashMap::with_hasher(ahash::RandomState::new());
         if config.layers.user {
             for (name, p) in &config.tiers {
-                if let Some(l) = make(&format!("tiers.{name}"), "user", format!("user:{name}"), p) {
+                if let Some(mut l) = make(&format!("tiers.{name}"), "user", format!("user:{name}"), p) {
+                    l.slot = tiers.len() + 1;
                     tiers.insert(name.clone(), l);
                 }
             }
@@ -1174,25 +1211,27 @@ impl Rules {
             Some(s) => s,
             None => old.map(|o| o.api_key_secret).unwrap_or_else(random_secret),
         };
-        let mut policy_values = HashMap::with_hasher(ahash::RandomState::new());
+        let stride = endpoints.len() + 1;
+        let mut policy_values = vec![None; (tiers.len() + 1) * stride];
         let tier_options = std::iter::once(None).chain(tiers.values().map(Some));
         for tier in tier_options {
-            for e in 0..=endpoints.len() {
+            for e in 0..stride {
                 let items: Vec<&str> = ip
                     .iter()
                     .chain(tier)
                     .chain(e.checked_sub(1).map(|i| &endpoints[i]))
                     .map(|l| l.policy_item.as_str())
                     .collect();
-                if let Ok(v) = http::HeaderValue::from_str(&items.join(", ")) {
-                    policy_values.insert((tier.map_or("", |l| l.name()), e), v);
-                }
+                policy_values[tier.map_or(0, |l| l.slot) * stride + e] =
+                    http::HeaderValue::from_str(&items.join(", ")).ok();
             }
         }
+        let fallback = [&config.anonymous_tier, &config.default_tier].map(|t| tiers.get(t.as_str()).cloned());
         Ok(Rules {
             config,
             ip,
             tiers,
+            fallback,
             endpoints,
             api_key_secret,
             distributed,
@@ -1201,14 +1240,12 @@ impl Rules {
     }
 
     /// The `RateLimit-Policy` value of a request checked against the ip layer (when on), the
-    /// user layer limiter `tier` and the endpoint `endpoint`.
-    pub(crate) fn policy_value(
-        &self,
-        tier: Option<&'static str>,
-        endpoint: Option<usize>,
-    ) -> Option<&http::HeaderValue> {
+    /// user layer limit `tier` (of these rules) and the endpoint `endpoint`.
+    pub(crate) fn policy_value(&self, tier: Option<&Limit>, endpoint: Option<usize>) -> Option<&http::HeaderValue> {
+        let stride = self.endpoints.len() + 1;
         self.policy_values
-            .get(&(tier.unwrap_or(""), endpoint.map_or(0, |i| i + 1)))
+            .get(tier.map_or(0, |l| l.slot) * stride + endpoint.map_or(0, |i| i + 1))?
+            .as_ref()
     }
 
     fn find(&self, name: &str) -> Option<&Limit> {
@@ -1251,13 +1288,10 @@ impl Rules {
 
     /// The user layer for a tier name: that tier, else the default tier.
     pub(crate) fn tier(&self, tier: Option<&str>, anonymous: bool) -> Option<&Limit> {
-        let fallback = if anonymous {
-            &self.config.anonymous_tier
-        } else {
-            &self.config.default_tier
-        };
-        tier.and_then(|t| self.tiers.get(t))
-            .or_else(|| self.tiers.get(fallback.as_str()))
+        match tier.and_then(|t| self.tiers.get(t)) {
+            Some(l) => Some(l),
+            None => self.fallback[usize::from(!anonymous)].as_ref(),
+        }
     }
 
     /// True when limiters are shared through a node's store.

@@ -168,13 +168,21 @@ impl<K: Hash + Eq + Send + Sync + 'static> LimiterBuilder<K> {
             clock: self.node_clock.or(self.clock).unwrap_or_default(),
             policy: self.policy,
             #[cfg(feature = "metrics")]
-            metrics: self.metrics.map(|(layer, tier)| Counted {
-                tally: crate::tally::Tally::new(),
-                labels: crate::metrics::labels(name, &layer, &tier),
-            }),
+            metrics: match self.metrics {
+                Some((layer, tier)) => Counted {
+                    tally: crate::tally::Tally::new(),
+                    near_slack: rule.near_limit_slack().unwrap_or(NO_SLACK),
+                    labels: crate::metrics::labels(name, &layer, &tier),
+                },
+                None => Counted {
+                    tally: crate::tally::Tally::off(),
+                    near_slack: NO_SLACK,
+                    labels: Vec::new(),
+                },
+            },
         });
         #[cfg(feature = "metrics")]
-        if inner.metrics.is_some() {
+        if inner.metrics.tally.is_on() {
             let weak: std::sync::Weak<dyn crate::metrics::Source> = Arc::downgrade(&inner) as _;
             crate::metrics::register(weak);
         }
@@ -253,14 +261,86 @@ struct Inner<K> {
     clock: Clock,
     policy: Policy,
     #[cfg(feature = "metrics")]
-    metrics: Option<Counted>,
+    metrics: Counted,
 }
 
-/// A limiter's decision counts and metric labels.
+/// A limiter's decision counts and metric labels. The tally is off when the limiter was built
+/// with metrics off.
 #[cfg(feature = "metrics")]
 struct Counted {
     tally: crate::tally::Tally,
+    /// [`Rule::near_limit_slack`] of the limiter's rule, or `NO_SLACK`.
+    near_slack: u64,
     labels: Vec<::metrics::Label>,
+}
+
+/// No one-compare near-limit test for this rule (a slack never reaches `u64::MAX`).
+#[cfg(feature = "metrics")]
+const NO_SLACK: u64 = u64::MAX;
+
+#[cfg(feature = "metrics")]
+impl Counted {
+    /// Counts a decision made on a state of the limiter's own `rule` (the key's cell or the
+    /// overflow cell): whether it was allowed, and the state after it at `now`.
+    #[inline(always)]
+    fn count_own(&self, rule: &Rule, allowed: bool, state: u64, now: u64) {
+        self.record(allowed, || {
+            if self.near_slack != NO_SLACK {
+                state > crate::algorithm::clamp(now) + self.near_slack
+            } else {
+                near_limit_general(rule, state, now)
+            }
+        });
+    }
+
+    /// Counts any decision of this limiter.
+    #[inline(always)]
+    fn count(&self, rule: &Rule, d: &Decision) {
+        match d.source {
+            Source::Key | Source::Overflow => self.count_own(rule, d.allowed, d.state, d.now),
+            _ => self.record(d.allowed, || d.near_limit()),
+        }
+    }
+
+    /// Counts allowed (and near-limit, asking `near` only then) or denied.
+    #[inline(always)]
+    fn record(&self, allowed: bool, near: impl FnOnce() -> bool) {
+        use crate::tally::Kind;
+        match self.tally.mine() {
+            Some(cells) => {
+                if !allowed {
+                    cells.bump(Kind::Denied);
+                } else {
+                    cells.bump(Kind::Allowed);
+                    if near() {
+                        cells.bump(Kind::NearLimit);
+                    }
+                }
+            }
+            None => {
+                if self.tally.is_on() {
+                    self.record_slow(allowed, allowed && near());
+                }
+            }
+        }
+    }
+
+    /// No cells for this thread at hand: the first count of the thread, a tally without a
+    /// slot, or a thread being torn down.
+    #[cold]
+    fn record_slow(&self, allowed: bool, near: bool) {
+        use crate::tally::Kind;
+        self.tally.bump(if allowed { Kind::Allowed } else { Kind::Denied });
+        if near {
+            self.tally.bump(Kind::NearLimit);
+        }
+    }
+}
+
+#[cfg(feature = "metrics")]
+#[cold]
+fn near_limit_general(rule: &Rule, state: u64, now: u64) -> bool {
+    rule.near_limit(state, now)
 }
 
 #[cfg(feature = "metrics")]
@@ -268,7 +348,10 @@ impl<K: Hash + Eq + Send + Sync + 'static> crate::metrics::Source for Inner<K> {
     fn publish(&self) {
         use crate::metrics::{with, DECISIONS_TOTAL, KEYS_EVICTED_TOTAL, KEYS_TRACKED, NEAR_LIMIT_TOTAL};
         use crate::tally::Kind;
-        let Some(m) = &self.metrics else { return };
+        let m = &self.metrics;
+        if !m.tally.is_on() {
+            return;
+        }
         let l = &m.labels;
         ::metrics::counter!(DECISIONS_TOTAL, with(l.clone(), "decision", "allowed"))
             .absolute(m.tally.get(Kind::Allowed));
@@ -386,9 +469,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let d = self.take(key, 1, self.inner.clock.now_ns());
-        self.count(&d);
-        d
+        self.take::<true, _>(key, 1, self.inner.clock.now_ns())
     }
 
     /// Checks `cost` units for `key`, taking them when allowed. `Err` means the cost exceeds
@@ -401,9 +482,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         self.fits(cost)?;
-        let d = self.take(key, cost, self.inner.clock.now_ns());
-        self.count(&d);
-        Ok(d)
+        Ok(self.take::<true, _>(key, cost, self.inner.clock.now_ns()))
     }
 
     /// What `check_n(key, cost)` would answer now, taking nothing and tracking nothing.
@@ -500,7 +579,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
                 tokio::pin!(synced);
                 synced.as_mut().enable();
                 // Registers the key and asks for an early sync.
-                let first = self.take(key, cost, self.inner.clock.now_ns());
+                let first = self.take::<false, _>(key, cost, self.inner.clock.now_ns());
                 if first.is_allowed() || dist.is_claimed(key) {
                     self.count(&first);
                     return Ok(first);
@@ -521,20 +600,10 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
     }
 
     /// Counts a decision for the metrics (nothing without feature `metrics`).
-    #[inline]
+    #[inline(always)]
     fn count(&self, _d: &Decision) {
         #[cfg(feature = "metrics")]
-        if let Some(m) = &self.inner.metrics {
-            use crate::tally::Kind;
-            if _d.allowed {
-                m.tally.bump(Kind::Allowed);
-                if _d.near_limit() {
-                    m.tally.bump(Kind::NearLimit);
-                }
-            } else {
-                m.tally.bump(Kind::Denied);
-            }
-        }
+        self.inner.metrics.count(&self.inner.rule, _d);
     }
 
     #[inline]
@@ -563,15 +632,21 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         }
     }
 
+    /// Takes `cost` for `key` at `now`; counts the decision for the metrics when `COUNT`
+    /// (a check, as opposed to a layer of [`check_all`], which counts only deciding layers).
     #[inline]
-    fn take<Q>(&self, key: &Q, cost: u64, now: u64) -> Decision
+    fn take<const COUNT: bool, Q>(&self, key: &Q, cost: u64, now: u64) -> Decision
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         let inner = &*self.inner;
         if let Some(dist) = &inner.dist {
-            return self.claimed(dist.take(key, cost, now), cost);
+            let d = self.claimed(dist.take(key, cost, now), cost);
+            if COUNT {
+                self.count(&d);
+            }
+            return d;
         }
         let guard = inner.table.guard();
         loop {
@@ -579,11 +654,24 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
                 Some(cell) => cell,
                 None => match inner.table.insert(key, &guard, &inner.rule, now) {
                     Some(cell) => cell,
-                    None => return self.untracked(cost, now),
+                    None => {
+                        let d = self.untracked(cost, now);
+                        if COUNT {
+                            self.count(&d);
+                        }
+                        return d;
+                    }
                 },
             };
             match cell.acquire(&inner.rule, now, cost) {
-                Ok(step) => return self.decision(step.allowed, Source::Key, step.state, now, cost),
+                Ok(step) => {
+                    // Counted from the values at hand: the source is the key's cell.
+                    #[cfg(feature = "metrics")]
+                    if COUNT {
+                        inner.metrics.count_own(&inner.rule, step.allowed, step.state, now);
+                    }
+                    return self.decision(step.allowed, Source::Key, step.state, now, cost);
+                }
                 Err(Retired) => inner.table.unlink_retired(key, &guard),
             }
         }
@@ -691,7 +779,8 @@ where
     }
 
     fn take(&self, cost: u64) -> Decision {
-        self.limiter.take(self.key, cost, self.limiter.inner.clock.now_ns())
+        self.limiter
+            .take::<false, _>(self.key, cost, self.limiter.inner.clock.now_ns())
     }
 
     fn give_back(&self, taken: &Decision) {
@@ -735,42 +824,54 @@ where
 /// assert_eq!(ip.peek("10.0.0.1", 1).unwrap().remaining(), 98);
 /// ```
 pub fn check_all(cost: u64, layers: &[&dyn Layer]) -> Result<Decision, InsufficientCapacity> {
+    check_layers(cost, layers)
+}
+
+/// [`check_all`] over layers of one type, called without a virtual call when the type is
+/// known (the HTTP layer's limiters).
+#[inline]
+pub(crate) fn check_layers<L: Layer + ?Sized>(cost: u64, layers: &[&L]) -> Result<Decision, InsufficientCapacity> {
     for layer in layers {
         layer.capacity_check(cost)?;
     }
     const INLINE: usize = 8;
-    let mut inline = [None::<Decision>; INLINE];
-    let mut spill = Vec::new();
-    let mut tightest: Option<Decision> = None;
+    Ok(if layers.len() <= INLINE {
+        all_or_nothing(cost, layers, &mut [None; INLINE][..layers.len()])
+    } else {
+        all_or_nothing(cost, layers, &mut vec![None; layers.len()])
+    })
+}
+
+/// The takes of [`check_all`], with one slot per layer for what it took.
+fn all_or_nothing<L: Layer + ?Sized>(cost: u64, layers: &[&L], taken: &mut [Option<Decision>]) -> Decision {
+    // The tightest layer so far: its index and remaining (the first one on a tie).
+    let (mut tightest, mut least) = (0, u64::MAX);
     for (i, layer) in layers.iter().enumerate() {
-        let d = layer.take(cost);
+        let d = taken[i].insert(layer.take(cost));
         if d.is_denied() {
-            for (j, earlier) in layers[..i].iter().enumerate() {
-                let taken = if j < INLINE { inline[j] } else { spill[j - INLINE] };
-                if let Some(t) = taken {
-                    earlier.give_back(&t);
+            let d = *d;
+            for (earlier, t) in layers[..i].iter().zip(&taken[..i]) {
+                if let Some(t) = t {
+                    earlier.give_back(t);
                 }
             }
             // Only the denying layer decided: the others took nothing in the end.
             layer.count(&d);
-            return Ok(d);
+            return d;
         }
-        if i < INLINE {
-            inline[i] = Some(d);
-        } else {
-            spill.push(Some(d));
-        }
-        if tightest.is_none_or(|t| d.remaining() < t.remaining()) {
-            tightest = Some(d);
+        if layers.len() > 1 {
+            let remaining = d.remaining();
+            if remaining < least {
+                (tightest, least) = (i, remaining);
+            }
         }
     }
-    for (i, layer) in layers.iter().enumerate() {
-        let taken = if i < INLINE { inline[i] } else { spill[i - INLINE] };
-        if let Some(d) = taken {
-            layer.count(&d);
+    for (layer, t) in layers.iter().zip(taken.iter()) {
+        if let Some(d) = t {
+            layer.count(d);
         }
     }
-    Ok(tightest.unwrap_or(Decision {
+    taken.get(tightest).copied().flatten().unwrap_or(Decision {
         allowed: true,
         source: Source::Key,
         rule: Rule::token_bucket(1, 1_000_000, 1, 0),
@@ -779,7 +880,7 @@ pub fn check_all(cost: u64, layers: &[&dyn Layer]) -> Result<Decision, Insuffici
         cost,
         name: "",
         extra: 0,
-    }))
+    })
 }
 
 /// [`check_all`] for the async request path: in distributed mode, the keys this node holds

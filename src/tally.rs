@@ -26,9 +26,26 @@ pub(crate) enum Kind {
 
 const KINDS: usize = 3;
 
+/// A tally without a slot: counted in its shared atomics.
 const NO_SLOT: usize = usize::MAX;
+/// A tally that counts nothing (a limiter built with metrics off).
+const OFF: usize = usize::MAX - 1;
 
-struct Block([AtomicU64; SLOTS * KINDS]);
+/// One tally's counters in one thread's block.
+#[repr(transparent)]
+pub(crate) struct Cells([AtomicU64; KINDS]);
+
+impl Cells {
+    /// Counts one `kind`. Only the block's thread writes it: a load and a store.
+    #[inline(always)]
+    pub(crate) fn bump(&self, kind: Kind) {
+        let a = &self.0[kind as usize];
+        a.store(a.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    }
+}
+
+#[repr(transparent)]
+struct Block([Cells; SLOTS]);
 
 /// Every block ever made (never freed: a block outlives its thread, so that its counts stay).
 static BLOCKS: Mutex<Vec<&'static Block>> = Mutex::new(Vec::new());
@@ -52,7 +69,9 @@ fn acquire() -> &'static Block {
     if let Some(b) = FREE_BLOCKS.lock().pop() {
         return b;
     }
-    let b: &'static Block = Box::leak(Box::new(Block(std::array::from_fn(|_| AtomicU64::new(0)))));
+    let b: &'static Block = Box::leak(Box::new(Block(std::array::from_fn(|_| {
+        Cells(std::array::from_fn(|_| AtomicU64::new(0)))
+    }))));
     BLOCKS.lock().push(b);
     b
 }
@@ -65,7 +84,6 @@ thread_local! {
 }
 
 /// The thread's block, taking one on first use; `None` while the thread is being torn down.
-#[cold]
 fn claim_block() -> Option<&'static Block> {
     OWNED
         .try_with(|o| {
@@ -85,14 +103,20 @@ fn claim_block() -> Option<&'static Block> {
 }
 
 fn sum_slot(slot: usize, kind: Kind) -> u64 {
-    let i = slot * KINDS + kind as usize;
-    BLOCKS.lock().iter().map(|b| b.0[i].load(Ordering::Relaxed)).sum()
+    BLOCKS
+        .lock()
+        .iter()
+        .map(|b| b.0[slot].0[kind as usize].load(Ordering::Relaxed))
+        .sum()
 }
 
 /// One limiter's counters.
 pub(crate) struct Tally {
-    /// `slot * KINDS` of the tally's slot, or `NO_SLOT` (one compare on the hot path).
-    base: usize,
+    /// The tally's slot in every block, or `NO_SLOT`, or `OFF`.
+    slot: usize,
+    /// `slot * size_of::<Cells>()`: where the slot's cells start in a block; beyond the block
+    /// for `NO_SLOT` and `OFF` (one compare on the hot path).
+    offset: usize,
     /// Counts already in the slot when this tally took it (from a dropped limiter).
     baseline: [u64; KINDS],
     shared: [AtomicU64; KINDS],
@@ -109,27 +133,58 @@ impl Tally {
             Some(s) => [Kind::Allowed, Kind::Denied, Kind::NearLimit].map(|k| sum_slot(s, k)),
             None => [0; KINDS],
         };
+        let slot = slot.unwrap_or(NO_SLOT);
         Tally {
-            base: slot.map_or(NO_SLOT, |s| s * KINDS),
+            slot,
+            offset: slot.saturating_mul(std::mem::size_of::<Cells>()),
             baseline,
             shared: Default::default(),
         }
     }
 
+    /// A tally that counts nothing: [`mine`](Self::mine) is `None` and [`bump`](Self::bump)
+    /// does nothing.
+    pub(crate) fn off() -> Tally {
+        Tally {
+            slot: OFF,
+            offset: usize::MAX,
+            baseline: [0; KINDS],
+            shared: Default::default(),
+        }
+    }
+
+    pub(crate) fn is_on(&self) -> bool {
+        self.slot != OFF
+    }
+
+    /// This thread's cells of the tally: `None` when the tally has no slot or is off, and
+    /// before the thread's first count (then [`bump`](Self::bump) counts, and takes the
+    /// thread's block). A compare, a thread-local load and a null test.
     #[inline(always)]
+    pub(crate) fn mine(&self) -> Option<&'static Cells> {
+        if self.offset >= SLOTS * std::mem::size_of::<Cells>() {
+            return None;
+        }
+        let mine = MINE.with(|m| m.get());
+        if mine.is_null() {
+            return None;
+        }
+        // SAFETY: a non-null pointer is a leaked block, valid for the whole process, and an
+        // offset below the block's size is `slot * size_of::<Cells>()` with `slot < SLOTS`:
+        // the start of the slot's cells inside the block.
+        Some(unsafe { &*mine.cast::<u8>().add(self.offset).cast::<Cells>() })
+    }
+
+    /// Counts one `kind` when [`mine`](Self::mine) is `None`: takes the thread's block if it
+    /// has none yet, and counts in the shared atomics without a slot or a block.
+    #[cold]
     pub(crate) fn bump(&self, kind: Kind) {
-        if self.base != NO_SLOT {
-            let mine = MINE.with(|m| m.get());
-            // SAFETY: a non-null pointer is a leaked block, valid for the whole process.
-            let block = if mine.is_null() {
-                claim_block()
-            } else {
-                Some(unsafe { &*mine })
-            };
-            if let Some(b) = block {
-                let a = &b.0[self.base + kind as usize];
-                // Only this thread writes its block.
-                a.store(a.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        if self.slot == OFF {
+            return;
+        }
+        if self.slot < SLOTS {
+            if let Some(b) = claim_block() {
+                b.0[self.slot].bump(kind);
                 return;
             }
         }
@@ -139,20 +194,20 @@ impl Tally {
     /// The count so far (a snapshot: counts made while it sums may or may not be in it).
     pub(crate) fn get(&self, kind: Kind) -> u64 {
         let shared = self.shared[kind as usize].load(Ordering::Relaxed);
-        match self.slot() {
+        match self.own_slot() {
             Some(s) => shared + sum_slot(s, kind).wrapping_sub(self.baseline[kind as usize]),
             None => shared,
         }
     }
 
-    fn slot(&self) -> Option<usize> {
-        (self.base != NO_SLOT).then_some(self.base / KINDS)
+    fn own_slot(&self) -> Option<usize> {
+        (self.slot < SLOTS).then_some(self.slot)
     }
 }
 
 impl Drop for Tally {
     fn drop(&mut self) {
-        if let Some(s) = self.slot() {
+        if let Some(s) = self.own_slot() {
             FREE_SLOTS.lock().push(s);
         }
     }

@@ -247,6 +247,28 @@ async fn legacy_headers_and_problem_json_on_request() {
 }
 
 #[tokio::test]
+async fn the_policy_header_only_with_refusals_when_asked() {
+    let s = start(&with(json!({"response": {"policy_header": "denials"}}))).await;
+    let c = client();
+    for remaining in [2, 1, 0] {
+        let r = get_(&c, &s, &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("ratelimit-policy"), None);
+        assert_eq!(
+            r.header("ratelimit").map(|v| v.contains(&format!(";r={remaining};"))),
+            Some(true)
+        );
+    }
+    let r = get_(&c, &s, &[]).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some(r#""ip";q=50;w=60, "user:anonymous";q=3;w=60"#)
+    );
+    assert_eq!(r.header("ratelimit"), Some(r#""user:anonymous";r=0;t=60"#));
+}
+
+#[tokio::test]
 async fn tiers_come_from_the_resolver_and_unknown_tiers_fall_back() {
     let s = start(BASE).await;
     let c = client();

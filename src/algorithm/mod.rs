@@ -191,6 +191,24 @@ impl Rule {
         }
     }
 
+    /// The near-limit test of a token bucket as one add and one compare: `Some(slack)` such
+    /// that `near_limit(state, now)` is exactly `state > clamp(now) + slack`. `None` for the
+    /// window algorithms, and for a bucket whose `aux` is so large that `now + aux` could
+    /// overflow (then [`near_limit`](Self::near_limit) answers).
+    ///
+    /// With `T = ceil(capacity / 5) * period <= aux` and `now + aux` in range,
+    /// `free = now + aux - max(state, now) < T` is `max(state, now) > now + (aux - T)`, and
+    /// `now > now + (aux - T)` never holds.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn near_limit_slack(&self) -> Option<u64> {
+        match self.kind {
+            Kind::TokenBucket if self.aux <= u64::MAX - MAX_TIME_NS => {
+                Some(self.aux - self.capacity.div_ceil(5).saturating_mul(self.period))
+            }
+            _ => None,
+        }
+    }
+
     /// Nanoseconds until the key is back to a fresh key's quota if nothing more is taken.
     pub(crate) fn reset_after(&self, state: u64, now: u64) -> u64 {
         let now = clamp(now);

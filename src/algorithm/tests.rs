@@ -381,4 +381,27 @@ proptest! {
             prop_assert!(clamp(now) <= MAX_TIME_NS);
         }
     }
+
+    /// The one-compare near-limit test agrees with `near_limit` wherever it is offered.
+    #[cfg(feature = "metrics")]
+    #[test]
+    fn near_limit_slack_agrees(
+        capacity in 1u64..=u64::MAX, points in 1u64..=u64::MAX, nanos in 1u64..=u64::MAX,
+        now in any::<u64>(), off in any::<u64>(), raw in any::<u64>(), pick in 0u8..3,
+    ) {
+        for r in [Rule::token_bucket(capacity, nanos, points, 0), Rule::token_bucket(capacity % 1000 + 1, nanos % (1 << 40) + 1, points % 1000 + 1, 0)] {
+            let Some(slack) = r.near_limit_slack() else {
+                prop_assert!(r.aux > u64::MAX - MAX_TIME_NS);
+                continue;
+            };
+            // States around the threshold, and anywhere.
+            let t = clamp(now);
+            let state = match pick {
+                0 => t.saturating_add(off % r.aux.saturating_add(2)),
+                1 => (t + slack).saturating_add(off % 3).saturating_sub(1),
+                _ => raw,
+            };
+            prop_assert_eq!(r.near_limit(state, now), state > t + slack, "state={} now={} rule={:?}", state, now, r);
+        }
+    }
 }

@@ -40,8 +40,14 @@ pub(super) fn refund(r: &Rule, tat: u64, now: u64, cost: u64) -> u64 {
 }
 
 pub(super) fn remaining(r: &Rule, tat: u64, now: u64) -> u64 {
-    let free = (now as u128 + r.aux as u128).saturating_sub(tat.max(now) as u128);
-    ((free / r.period as u128) as u64).min(r.capacity)
+    // In u64 unless `now + tau` overflows (a bucket that refills over centuries).
+    match now.checked_add(r.aux) {
+        Some(limit) => (limit.saturating_sub(tat.max(now)) / r.period).min(r.capacity),
+        None => {
+            let free = (now as u128 + r.aux as u128).saturating_sub(tat.max(now) as u128);
+            ((free / r.period as u128) as u64).min(r.capacity)
+        }
+    }
 }
 
 pub(super) fn retry_after(r: &Rule, tat: u64, now: u64, cost: u64) -> u64 {

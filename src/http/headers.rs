@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use ::http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use ::http::{HeaderMap, Response, StatusCode};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::config::{BodyStyle, HeaderStyle, Limit};
 use crate::Decision;
@@ -54,14 +54,20 @@ impl Attach {
         }
         let mut out = Attach::default();
         let reset = ceil_secs(d.reset_after());
+        let remaining = d.remaining();
+        // Limiter names are interned: the deciding limit is the one with the same name pointer.
+        let own = applied.iter().find(|l| std::ptr::eq(l.name(), d.policy()));
         if matches!(style, HeaderStyle::Draft | HeaderStyle::Both) {
             out.policy = policy.cloned();
-            out.state = Some(state_value(d.policy(), d.remaining(), reset));
+            out.state = Some(match own.and_then(|l| l.quoted_name.as_deref()) {
+                Some(quoted) => state_value_quoted(quoted, remaining, reset),
+                None => state_value(d.policy(), remaining, reset),
+            });
         }
         if matches!(style, HeaderStyle::Legacy | HeaderStyle::Both) {
-            let own = applied.iter().find(|l| l.name() == d.policy());
+            let own = own.or_else(|| applied.iter().find(|l| l.name() == d.policy()));
             let limit = own.map_or(d.limit(), |l| l.limiter.policy().points());
-            out.legacy = Some(Box::new([number(limit), number(d.remaining()), number(reset)]));
+            out.legacy = Some(Box::new([number(limit), number(remaining), number(reset)]));
         }
         out
     }
@@ -94,6 +100,51 @@ fn state_value(name: &str, remaining: u64, reset: u64) -> HeaderValue {
     v.extend_from_slice(b";t=");
     v.extend_from_slice(t);
     HeaderValue::from_maybe_shared(Bytes::from(v)).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// [`state_value`] for a name already quoted, and checked valid in a header value.
+fn state_value_quoted(quoted: &[u8], remaining: u64, reset: u64) -> HeaderValue {
+    let (mut r, mut t) = ([0u8; 20], [0u8; 20]);
+    let (r, t) = (digits(remaining, &mut r), digits(reset, &mut t));
+    let v = cut(&[quoted, b";r=", r, b";t=", t]);
+    // SAFETY: `quoted` was checked valid in a header value when the limit was built, and the
+    // rest is visible ASCII (`;`, `=`, letters and digits).
+    unsafe { HeaderValue::from_maybe_shared_unchecked(v) }
+}
+
+/// Values cut from one buffer share its allocation (freed with the last of them).
+const CHUNK: usize = 4096;
+
+thread_local! {
+    /// What is left of the thread's current buffer.
+    static CHUNKS: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
+/// The concatenation of `parts`, cut from the thread's buffer: a copy and a reference count
+/// instead of an allocation per value.
+fn cut(parts: &[&[u8]]) -> Bytes {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let concat = |buf: &mut BytesMut| {
+        for p in parts {
+            buf.extend_from_slice(p);
+        }
+    };
+    if len <= CHUNK / 8 {
+        let cut = CHUNKS.try_with(|c| {
+            let mut c = c.borrow_mut();
+            if c.capacity() - c.len() < len {
+                *c = BytesMut::with_capacity(CHUNK);
+            }
+            concat(&mut c);
+            c.split().freeze()
+        });
+        if let Ok(b) = cut {
+            return b;
+        }
+    }
+    let mut buf = BytesMut::with_capacity(len);
+    concat(&mut buf);
+    buf.freeze()
 }
 
 /// Appends `s` as a structured-field string: quoted, with `"` and `\\` escaped.
@@ -226,6 +277,10 @@ mod tests {
             r#""user:free";r=0;t=12345678901234"#
         );
         assert_eq!(state_value("x", u64::MAX, 7), r#""x";r=18446744073709551615;t=7"#);
+        assert_eq!(
+            state_value_quoted(br#""user:free""#, 12, 60),
+            state_value("user:free", 12, 60)
+        );
         for n in [
             0,
             1,
@@ -243,6 +298,17 @@ mod tests {
         ] {
             assert_eq!(digits(n, &mut [0; 20]), n.to_string().as_bytes());
         }
+        // Values cut from the thread's buffers stay intact across buffers, long ones too.
+        let values: Vec<(String, Bytes)> = (0..2000u64)
+            .map(|i| {
+                let text = format!("\"v{i}\";r={};t={}", i * 7, i % 60);
+                let cut = cut(&[text.as_bytes()]);
+                (text, cut)
+            })
+            .collect();
+        assert!(values.iter().all(|(text, cut)| text.as_bytes() == cut.as_ref()));
+        let big = "b".repeat(CHUNK);
+        assert_eq!(cut(&[big.as_bytes(), b"!"]).as_ref(), format!("{big}!").as_bytes());
         let long = format!("endpoint:GET /{}", "a".repeat(300));
         assert_eq!(state_value(&long, 3, 4), format!("\"{long}\";r=3;t=4").as_str());
     }

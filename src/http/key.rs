@@ -68,8 +68,9 @@ impl KeyBuf {
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        // Only whole `&str`s are ever written (`write_str` refuses what does not fit).
-        std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or("")
+        // SAFETY: only whole `&str`s (`write_str` refuses what does not fit) and ASCII bytes
+        // (`push_ascii`, `push_byte`) are ever written, so the bytes up to `len` are UTF-8.
+        unsafe { std::str::from_utf8_unchecked(&self.buf[..self.len as usize]) }
     }
 }
 

@@ -20,8 +20,8 @@ use tower_service::Service;
 use super::headers::{self, Attach};
 use super::key::{self, Keys};
 use super::{PeerAddr, ShadowVerdict, Tier, UserId};
-use crate::config::{Limit, LiveConfig, Rules};
-use crate::{check_all, check_all_async, Decision};
+use crate::config::{Limit, LiveConfig, PolicyHeader, Rules};
+use crate::{check_all_async, Decision};
 
 /// Reads a tier name from a request.
 pub type TierResolver = Arc<dyn Fn(&Parts) -> Option<Cow<'static, str>> + Send + Sync>;
@@ -462,15 +462,13 @@ impl Shared {
 
     fn decide(&self, rules: &Rules, plan: &Plan<'_>) -> Action {
         let (layers, n) = plan.layers();
-        let bound = layers.map(|l| l.map(|(l, k)| l.limiter.bind(k)));
-        let first: &dyn crate::Layer = bound[0].as_ref().expect("a plan has a layer");
-        let mut dyns = [first; 3];
-        for (slot, b) in dyns.iter_mut().zip(&bound) {
-            if let Some(b) = b {
-                *slot = b;
-            }
-        }
-        let d = check_all(1, &dyns[..n]);
+        let first = layers[0].expect("a plan has a layer");
+        // The slots beyond `n` repeat the first layer and are not checked.
+        let bound = layers.map(|l| {
+            let (l, k) = l.unwrap_or(first);
+            l.limiter.bind(k)
+        });
+        let d = crate::limiter::check_layers(1, &[&bound[0], &bound[1], &bound[2]][..n]);
         self.act(
             rules,
             plan,
@@ -502,7 +500,10 @@ impl Shared {
             }
         }
         let applied = &applied[..layers.len()];
-        let policy = rules.policy_value(plan.tier.map(Limit::name), plan.endpoint.map(|(i, _)| i));
+        let policy = match config.response.policy_header {
+            PolicyHeader::Denials if d.is_allowed() => None,
+            _ => rules.policy_value(plan.tier, plan.endpoint.map(|(i, _)| i)),
+        };
         let attach = Attach::new(config.response.headers, policy, applied, &d);
         if d.is_allowed() {
             return Action::Pass(attach, None);

@@ -31,7 +31,8 @@
 //!
 //! `RateLimit-Policy` lists every policy the request was counted against (`q` points per `w`
 //! seconds); `RateLimit` gives, for the one closest to its limit, what remains (`r`) and the
-//! seconds until it is full again (`t`, rounded up). With `"headers": "legacy"` (or `"both"`)
+//! seconds until it is full again (`t`, rounded up). With `"policy_header": "denials"`,
+//! `RateLimit-Policy` is sent only with refusals. With `"headers": "legacy"` (or `"both"`)
 //! responses carry `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset`
 //! (seconds from now) instead (or too).
 //!
