@@ -9,6 +9,9 @@ mod redis_server;
 #[path = "common/redis_cluster.rs"]
 mod redis_cluster;
 
+#[path = "common/pki.rs"]
+mod pki;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -480,5 +483,58 @@ async fn a_least_privilege_acl_user_runs_a_node_on_the_cluster() {
         "{s:?}"
     );
     assert_eq!(s.live_nodes, 1);
+    node.shutdown().await;
+}
+
+#[cfg(feature = "redis-tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_verifies_every_master_and_refuses_another_ca() {
+    let _serial = SERIAL.lock().await;
+    let pki = pki::Pki::new();
+    let cluster = RedisCluster::start_tls(
+        3,
+        redis_cluster::ClusterTls {
+            cert: pki.file("server.crt"),
+            key: pki.file("server.key"),
+            ca: pki.file("ca.crt"),
+        },
+    );
+    let seeds = |ca: &str| -> Vec<RedisConfig> {
+        cluster
+            .urls()
+            .into_iter()
+            .map(|u| {
+                assert!(u.starts_with("rediss://"), "{u}");
+                RedisConfig::new(u).tls_ca_file(pki.path(ca))
+            })
+            .collect()
+    };
+    // Another CA: refused at once, as a configuration error.
+    let err = RedisClusterStore::connect(seeds("other-ca.crt")).await.unwrap_err();
+    assert_eq!(err.class(), tollgate::store::ErrorClass::Config, "{err}");
+    // The right CA: every master is reached over TLS, its certificate and name verified.
+    let store = RedisClusterStore::connect(seeds("ca.crt")).await.unwrap();
+    let node = Node::builder(Arc::new(store.clone())).sync_interval(T).start().unwrap();
+    let limiter: Limiter = Limiter::builder(Policy::per_second(100))
+        .name("tls")
+        .node(&node)
+        .build()
+        .unwrap();
+    let ids = awkward_identifiers(30);
+    let mut allowed = 0;
+    for _ in 0..10 {
+        for id in &ids {
+            allowed += u64::from(limiter.check(id.as_str()).is_allowed());
+        }
+        tokio::time::sleep(T).await;
+    }
+    let c = store.stats();
+    println!("{:?}\n{c:?}", node.stats());
+    assert!(allowed >= 5 * ids.len() as u64, "{allowed} allowed");
+    assert_eq!((c.masters, c.failed_calls), (3, 0), "{c:?}");
+    for m in &cluster.masters {
+        let keys: u64 = m.cli(&["DBSIZE"]).parse().unwrap();
+        assert!(keys > 0, "master {} holds no key", m.port);
+    }
     node.shutdown().await;
 }

@@ -15,6 +15,15 @@ pub struct RedisCluster {
     /// Each master's cluster node id.
     pub ids: Vec<String>,
     dir: PathBuf,
+    /// `redis-cli` arguments for a TLS cluster.
+    cli_tls: Vec<String>,
+}
+
+/// TLS files of a cluster: certificate, key and CA (PEM paths).
+pub struct ClusterTls {
+    pub cert: String,
+    pub key: String,
+    pub ca: String,
 }
 
 /// A port `p` such that both `p` and its cluster bus port `p + 10000` are free now.
@@ -31,9 +40,16 @@ fn free_port_pair(salt: u64) -> u16 {
 }
 
 fn run(args: &[&str]) -> String {
+    run_with(args, &[])
+}
+
+/// Runs `redis-cli` (the first of `args`) with `tls` arguments first.
+fn run_with(args: &[&str], tls: &[String]) -> String {
     let out = Command::new("timeout")
         .arg("120")
-        .args(args)
+        .arg(args[0])
+        .args(tls)
+        .args(&args[1..])
         .output()
         .expect("redis-cli (apt-get install redis-tools)");
     let text = format!(
@@ -49,6 +65,15 @@ impl RedisCluster {
     /// Starts `n` masters (no replicas, `cluster-require-full-coverage no`, so that slots of a
     /// dead master fail alone) and waits until every node reports the cluster ok.
     pub fn start(n: usize) -> RedisCluster {
+        Self::start_with(n, None)
+    }
+
+    /// [`start`](Self::start) with TLS on client and cluster bus connections (TLS-only ports).
+    pub fn start_tls(n: usize, tls: ClusterTls) -> RedisCluster {
+        Self::start_with(n, Some(tls))
+    }
+
+    fn start_with(n: usize, tls: Option<ClusterTls>) -> RedisCluster {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -61,7 +86,7 @@ impl RedisCluster {
             salt += 1;
             let port = free_port_pair(salt);
             let conf = dir.join(format!("nodes-{port}.conf"));
-            let args = [
+            let mut args = vec![
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
@@ -73,7 +98,22 @@ impl RedisCluster {
                 "--dir",
                 dir.to_str().unwrap(),
             ];
-            if let Some(s) = RedisServer::start_on(port, &args) {
+            if let Some(t) = &tls {
+                args.extend([
+                    "--tls-cert-file",
+                    &t.cert,
+                    "--tls-key-file",
+                    &t.key,
+                    "--tls-ca-cert-file",
+                    &t.ca,
+                    "--tls-auth-clients",
+                    "no",
+                    "--tls-cluster",
+                    "yes",
+                ]);
+            }
+            let files = tls.as_ref().map(|t| (t.cert.clone(), t.key.clone()));
+            if let Some(s) = RedisServer::start_on_with(port, &args, files) {
                 masters.push(s);
             }
         }
@@ -81,9 +121,21 @@ impl RedisCluster {
         let mut args = vec!["redis-cli", "--cluster", "create"];
         args.extend(addrs.iter().map(String::as_str));
         args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
-        run(&args);
+        let cli_tls: Vec<String> = match &tls {
+            Some(t) => ["--tls", "--cacert", &t.ca, "--cert", &t.cert, "--key", &t.key]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            None => Vec::new(),
+        };
+        run_with(&args, &cli_tls);
         let ids = masters.iter().map(|m| m.cli(&["CLUSTER", "MYID"])).collect();
-        let cluster = RedisCluster { masters, ids, dir };
+        let cluster = RedisCluster {
+            masters,
+            ids,
+            dir,
+            cli_tls,
+        };
         cluster.wait_ok(&(0..n).collect::<Vec<_>>());
         cluster
     }
@@ -157,19 +209,22 @@ impl RedisCluster {
     /// (keys included).
     pub fn reshard(&self, from: usize, to: usize, count: usize) -> String {
         let entry = format!("127.0.0.1:{}", self.masters[to].port);
-        run(&[
-            "redis-cli",
-            "--cluster",
-            "reshard",
-            &entry,
-            "--cluster-from",
-            &self.ids[from],
-            "--cluster-to",
-            &self.ids[to],
-            "--cluster-slots",
-            &count.to_string(),
-            "--cluster-yes",
-        ])
+        run_with(
+            &[
+                "redis-cli",
+                "--cluster",
+                "reshard",
+                &entry,
+                "--cluster-from",
+                &self.ids[from],
+                "--cluster-to",
+                &self.ids[to],
+                "--cluster-slots",
+                &count.to_string(),
+                "--cluster-yes",
+            ],
+            &self.cli_tls,
+        )
     }
 
     /// Step one of a manual slot migration: `slot` importing on `to`, migrating on `from`.

@@ -70,12 +70,18 @@ impl RedisServer {
     /// Starts `redis-server` on `port` (127.0.0.1) with extra arguments; `None` if it does not
     /// answer (the port is taken).
     pub fn start_on(port: u16, extra: &[&str]) -> Option<RedisServer> {
+        Self::start_on_with(port, extra, None)
+    }
+
+    /// [`start_on`](Self::start_on), TLS-only when `tls` (certificate and key files, which
+    /// `extra` must name too) is given.
+    pub fn start_on_with(port: u16, extra: &[&str], tls: Option<(String, String)>) -> Option<RedisServer> {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut server = RedisServer {
-            child: spawn(port, &extra, false),
+            child: spawn(port, &extra, tls.is_some()),
             port,
             extra,
-            tls: None,
+            tls,
         };
         if server.wait_ready() {
             return Some(server);
