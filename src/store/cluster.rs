@@ -543,7 +543,16 @@ impl Inner {
 
     /// Reads the slot map from a known master or a seed (the first that answers).
     async fn read_map(&self, deadline: Instant) -> Result<Arc<SlotMap>, StoreError> {
-        let _one = self.reading.lock().await;
+        let before = *self.last_read.lock();
+        let Ok(_one) = tokio::time::timeout_at(deadline.into(), self.reading.lock()).await else {
+            return Err(StoreError::new(ErrorClass::Transient, "no slot map within the sync timeout"));
+        };
+        // Another sync read it while this one waited.
+        if *self.last_read.lock() != before {
+            if let Some(map) = self.map.read().clone() {
+                return Ok(map);
+            }
+        }
         *self.last_read.lock() = Some(Instant::now());
         let mut candidates: Vec<NodeAddr> = self.map.read().as_ref().map(|m| m.nodes.clone()).unwrap_or_default();
         for s in &self.seeds {
