@@ -327,6 +327,95 @@ async fn a1_redis_killed_and_restarted_empty_degrades_then_recovers_with_one_cap
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a2_redis_restarted_from_a_snapshot_is_loading_transiently_and_rolls_back_at_most_one_capacity() {
+    let _serial = SERIAL.lock().await;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let dir = std::env::temp_dir().join(format!("tollgate-a2-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = RedisServer::start_with(&["--dir", dir.to_str().unwrap(), "--enable-debug-command", "yes"]);
+    let fleet = Fleet::start(&server, 3, bucket(), |b| b).await;
+    let key = ["client"];
+    let healthy = fleet.run(&key, Duration::from_secs(1)).await;
+    // A large dataset, so that loading it takes a while, then the snapshot.
+    assert_eq!(server.cli(&["DEBUG", "POPULATE", "1500000"]), "OK");
+    assert_eq!(server.cli(&["SAVE"]), "OK");
+    // Increments after the snapshot: the restart rolls them back.
+    let after_snapshot = fleet.run(&key, Duration::from_millis(500)).await;
+    server.kill();
+    let killed = Instant::now();
+    // Restart on a thread and watch for LOADING replies meanwhile, under load.
+    let port = server.port;
+    let restart = std::thread::spawn(move || {
+        server.restart();
+        server
+    });
+    let watcher = std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(20);
+        let mut loading_seen = false;
+        while Instant::now() < end {
+            let out = std::process::Command::new("timeout")
+                .args(["2", "redis-cli", "-p", &port.to_string(), "PING"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_default();
+            if out.starts_with("LOADING") {
+                loading_seen = true;
+            }
+            if out == "PONG" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        loading_seen
+    });
+    let (during, _) = fleet
+        .drive(&key, 1, Duration::from_secs(20), |_| {
+            restart.is_finished() && watcher.is_finished()
+        })
+        .await;
+    let server = restart.join().unwrap();
+    let loading_seen = watcher.join().unwrap();
+    let back = Instant::now();
+    let (recovering, _) = fleet.until_recovered(&key, back).await;
+    let after = fleet.run(&key, Duration::from_secs(1)).await;
+    let all: Vec<Tally> = [healthy, after_snapshot, during, recovering, after].concat();
+    assert_fast(&all);
+    let persistence = server.cli(&["INFO", "persistence"]);
+    let loaded: u64 = persistence
+        .lines()
+        .find_map(|l| l.strip_prefix("rdb_last_load_keys_loaded:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(loaded >= 1_500_000, "the snapshot was not loaded: {persistence}");
+    assert!(
+        loading_seen,
+        "the restart never answered LOADING: the dataset loaded too fast to test"
+    );
+    let total = sum(&all);
+    // The store rolled back to the snapshot: at most one capacity more than one exact limiter.
+    let stored = total.admitted - total.degraded_admitted;
+    let elapsed = killed.elapsed() + Duration::from_millis(2500);
+    assert!(stored <= ideal(elapsed) + C, "{stored} > {}", ideal(elapsed) + C);
+    for i in &fleet.instances {
+        let s = i.node.stats();
+        assert!(s.transient_errors >= 1, "{s:?}");
+        assert_eq!(
+            s.config_errors + s.protocol_errors + s.resource_errors,
+            0,
+            "LOADING must be transient: {s:?}"
+        );
+        assert!(s.state_losses >= 1, "the restart went unnoticed: {s:?}");
+        assert_eq!(s.task_restarts, 0);
+    }
+    fleet.shutdown().await;
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a3_slow_redis_within_the_timeout_keeps_the_bound_and_beyond_it_opens_the_circuit() {
     let _serial = SERIAL.lock().await;
     let server = RedisServer::start();

@@ -166,10 +166,12 @@ impl RedisServer {
             if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
                 let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
                 let mut buf = [0u8; 64];
-                // PING works without a password; NOAUTH also proves the server is up.
+                // PING works without a password; NOAUTH also proves the server is up, and so
+                // does LOADING (a restart still reading its snapshot).
                 if s.write_all(b"PING\r\n").is_ok() {
                     if let Ok(n) = s.read(&mut buf) {
-                        if buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH") {
+                        let r = &buf[..n];
+                        if r.starts_with(b"+PONG") || r.starts_with(b"-NOAUTH") || r.starts_with(b"-LOADING") {
                             return true;
                         }
                     }
