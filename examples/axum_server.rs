@@ -13,8 +13,9 @@
 //! * `TIERS_FILE`: the configuration (default: `rate-limit-tiers.json` of this crate); edited
 //!   files are reloaded within 2 s, and a broken edit is rejected while the old rules serve.
 //! * `BIND`: the address to listen on (default `127.0.0.1:3000`).
-//! * `REDIS_URL`: distributed mode through Redis (build with `--features http,redis`); local
-//!   mode without it.
+//! * `REDIS_URL`: distributed mode through Redis (build with `--features http,redis`), or
+//!   through a Redis Cluster of which it is a seed when the file says
+//!   `"redis": {"cluster": true, ...}`; local mode without it.
 //!
 //! The demo authentication trusts the `x-demo-user` and `x-demo-tier` headers: a real service
 //! sets [`UserId`] and [`Tier`] from a verified token instead.
@@ -58,8 +59,14 @@ async fn live_config(
     #[cfg(feature = "redis")]
     {
         use std::sync::Arc;
-        let store = tollgate::store::RedisStore::connect(url.as_str()).await?;
-        let mut node = tollgate::Node::builder(Arc::new(store));
+        // `"redis": {"cluster": true}` in the tiers file: REDIS_URL is a Redis Cluster seed.
+        let cluster = config.redis.as_ref().is_some_and(|r| r.cluster);
+        let store: Arc<dyn tollgate::store::Store> = if cluster {
+            Arc::new(tollgate::store::RedisClusterStore::connect([url.as_str()]).await?)
+        } else {
+            Arc::new(tollgate::store::RedisStore::connect(url.as_str()).await?)
+        };
+        let mut node = tollgate::Node::builder(store);
         if let Some(redis) = &config.redis {
             node = redis.apply(node);
         }
