@@ -410,6 +410,27 @@ mod tests {
         assert_eq!(one.encode("a", b"b").group(), 0);
     }
 
+    /// Fault C4: an attacker who knows the hashing key can pick identifiers that all land in
+    /// one group (one slot, one master); with a secret key the same identifiers spread.
+    #[test]
+    fn adversarial_identifiers_spread_over_groups_under_a_secret_key() {
+        let public = KeyEncoder::default();
+        let crafted: Vec<Vec<u8>> = (0u32..)
+            .map(|i| format!("{{000}}attacker-{i}").into_bytes())
+            .filter(|id| public.encode("ip", id).group() == 0)
+            .take(1600)
+            .collect();
+        let secret = KeyEncoder::default().with_secret(*b"deployment-keyyy");
+        let mut per_group = [0u32; DEFAULT_GROUPS as usize];
+        for id in &crafted {
+            let key = secret.encode("ip", id);
+            assert_eq!(hash_tag(key.as_bytes()), format!("{:03x}", key.group()).as_bytes());
+            per_group[usize::from(key.group())] += 1;
+        }
+        let (min, max) = (per_group.iter().min().unwrap(), per_group.iter().max().unwrap());
+        assert!(*min > 0 && max / min < 2, "{per_group:?}");
+    }
+
     #[test]
     fn hash_tag_follows_redis_rules() {
         assert_eq!(hash_tag(b"a{b}c"), b"b");
