@@ -552,8 +552,10 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
     }
 
     /// Like [`check`](Self::check), but in distributed mode a key this node holds no claim for
-    /// yet waits for its first claim (one early sync, bounded by the sync interval) instead of
-    /// applying the cold-start rule at once. In local mode it answers at once.
+    /// waits for a claim (one early sync, bounded by the sync interval) instead of applying
+    /// the cold-start rule or denying at once: a key it never claimed, or a dormant one (its
+    /// demand decayed and it gave its tokens back, as for a client that comes back every few
+    /// seconds) that the store has not reported exhausted. In local mode it answers at once.
     pub async fn check_async<Q>(&self, key: &Q) -> Decision
     where
         K: Borrow<Q>,
@@ -572,19 +574,32 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
     {
         self.fits(cost)?;
         if let Some(dist) = &self.inner.dist {
+            let node = dist.node();
+            let deadline = tokio::time::Instant::now() + node.sync_interval;
+            let mut asked = false;
             // While the store is unreachable nothing is waited for: the failure policy answers.
-            if !dist.is_claimed(key) && !dist.node().breaker.is_open() {
-                let node = dist.node();
+            // A sync already under way when the key was registered may not carry its claim:
+            // wait for the one that does, within one interval.
+            while dist.needs_claim(key, self.inner.clock.now_ns()) && !node.breaker.is_open() {
                 let synced = node.synced.notified();
                 tokio::pin!(synced);
                 synced.as_mut().enable();
-                // Registers the key and asks for an early sync.
-                let first = self.take::<false, _>(key, cost, self.inner.clock.now_ns());
-                if first.is_allowed() || dist.is_claimed(key) {
-                    self.count(&first);
-                    return Ok(first);
+                if !asked {
+                    // Registers the key, records the demand and asks for an early sync.
+                    asked = true;
+                    let first = self.take::<false, _>(key, cost, self.inner.clock.now_ns());
+                    if first.is_allowed() {
+                        self.count(&first);
+                        return Ok(first);
+                    }
+                    if !dist.needs_claim(key, self.inner.clock.now_ns()) {
+                        // The claim came back already (a fast store): check again below.
+                        break;
+                    }
                 }
-                let _ = tokio::time::timeout(node.sync_interval, synced).await;
+                if tokio::time::timeout_at(deadline, synced).await.is_err() {
+                    break;
+                }
             }
         }
         self.check_n(key, cost)
@@ -795,7 +810,7 @@ where
 
     fn unclaimed(&self) -> Option<(&tokio::sync::Notify, Duration)> {
         let dist = self.limiter.inner.dist.as_ref()?;
-        if dist.is_claimed(self.key) || dist.node().breaker.is_open() {
+        if !dist.needs_claim(self.key, self.limiter.inner.clock.now_ns()) || dist.node().breaker.is_open() {
             return None;
         }
         let node = dist.node();

@@ -381,3 +381,28 @@ fn two_limiters_with_the_same_name_and_policy_on_one_node_are_refused() {
     let short = Policy::new(10, Duration::from_millis(20)).algorithm(Algorithm::FixedWindow);
     assert!(Limiter::<String>::builder(short).name("w").node(&node).build().is_err());
 }
+
+/// A client that comes back every few sync intervals, well within its quota: by then the node
+/// gave its tokens back (its demand decayed) or forgot the key. `check_async` waits for a claim
+/// in both cases, and also when the store answers before it starts waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_async_serves_a_client_that_comes_back_every_few_intervals() {
+    for gap_ms in [60u64, 200, 230, 400] {
+        let node = Node::builder(Arc::new(MemoryStore::new()))
+            .sync_interval(Duration::from_millis(20))
+            .start()
+            .unwrap();
+        let limiter: Limiter = Limiter::builder(Policy::per_minute(20))
+            .name("slow")
+            .node(&node)
+            .build()
+            .unwrap();
+        let mut admitted = 0;
+        for _ in 0..6 {
+            admitted += u32::from(limiter.check_async("client").await.is_allowed());
+            tokio::time::sleep(Duration::from_millis(gap_ms)).await;
+        }
+        assert_eq!(admitted, 6, "one request every {gap_ms} ms, 20 per minute allowed");
+        node.shutdown().await;
+    }
+}

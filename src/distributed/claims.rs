@@ -42,6 +42,10 @@ pub(crate) struct DistCell {
     /// The store failed this key alone at the last sync (`WRONGTYPE`, corrupt state): the
     /// failure policy answers for it until a claim succeeds.
     failed: std::sync::atomic::AtomicBool,
+    /// The node's demand for the key decayed to nothing, and it gave back what it held: the
+    /// store may well have tokens for it, so a check that may wait (`check_async`) waits for a
+    /// claim instead of denying at once.
+    dormant: std::sync::atomic::AtomicBool,
     /// [`FailurePolicy::LocalShare`]: the key's state under this node's share of the policy.
     share: Cell,
     sync: Mutex<SyncState>,
@@ -125,15 +129,25 @@ where
         &self.node
     }
 
-    pub(crate) fn is_claimed<Q>(&self, key: &Q) -> bool
+    /// Whether a check that may wait should wait for a claim of `key`: the node has never
+    /// claimed it, or it went dormant (no demand, nothing held) and the store has not reported
+    /// it exhausted.
+    pub(crate) fn needs_claim<Q>(&self, key: &Q, now: u64) -> bool
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         let guard = self.map.guard();
-        self.map
-            .get(key, &guard)
-            .is_some_and(|c| c.valid_until.load(Ordering::Acquire) != 0)
+        match self.map.get(key, &guard) {
+            None => true,
+            Some(c) => {
+                c.valid_until.load(Ordering::Acquire) == 0
+                    || (c.dormant.load(Ordering::Acquire)
+                        && c.tokens.load(Ordering::Acquire) == 0
+                        && now >= c.exhausted_until.load(Ordering::Relaxed)
+                        && !c.failed.load(Ordering::Relaxed))
+            }
+        }
     }
 
     /// Takes `cost` from the key's claimed tokens.
@@ -403,6 +417,11 @@ where
             let t = (u128::from(s.demand.div_ceil(DEMAND_ONE)) * node.headroom_percent as u128 / 100) as u64;
             t.max(u64::from(raw > 0)).min(capacity)
         };
+        if target == 0 && !drain {
+            // Cleared by the grant of a later claim, not here: a waiting check must see the
+            // tokens when it sees the key awake.
+            cell.dormant.store(true, Ordering::Release);
+        }
         // Return what is well above the target (hysteresis: keep up to twice the target).
         let excess = if held > target.saturating_mul(2) || drain {
             held - target.min(held)
@@ -533,6 +552,9 @@ where
             0
         };
         cell.exhausted_until.store(exhausted, Ordering::Relaxed);
+        if grant.granted > 0 || exhausted != 0 {
+            cell.dormant.store(false, Ordering::Release);
+        }
     }
 }
 

@@ -545,7 +545,10 @@ impl Inner {
     async fn read_map(&self, deadline: Instant) -> Result<Arc<SlotMap>, StoreError> {
         let before = *self.last_read.lock();
         let Ok(_one) = tokio::time::timeout_at(deadline.into(), self.reading.lock()).await else {
-            return Err(StoreError::new(ErrorClass::Transient, "no slot map within the sync timeout"));
+            return Err(StoreError::new(
+                ErrorClass::Transient,
+                "no slot map within the sync timeout",
+            ));
         };
         // Another sync read it while this one waited.
         if *self.last_read.lock() != before {
