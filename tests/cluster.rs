@@ -12,6 +12,9 @@ mod redis_cluster;
 #[path = "common/pki.rs"]
 mod pki;
 
+#[path = "common/acl.rs"]
+mod acl;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -399,30 +402,8 @@ async fn a_dead_master_degrades_its_keys_while_the_others_sync_on() {
 
 /// The least-privilege user of the README, with the three commands a cluster adds.
 fn acl_user(cluster: &RedisCluster, without: Option<&str>) -> Vec<String> {
-    let commands = [
-        "evalsha",
-        "script|load",
-        "zrem",
-        "time",
-        "mget",
-        "exists",
-        "get",
-        "set",
-        "setrange",
-        "append",
-        "del",
-        "zadd",
-        "zremrangebyscore",
-        "zcard",
-        "zrange",
-        "pexpire",
-        "info",
-        "cluster|slots",
-        "asking",
-        "ping",
-    ];
+    let commands = acl::COMMANDS.iter().chain(&acl::CLUSTER_COMMANDS);
     let grants: Vec<String> = commands
-        .iter()
         .filter(|c| Some(**c) != without)
         .map(|c| format!("+{c}"))
         .collect();

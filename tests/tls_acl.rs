@@ -11,10 +11,14 @@ mod redis_server;
 #[path = "common/pki.rs"]
 mod pki;
 
+#[path = "common/acl.rs"]
+mod acl;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use acl::COMMANDS;
 use pki::Pki;
 use redis_server::RedisServer;
 use tollgate::store::{
@@ -220,28 +224,6 @@ async fn tls_misconfiguration_is_a_configuration_error() {
 
 // ---------------------------------------------------------------------------------------------
 // ACL
-
-/// Every command tollgate sends: from the client `EVALSHA`, `SCRIPT LOAD` (after `NOSCRIPT`)
-/// and `ZREM` (leaving the registry); from the Lua scripts in `lua/` the rest.
-const COMMANDS: [&str; 17] = [
-    "evalsha",
-    "script|load",
-    "zrem",
-    "time",
-    "mget",
-    "exists",
-    "get",
-    "set",
-    "setrange",
-    "append",
-    "del",
-    "zadd",
-    "zremrangebyscore",
-    "zcard",
-    "zrange",
-    "pexpire",
-    "info",
-];
 
 const USER: &str = "tollgate";
 
