@@ -41,10 +41,6 @@ pub(crate) const CLAIM_MARGIN_NS: u64 = 5_000_000;
 /// must stay spendable well beyond `CLAIM_MARGIN_NS`.
 pub(crate) const MIN_CLAIM_SPAN: Duration = Duration::from_millis(50);
 
-/// How much longer than the sync timeout a store call may take before a node gives up on it
-/// (stores bound their own calls by the sync timeout; this is the net for those that do not).
-pub(crate) const SYNC_TIMEOUT_GRACE: Duration = Duration::from_millis(50);
-
 /// Redis Cluster: the most times one script call is sent (the first time, then after `MOVED`,
 /// `ASK`, `TRYAGAIN` or `NOSCRIPT`, none of which ran it) within one sync.
 #[cfg(feature = "redis")]

@@ -888,15 +888,11 @@ impl NodeInner {
                 continue;
             }
             self.counters.round_trips.fetch_add(1, Ordering::Relaxed);
-            // The store bounds its calls by the sync timeout (a cluster store then answers
-            // what it has); the outer bound, a little later, is for stores that do not.
-            let reply = tokio::time::timeout(
-                self.sync_timeout + crate::consts::SYNC_TIMEOUT_GRACE,
-                self.store.claim_within(self.id, batch, self.sync_timeout),
-            )
-            .await;
+            // The store bounds the call by the sync timeout (a cluster store then answers
+            // what it has; the default fails the batch).
+            let reply = self.store.claim_within(self.id, batch, self.sync_timeout).await;
             match reply {
-                Ok(Ok(replies)) if replies.len() == batch.len() => {
+                Ok(replies) if replies.len() == batch.len() => {
                     // Keys whose call failed alone: their fate is as unknown as a failed batch's.
                     let (r, w) = batch
                         .iter()
@@ -913,12 +909,11 @@ impl NodeInner {
                     unconfirmed(&self.counters);
                     outcomes.extend(batch.iter().map(|_| None));
                     error = Some(match other {
-                        Ok(Err(e)) => e,
-                        Ok(Ok(r)) => StoreError::new(
+                        Err(e) => e,
+                        Ok(r) => StoreError::new(
                             ErrorClass::Protocol,
                             format!("{} outcomes for {} claims", r.len(), batch.len()),
                         ),
-                        Err(_) => timed_out(self.sync_timeout),
                     });
                 }
             }

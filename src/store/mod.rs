@@ -400,9 +400,10 @@ pub trait Store: Send + Sync {
     /// Claims may mix algorithms and policies; a key should appear at most once per batch.
     fn claim<'a>(&'a self, node: NodeId, claims: &'a [Claim]) -> StoreFuture<'a, Vec<ClaimOutcome>>;
 
-    /// [`claim`](Self::claim) within `timeout`. A store that sends several calls (a cluster)
-    /// answers what it has when the time is up, failing only the calls still out
-    /// ([`KeyError::Unavailable`]); the default fails the whole batch.
+    /// [`claim`](Self::claim) within `timeout` (what a node calls, with its sync timeout). A
+    /// store that sends several calls (a cluster) answers what it has when the time is up,
+    /// failing only the calls still out ([`KeyError::Unavailable`]); the default fails the
+    /// whole batch. An override must keep to `timeout`: the node does not bound it again.
     fn claim_within<'a>(
         &'a self,
         node: NodeId,
@@ -414,7 +415,7 @@ pub trait Store: Send + Sync {
                 Ok(r) => r,
                 Err(_) => Err(StoreError::new(
                     ErrorClass::Transient,
-                    format!("no reply within {} ms", timeout.as_millis()),
+                    format!("no reply within the sync timeout ({} ms)", timeout.as_millis()),
                 )),
             }
         })
