@@ -100,6 +100,22 @@ async fn cluster_accuracy_bound_holds_with_awkward_identifiers_and_one_round_tri
     assert_eq!(stats.failed_calls, 0);
     assert_eq!(r.failed_round_trips, 0);
     assert_eq!(stats.masters, 3);
+    // The 16 default groups fall 4/6/6 on the slot ranges `--cluster create` gives 3 masters.
+    let mut per_master = [0; 3];
+    for g in 0..16 {
+        per_master[cluster.owner(key_slot(format!("{{{g:03x}}}").as_bytes()))] += 1;
+    }
+    per_master.sort_unstable();
+    assert_eq!(per_master, [4, 6, 6]);
+    // The slot tollgate computes is the one Redis computes, for every key it wrote.
+    for key in cluster.masters[0]
+        .cli(&["--scan"])
+        .lines()
+        .chain(["foo{}{bar}", "{a}:{b}"])
+    {
+        let theirs: u16 = cluster.masters[0].cli(&["CLUSTER", "KEYSLOT", key]).parse().unwrap();
+        assert_eq!(key_slot(key.as_bytes()), theirs, "{key}");
+    }
     // Every master holds some of the keys, and a batch costs at most one pipeline per master.
     for m in &cluster.masters {
         let keys: u64 = m.cli(&["DBSIZE"]).parse().unwrap();

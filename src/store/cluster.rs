@@ -316,7 +316,7 @@ impl RedisClusterStore {
             failed_calls: get(&c.failed_calls),
             slot_map_reads: get(&c.slot_map_reads),
             script_loads: get(&c.script_loads),
-            masters: self.inner.map.read().as_ref().map_or(0, |m| m.nodes.len()),
+            masters: self.inner.masters(),
         }
     }
 
@@ -896,7 +896,8 @@ mod tests {
         assert_eq!(key_slot(b"123456789"), 12739);
         assert_eq!(key_slot(b"foo"), 12182);
         assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
-        assert_eq!(key_slot(b"foo{}{bar}"), key_slot(b"foo{}{bar}"));
+        // An empty tag: the whole key is hashed (value from an independent CRC16).
+        assert_eq!(key_slot(b"foo{}{bar}"), 8363);
         assert_eq!(key_slot(b""), 0);
     }
 
