@@ -29,6 +29,7 @@ options:
   --cold-start C       deny | optimistic:N (default deny)
   --seconds S          length of each run (default 30 on virtual time, 5 against Redis)
   --seed N             seed of the arrival process (default 1)
+  --keys N             keys the load is spread over, each with the policy (default 1)
   --svg PATH           where to write the plot (default tune.svg)
   --redis URL          run on the wall clock against this Redis (needs the `redis` feature);
                        without it the run uses the in-process store on virtual time
@@ -43,6 +44,7 @@ struct Args {
     cold_start: ColdStart,
     seconds: Option<f64>,
     seed: u64,
+    keys: usize,
     svg: String,
     redis: Option<String>,
     cluster: bool,
@@ -65,6 +67,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
         cold_start: ColdStart::Deny,
         seconds: None,
         seed: 1,
+        keys: 1,
         svg: "tune.svg".into(),
         redis: None,
         cluster: false,
@@ -86,6 +89,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--burst" => burst = Some(num(value()?)? as u64),
             "--seconds" => a.seconds = Some(num(value()?)?),
             "--seed" => a.seed = num(value()?)? as u64,
+            "--keys" => a.keys = (num(value()?)? as usize).max(1),
             "--svg" => a.svg = value()?,
             "--redis" => a.redis = Some(value()?),
             "--redis-cluster" => {
@@ -207,6 +211,7 @@ fn run(args: &Args) -> Result<Vec<Row>, String> {
             duration: Duration::from_secs_f64(args.seconds.unwrap_or(if args.redis.is_some() { 5.0 } else { 30.0 })),
             cold_start: args.cold_start,
             seed: args.seed.wrapping_add(n as u64),
+            keys: args.keys,
             ..Scenario::new(args.policy.clone())
         };
         #[cfg(feature = "redis")]
@@ -229,9 +234,10 @@ fn run(args: &Args) -> Result<Vec<Row>, String> {
 
 fn print(args: &Args, rows: &[Row]) {
     println!(
-        "tollgate tune: {} nodes sharing {} ({}), cold start {:?}",
+        "tollgate tune: {} nodes sharing {} on each of {} key(s) ({}), cold start {:?}",
         args.nodes,
         args.policy,
+        args.keys,
         if args.cluster {
             "Redis Cluster, wall clock"
         } else if args.redis.is_some() {
