@@ -340,7 +340,6 @@ impl RedisClusterStore {
         let mut groups: Vec<_> = groups.into_iter().collect();
         groups.sort_unstable_by_key(|((slot, alg), _)| (*slot, *alg as u8));
         let mut calls = Vec::new();
-        let mut slots = Vec::new();
         let mut members = Vec::new();
         for ((slot, algorithm), idx) in &groups {
             for chunk in idx.chunks(MAX_KEYS_PER_CALL) {
@@ -359,7 +358,6 @@ impl RedisClusterStore {
                     ask: None,
                     sends: 0,
                 });
-                slots.push(*slot);
                 members.push(chunk);
             }
         }
@@ -367,19 +365,11 @@ impl RedisClusterStore {
             return Ok(Vec::new());
         }
         let results = inner.run(calls, deadline, true).await;
-        // The masters of the calls that failed, as the slot map has them now.
-        let failed_masters: std::collections::HashSet<NodeAddr> = {
-            let map = inner.map.read().clone();
-            slots
-                .iter()
-                .zip(&results)
-                .filter(|(_, r)| r.is_err())
-                .filter_map(|(slot, _)| map.as_ref().and_then(|m| m.node(*slot).cloned()))
-                .collect()
-        };
+        let map = inner.map.read().clone();
         let mut out: Vec<ClaimOutcome> = Vec::with_capacity(claims.len());
         out.resize_with(claims.len(), || Err(KeyError::Other(String::new())));
         let mut first_error: Option<StoreError> = None;
+        let mut failed_masters = std::collections::HashSet::new();
         let mut any_ok = false;
         for (chunk, result) in members.into_iter().zip(results) {
             match result.and_then(|v| decode_reply(v, chunk.len())) {
@@ -391,6 +381,11 @@ impl RedisClusterStore {
                 }
                 Err(e) => {
                     inner.counters.failed_calls.fetch_add(1, Ordering::Relaxed);
+                    // Its master, as the slot map has it now (the keys of a call share a slot).
+                    let slot = key_slot(claims[chunk[0]].key.as_bytes());
+                    if let Some(addr) = map.as_ref().and_then(|m| m.node(slot)) {
+                        failed_masters.insert(addr.clone());
+                    }
                     for &i in chunk {
                         out[i] = Err(KeyError::Unavailable(e.clone()));
                     }
@@ -402,7 +397,11 @@ impl RedisClusterStore {
             // The batch fails as a whole (and the node's breaker hears of it) only when the
             // cluster as a whole failed: every call, to every master. A master down fails its
             // keys alone, which the failure policy answers for, while the others sync on.
-            Some(e) if !any_ok && (failed_masters.len() >= inner.masters() || e.class() == ErrorClass::Config) => {
+            Some(e)
+                if !any_ok
+                    && (failed_masters.len() >= map.map_or(0, |m| m.nodes.len())
+                        || e.class() == ErrorClass::Config) =>
+            {
                 Err(e)
             }
             _ => Ok(out),
