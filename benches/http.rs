@@ -1,22 +1,34 @@
 //! HTTP throughput of an axum hello-world route with and without `RateLimitLayer` (local mode,
-//! ip and user layers, limits never reached), loaded from this process over loopback.
+//! ip and user layers, limits never reached), loaded from this process over loopback, with
+//! `tower_governor` on the same route as the peer.
 //!
-//! The two servers run side by side in one runtime and are loaded in turn, several times
-//! (run-to-run noise here is about 10%); the result is the median of the pairwise ratios:
+//! Every server runs in one runtime and has its own keep-alive client connections, which send
+//! requests only while their server is the active one: the servers are loaded in turn, in
+//! short slices. Each round loads the plain route, then each variant followed by the plain
+//! route again (the order of the variants rotates from round to round); a variant's ratio in
+//! a round is its throughput over the mean of the two plain slices around it, so that slow
+//! drift in the machine's speed cancels. Each line gives the medians over the rounds:
 //!
 //! ```text
 //! http throughput with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! http throughput policy_header=denials with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
+//! http throughput headers=none with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
+//! http throughput peer=tower_governor with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
+//! http throughput peer=tower_governor+headers with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! ```
 //!
-//! The first line is the default configuration (both headers on every response); the second
-//! sends `RateLimit-Policy` with refusals only (`"response": {"policy_header": "denials"}`).
+//! The first line is the default configuration (`RateLimit-Policy` and `RateLimit` on every
+//! response); the second sends `RateLimit-Policy` with refusals only (`"response":
+//! {"policy_header": "denials"}`); the third sends no rate-limit header on admissions
+//! (`"response": {"headers": "none"}`). The peer is `tower_governor` 0.8 with its defaults (no
+//! header on admissions, one governor key per peer IP), then with `use_headers()` (two
+//! `x-ratelimit-*` headers on admissions).
 //!
-//! `HTTP_BENCH_SECS` (default 1) sets the length of one run, `HTTP_BENCH_PAIRS` (default 7)
-//! the number of pairs.
+//! `HTTP_BENCH_MS` (default 500) sets the length of one slice, `HTTP_BENCH_ROUNDS` (default 9)
+//! the number of rounds.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,10 +37,17 @@ use axum::Router;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
 use tollgate::config::{Config, LiveConfig};
 use tollgate::http::RateLimitLayer;
+use tower_governor::governor::GovernorConfigBuilder;
+use tower_governor::GovernorLayer;
 
 const CONNECTIONS: usize = 32;
+/// The value of the active-server channel that ends the clients.
+const STOP: usize = usize::MAX;
+/// Time for the requests in flight to the previous server to complete.
+const SETTLE: Duration = Duration::from_millis(20);
 
 async fn serve(router: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -41,44 +60,61 @@ async fn serve(router: Router) -> SocketAddr {
     addr
 }
 
-/// Requests per second over `secs`, from `CONNECTIONS` keep-alive connections.
-async fn load(addr: SocketAddr, secs: Duration) -> f64 {
-    let done = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..CONNECTIONS {
-        let (done, count) = (done.clone(), count.clone());
-        tasks.push(tokio::spawn(async move {
+/// A server's clients: `CONNECTIONS` keep-alive connections that send requests while their
+/// server is the active one, and the count of responses.
+struct Clients {
+    count: Arc<AtomicU64>,
+}
+
+impl Clients {
+    async fn start(addr: SocketAddr, index: usize, active: &watch::Receiver<usize>) -> Clients {
+        let count = Arc::new(AtomicU64::new(0));
+        for _ in 0..CONNECTIONS {
+            let (count, mut active) = (count.clone(), active.clone());
             let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
             stream.set_nodelay(true).unwrap();
             let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
                 .unwrap();
             tokio::spawn(conn);
-            while !done.load(Ordering::Relaxed) {
-                send.ready().await.unwrap();
-                let req = hyper::Request::get(format!("http://{addr}/"))
-                    .body(Empty::<Bytes>::new())
-                    .unwrap();
-                let resp = send.send_request(req).await.unwrap();
-                assert_eq!(resp.status(), 200, "a limit was reached");
-                resp.into_body().collect().await.unwrap();
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
+            tokio::spawn(async move {
+                loop {
+                    let now = *active.borrow_and_update();
+                    if now == STOP {
+                        return;
+                    }
+                    if now != index {
+                        if active.changed().await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    send.ready().await.unwrap();
+                    let req = hyper::Request::get(format!("http://{addr}/"))
+                        .body(Empty::<Bytes>::new())
+                        .unwrap();
+                    let resp = send.send_request(req).await.unwrap();
+                    assert_eq!(resp.status(), 200, "a limit was reached");
+                    resp.into_body().collect().await.unwrap();
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        Clients { count }
     }
-    // Let the connections open before counting.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// Requests per second of server `index` over `slice`, after a short settling time in which
+/// the previous server's requests in flight complete.
+async fn slice(clients: &[Clients], index: usize, active: &watch::Sender<usize>, slice: Duration) -> f64 {
+    active.send_replace(index);
+    tokio::time::sleep(SETTLE).await;
+    let count = &clients[index].count;
     let start_count = count.load(Ordering::Relaxed);
     let start = Instant::now();
-    tokio::time::sleep(secs).await;
+    tokio::time::sleep(slice).await;
     let n = count.load(Ordering::Relaxed) - start_count;
-    let elapsed = start.elapsed();
-    done.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    n as f64 / elapsed.as_secs_f64()
+    n as f64 / start.elapsed().as_secs_f64()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -95,35 +131,29 @@ fn env(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// Median requests per second with and without the layer, and the median of the pairwise
-/// ratios, over `pairs` alternated pairs of runs.
-async fn compare(with: SocketAddr, without: SocketAddr, pairs: usize, secs: Duration, label: &str) -> (f64, f64, f64) {
-    let (mut w, mut wo, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..pairs {
-        // Alternate which goes first, so that drift does not favour one side.
-        let (a, b) = if i % 2 == 0 {
-            let a = load(with, secs).await;
-            (a, load(without, secs).await)
+/// A server under test: its label on the output line and its address.
+struct Variant {
+    label: &'static str,
+    addr: SocketAddr,
+    /// Requests per second in each round.
+    runs: Vec<f64>,
+    /// Each round's ratio against the plain route.
+    ratios: Vec<f64>,
+}
+
+impl Variant {
+    fn name(&self) -> &'static str {
+        if self.label.is_empty() {
+            "default "
         } else {
-            let b = load(without, secs).await;
-            (load(with, secs).await, b)
-        };
-        eprintln!(
-            "{label}pair {i}: with_layer={a:.0} without_layer={b:.0} ratio={:.3}",
-            a / b
-        );
-        w.push(a);
-        wo.push(b);
-        ratios.push(a / b);
+            self.label
+        }
     }
-    let listed: Vec<String> = ratios.iter().map(|r| format!("{r:.3}")).collect();
-    eprintln!("{label}ratios: {}", listed.join(" "));
-    (median(w), median(wo), median(ratios))
 }
 
 fn main() {
-    let secs = Duration::from_secs(env("HTTP_BENCH_SECS", 1).clamp(1, 30));
-    let pairs = env("HTTP_BENCH_PAIRS", 7).clamp(1, 50) as usize;
+    let secs = Duration::from_millis(env("HTTP_BENCH_MS", 500).clamp(100, 30_000));
+    let rounds = env("HTTP_BENCH_ROUNDS", 9).clamp(1, 100) as usize;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -135,21 +165,90 @@ fn main() {
                 "layers": {"ip": {"points": 1000000000, "duration": 60}}"#;
         let live = |extra: &str| LiveConfig::new(Config::from_json(&format!("{{{LIMITS}{extra}}}")).unwrap()).unwrap();
         let hello = || Router::new().route("/", get(|| async { "Hello, World!" }));
-        let with = serve(hello().layer(RateLimitLayer::new(live("")))).await;
-        let without = serve(hello()).await;
-        let denials = serve(hello().layer(RateLimitLayer::new(live(
-            r#", "response": {"policy_header": "denials"}"#,
-        ))))
-        .await;
+        // One token a nanosecond and a burst of a billion: never reached either.
+        let governor = || {
+            GovernorConfigBuilder::default()
+                .per_nanosecond(1)
+                .burst_size(1_000_000_000)
+                .finish()
+                .unwrap()
+        };
+        let governor_headers = || {
+            GovernorConfigBuilder::default()
+                .per_nanosecond(1)
+                .burst_size(1_000_000_000)
+                .use_headers()
+                .finish()
+                .unwrap()
+        };
+        let mut variants = Vec::new();
+        for (label, router) in [
+            ("", hello().layer(RateLimitLayer::new(live("")))),
+            (
+                "policy_header=denials ",
+                hello().layer(RateLimitLayer::new(live(
+                    r#", "response": {"policy_header": "denials"}"#,
+                ))),
+            ),
+            (
+                "headers=none ",
+                hello().layer(RateLimitLayer::new(live(r#", "response": {"headers": "none"}"#))),
+            ),
+            ("peer=tower_governor ", hello().layer(GovernorLayer::new(governor()))),
+            (
+                "peer=tower_governor+headers ",
+                hello().layer(GovernorLayer::new(governor_headers())),
+            ),
+            ("without", hello()),
+        ] {
+            variants.push(Variant {
+                label,
+                addr: serve(router).await,
+                runs: Vec::new(),
+                ratios: Vec::new(),
+            });
+        }
 
+        let n = variants.len();
+        let plain = n - 1;
+        let (active, receiver) = watch::channel(STOP - 1);
+        let mut clients = Vec::new();
+        for (i, v) in variants.iter().enumerate() {
+            clients.push(Clients::start(v.addr, i, &receiver).await);
+        }
         // Warm-up.
-        load(with, Duration::from_millis(300)).await;
-        load(without, Duration::from_millis(300)).await;
-        load(denials, Duration::from_millis(300)).await;
-
-        let (w, wo, ratio) = compare(with, without, pairs, secs, "").await;
-        println!("http throughput with_layer={w:.0} without_layer={wo:.0} ratio={ratio:.3}");
-        let (w, wo, ratio) = compare(denials, without, pairs, secs, "policy_header=denials ").await;
-        println!("http throughput policy_header=denials with_layer={w:.0} without_layer={wo:.0} ratio={ratio:.3}");
+        for i in 0..n {
+            slice(&clients, i, &active, Duration::from_millis(200)).await;
+        }
+        // Each round: the plain route, then each variant followed by the plain route again; a
+        // variant's ratio is against the mean of the plain slices on either side of it.
+        let mut without = Vec::new();
+        for round in 0..rounds {
+            let mut before = slice(&clients, plain, &active, secs).await;
+            let mut listed = Vec::new();
+            for k in 0..plain {
+                // The order of the variants rotates from round to round.
+                let i = (round + k) % plain;
+                let rps = slice(&clients, i, &active, secs).await;
+                let after = slice(&clients, plain, &active, secs).await;
+                let around = (before + after) / 2.0;
+                variants[i].runs.push(rps);
+                variants[i].ratios.push(rps / around);
+                without.push(around);
+                before = after;
+                listed.push(format!("{}{:.3}", variants[i].name(), rps / around));
+            }
+            eprintln!("round {round}: {}", listed.join(", "));
+        }
+        active.send_replace(STOP);
+        for v in &variants[..plain] {
+            println!(
+                "http throughput {}with_layer={:.0} without_layer={:.0} ratio={:.3}",
+                v.label,
+                median(v.runs.clone()),
+                median(without.clone()),
+                median(v.ratios.clone())
+            );
+        }
     });
 }

@@ -15,6 +15,7 @@ use crate::distributed::{DistKeys, Identifier, Node, Outcome};
 use crate::local::cell::{Cell, Retired};
 use crate::local::table::Table;
 use crate::policy::{Policy, PolicyError};
+use papaya::LocalGuard;
 
 /// What a limiter does with a new key when its table already holds `max_keys` keys that all
 /// carry information (none is indistinguishable from fresh).
@@ -656,18 +657,14 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         let inner = &*self.inner;
-        if let Some(dist) = &inner.dist {
-            let d = self.claimed(dist.take(key, cost, now), cost);
-            if COUNT {
-                self.count(&d);
-            }
-            return d;
+        if inner.dist.is_some() {
+            return self.take_distributed::<COUNT, Q>(key, cost, now);
         }
         let guard = inner.table.guard();
         loop {
             let cell = match inner.table.get(key, &guard) {
                 Some(cell) => cell,
-                None => match inner.table.insert(key, &guard, &inner.rule, now) {
+                None => match self.insert(key, &guard, now) {
                     Some(cell) => cell,
                     None => {
                         let d = self.untracked(cost, now);
@@ -690,6 +687,32 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
                 Err(Retired) => inner.table.unlink_retired(key, &guard),
             }
         }
+    }
+
+    /// [`take`](Self::take) in distributed mode, kept out of the local path's code.
+    #[inline(never)]
+    fn take_distributed<const COUNT: bool, Q>(&self, key: &Q, cost: u64, now: u64) -> Decision
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let dist = self.inner.dist.as_ref().expect("a distributed limiter");
+        let d = self.claimed(dist.take(key, cost, now), cost);
+        if COUNT {
+            self.count(&d);
+        }
+        d
+    }
+
+    /// A key's first check: its cell is made (once per key, so out of the hot path's code).
+    #[cold]
+    #[inline(never)]
+    fn insert<'g, Q>(&self, key: &Q, guard: &'g LocalGuard<'_>, now: u64) -> Option<&'g Cell>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        self.inner.table.insert(key, guard, &self.inner.rule, now)
     }
 
     fn claimed(&self, o: Outcome, cost: u64) -> Decision {
@@ -862,17 +885,9 @@ fn all_or_nothing<L: Layer + ?Sized>(cost: u64, layers: &[&L], taken: &mut [Opti
     // The tightest layer so far: its index and remaining (the first one on a tie).
     let (mut tightest, mut least) = (0, u64::MAX);
     for (i, layer) in layers.iter().enumerate() {
-        let d = taken[i].insert(layer.take(cost));
+        let d = *taken[i].insert(layer.take(cost));
         if d.is_denied() {
-            let d = *d;
-            for (earlier, t) in layers[..i].iter().zip(&taken[..i]) {
-                if let Some(t) = t {
-                    earlier.give_back(t);
-                }
-            }
-            // Only the denying layer decided: the others took nothing in the end.
-            layer.count(&d);
-            return d;
+            return refused(&layers[..=i], &taken[..i], d);
         }
         if layers.len() > 1 {
             let remaining = d.remaining();
@@ -896,6 +911,21 @@ fn all_or_nothing<L: Layer + ?Sized>(cost: u64, layers: &[&L], taken: &mut [Opti
         name: "",
         extra: 0,
     })
+}
+
+/// Refusal `d` by the last of `layers`: the earlier ones give back what they took (`taken`).
+/// Only the refusing layer decided, and is counted: the others took nothing in the end.
+#[cold]
+#[inline(never)]
+fn refused<L: Layer + ?Sized>(layers: &[&L], taken: &[Option<Decision>], d: Decision) -> Decision {
+    let (layer, earlier) = layers.split_last().expect("a refusing layer");
+    for (earlier, t) in earlier.iter().zip(taken) {
+        if let Some(t) = t {
+            earlier.give_back(t);
+        }
+    }
+    layer.count(&d);
+    d
 }
 
 /// [`check_all`] for the async request path: in distributed mode, the keys this node holds

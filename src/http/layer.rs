@@ -20,7 +20,7 @@ use tower_service::Service;
 use super::headers::{self, Attach};
 use super::key::{self, Keys};
 use super::{PeerAddr, ShadowVerdict, Tier, UserId};
-use crate::config::{Limit, LiveConfig, PolicyHeader, Rules};
+use crate::config::{Config, Limit, LiveConfig, PolicyHeader, Rules};
 use crate::{check_all_async, Decision};
 
 /// Reads a tier name from a request.
@@ -389,14 +389,53 @@ impl Shared {
         self.user.is_some() || self.tier.is_some()
     }
 
+    /// No client address: the request is answered with `response.key_error_status`.
+    #[cold]
+    #[inline(never)]
+    fn no_peer<'r>(&self, config: &Config) -> Prepared<'r> {
+        bump(&self.counters.key_errors);
+        if config.shadow {
+            return Prepared::Skip;
+        }
+        Prepared::Respond(Box::new(headers::key_error(config.response.key_error_status)))
+    }
+
+    /// The deny list (403) and the allow list (no limit), when the rules have lists; `None`
+    /// when the client is on neither.
+    #[inline(never)]
+    fn lists<'r>(
+        &self,
+        config: &Config,
+        (allow, deny): (bool, bool),
+        client: IpAddr,
+        user: Option<&str>,
+    ) -> Option<Prepared<'r>> {
+        if deny && config.deny.matches(Some(client), user) {
+            bump(&self.counters.forbidden);
+            if config.shadow {
+                bump(&self.counters.shadow_denied);
+                #[cfg(feature = "metrics")]
+                crate::metrics::shadow_would_block();
+                return Some(Prepared::Shadow(ShadowVerdict {
+                    status: StatusCode::FORBIDDEN,
+                    layer: "deny",
+                    policy: "deny",
+                    retry_after: None,
+                }));
+            }
+            return Some(Prepared::Respond(Box::new(headers::forbidden(config.response.body))));
+        }
+        if allow && config.allow.matches(Some(client), user) {
+            bump(&self.counters.allow_listed);
+            return Some(Prepared::Skip);
+        }
+        None
+    }
+
     fn prepare<'r>(&self, rules: &'r Rules, head: &impl Head) -> Prepared<'r> {
         let config = rules.config();
         let Some(peer) = peer(head.extensions()) else {
-            bump(&self.counters.key_errors);
-            if config.shadow {
-                return Prepared::Skip;
-            }
-            return Prepared::Respond(Box::new(headers::key_error(config.response.key_error_status)));
+            return self.no_peer(config);
         };
         let client = key::client_ip(peer, head.headers(), &config.client_ip);
         let user: Option<Cow<'_, str>> = match (&self.user, head.parts()) {
@@ -404,24 +443,10 @@ impl Shared {
             _ => head.extensions().get::<UserId>().map(|u| Cow::Borrowed(u.0.as_ref())),
         };
         let (allow, deny) = rules.has_lists();
-        if deny && config.deny.matches(Some(client), user.as_deref()) {
-            bump(&self.counters.forbidden);
-            if config.shadow {
-                bump(&self.counters.shadow_denied);
-                #[cfg(feature = "metrics")]
-                crate::metrics::shadow_would_block();
-                return Prepared::Shadow(ShadowVerdict {
-                    status: StatusCode::FORBIDDEN,
-                    layer: "deny",
-                    policy: "deny",
-                    retry_after: None,
-                });
+        if allow || deny {
+            if let Some(listed) = self.lists(config, (allow, deny), client, user.as_deref()) {
+                return listed;
             }
-            return Prepared::Respond(Box::new(headers::forbidden(config.response.body)));
-        }
-        if allow && config.allow.matches(Some(client), user.as_deref()) {
-            bump(&self.counters.allow_listed);
-            return Prepared::Skip;
         }
         let mut keys = Keys::new(client, &config.client_ip);
         let api = match (&user, &config.api_key) {
@@ -508,6 +533,14 @@ impl Shared {
         if d.is_allowed() {
             return Action::Pass(attach, None);
         }
+        self.refuse(config, applied, &d, attach)
+    }
+
+    /// A refusal by a limit of `applied`: a 429, or in shadow mode the request goes through
+    /// with its verdict.
+    #[cold]
+    #[inline(never)]
+    fn refuse(&self, config: &Config, applied: &[&Limit], d: &Decision, attach: Attach) -> Action {
         let layer = applied.iter().find(|l| l.name() == d.policy()).map_or("", |l| l.layer);
         if config.shadow {
             bump(&self.counters.shadow_denied);
@@ -524,7 +557,7 @@ impl Shared {
             );
         }
         bump(&self.counters.denied);
-        Action::Refuse(headers::too_many_requests(config.response.body, layer, &d, attach))
+        Action::Refuse(headers::too_many_requests(config.response.body, layer, d, attach))
     }
 }
 
@@ -581,9 +614,28 @@ where
                 }
             };
         }
-        // Distributed: the decision may wait for a first claim, so the call happens later, on
-        // the service that was polled ready (a fresh clone stays here).
-        let plan = plan.detach();
+        self.distributed(req, plan.detach(), rules)
+    }
+}
+
+impl<S> RateLimit<S> {
+    /// Distributed mode: the decision may wait for a first claim, so the call happens later,
+    /// on the service that was polled ready (a fresh clone stays here). Out of line: the
+    /// local path's code stays compact.
+    #[inline(never)]
+    fn distributed<ReqBody, ResBody>(
+        &mut self,
+        mut req: Request<ReqBody>,
+        plan: Detached,
+        rules: arc_swap::Guard<Arc<Rules>>,
+    ) -> ResponseFuture<S::Future, ResBody, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqBody: Send + 'static,
+        ResBody: Send + 'static,
+    {
         let rules = arc_swap::Guard::into_inner(rules);
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
