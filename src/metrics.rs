@@ -62,6 +62,19 @@ pub const LAST_SYNC_AGE_SECONDS: &str = "tollgate_last_sync_age_seconds";
 pub const SYNC_TASK_RESTARTS_TOTAL: &str = "tollgate_sync_task_restarts_total";
 /// Cost admitted by the `fail_open` failure policy while the store was unreachable.
 pub const FAIL_OPEN_ADMITTED_TOTAL: &str = "tollgate_fail_open_admitted_total";
+/// Redis Cluster: pipelines sent for claim batches (one per master per send round), by
+/// `cluster` (the store's first seed, `host:port`).
+pub const CLUSTER_ROUND_TRIPS_TOTAL: &str = "tollgate_cluster_round_trips_total";
+/// Redis Cluster: redirection replies followed, by `reply` (`moved`, `ask`, `tryagain`) and
+/// `cluster`.
+pub const CLUSTER_REDIRECTS_TOTAL: &str = "tollgate_cluster_redirects_total";
+/// Redis Cluster: script calls that failed (their keys were answered by the failure policy),
+/// by `cluster`.
+pub const CLUSTER_FAILED_CALLS_TOTAL: &str = "tollgate_cluster_failed_calls_total";
+/// Redis Cluster: reads of the slot map (`CLUSTER SLOTS`), by `cluster`.
+pub const CLUSTER_SLOT_MAP_READS_TOTAL: &str = "tollgate_cluster_slot_map_reads_total";
+/// Redis Cluster: masters in the slot map last read, by `cluster`.
+pub const CLUSTER_MASTERS: &str = "tollgate_cluster_masters";
 
 /// Registers the description and unit of every metric with the installed recorder.
 pub fn describe_metrics() {
@@ -115,9 +128,30 @@ pub fn describe_metrics() {
         Unit::Count,
         "Cost admitted by fail_open while the store was unreachable"
     );
+    describe_counter!(
+        CLUSTER_ROUND_TRIPS_TOTAL,
+        Unit::Count,
+        "Redis Cluster pipelines sent for claim batches"
+    );
+    describe_counter!(
+        CLUSTER_REDIRECTS_TOTAL,
+        Unit::Count,
+        "Redis Cluster redirections followed, by reply"
+    );
+    describe_counter!(
+        CLUSTER_FAILED_CALLS_TOTAL,
+        Unit::Count,
+        "Redis Cluster script calls that failed"
+    );
+    describe_counter!(
+        CLUSTER_SLOT_MAP_READS_TOTAL,
+        Unit::Count,
+        "Reads of the Redis Cluster slot map"
+    );
+    describe_gauge!(CLUSTER_MASTERS, Unit::Count, "Masters in the Redis Cluster slot map");
 }
 
-/// Something with totals to publish (a limiter, a node, an HTTP layer).
+/// Something with totals to publish (a limiter, a node, a cluster store).
 pub(crate) trait Source: Send + Sync {
     fn publish(&self);
 }

@@ -15,6 +15,9 @@ mod pki;
 #[path = "common/acl.rs"]
 mod acl;
 
+#[path = "common/recorder.rs"]
+mod recorder;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -333,6 +336,33 @@ async fn a_slot_migration_step_by_step_follows_ask_tryagain_and_moved_without_do
     node.sync_once().await;
     assert_eq!(store.stats().moved, s.moved, "the slot map knows the new owner");
     assert_eq!(cluster.keys_in_slot(to, slot).len(), 3);
+
+    // The same counts, published through the metrics facade under the store's first seed.
+    let captured = Arc::new(recorder::Captured::default());
+    metrics::with_local_recorder(&recorder::TestRecorder(captured.clone()), tollgate::metrics::publish);
+    let s = store.stats();
+    let seed = format!("cluster=127.0.0.1:{}", cluster.masters[0].port);
+    let metric = |name: &str, labels: &str| captured.get(&format!("{name}{{{labels}}}"));
+    use tollgate::metrics as tm;
+    assert_eq!(metric(tm::CLUSTER_ROUND_TRIPS_TOTAL, &seed), Some(s.round_trips as f64));
+    assert_eq!(
+        metric(tm::CLUSTER_REDIRECTS_TOTAL, &format!("{seed},reply=moved")),
+        Some(s.moved as f64)
+    );
+    assert_eq!(
+        metric(tm::CLUSTER_REDIRECTS_TOTAL, &format!("{seed},reply=ask")),
+        Some(s.asked as f64)
+    );
+    assert_eq!(
+        metric(tm::CLUSTER_REDIRECTS_TOTAL, &format!("{seed},reply=tryagain")),
+        Some(s.tryagain as f64)
+    );
+    assert_eq!(metric(tm::CLUSTER_FAILED_CALLS_TOTAL, &seed), Some(1.0));
+    assert_eq!(
+        metric(tm::CLUSTER_SLOT_MAP_READS_TOTAL, &seed),
+        Some(s.slot_map_reads as f64)
+    );
+    assert_eq!(metric(tm::CLUSTER_MASTERS, &seed), Some(3.0));
 
     node.shutdown().await;
     let stats = node.stats();

@@ -3,96 +3,19 @@
 //! HTTP layer, and a store outage that opens and closes the circuit. The recorder is installed only after the first checks,
 //! to show that the order does not matter.
 
-use std::collections::HashMap;
+#[path = "common/recorder.rs"]
+mod recorder;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder};
-use parking_lot::Mutex;
+use recorder::{Captured, TestRecorder};
 use tollgate::metrics as tm;
 use tollgate::store::{
     Claim, ClaimOutcome, ErrorClass, Heartbeat, MemoryStore, NodeId, Store, StoreError, StoreFuture, StoreKey,
 };
 use tollgate::{check_all, CircuitState, Limiter, ManualClock, Node, Policy};
-
-/// Every metric as (name, sorted labels) -> value; histograms keep their samples.
-#[derive(Default)]
-struct Captured {
-    values: Mutex<HashMap<String, f64>>,
-    samples: Mutex<HashMap<String, Vec<f64>>>,
-    described: Mutex<Vec<String>>,
-}
-
-fn id(key: &Key) -> String {
-    let mut labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
-    labels.sort();
-    if labels.is_empty() {
-        return key.name().to_string();
-    }
-    format!("{}{{{}}}", key.name(), labels.join(","))
-}
-
-struct Cell(String, Arc<Captured>);
-
-impl CounterFn for Cell {
-    fn increment(&self, value: u64) {
-        *self.1.values.lock().entry(self.0.clone()).or_default() += value as f64;
-    }
-    fn absolute(&self, value: u64) {
-        self.1.values.lock().insert(self.0.clone(), value as f64);
-    }
-}
-
-impl GaugeFn for Cell {
-    fn increment(&self, value: f64) {
-        *self.1.values.lock().entry(self.0.clone()).or_default() += value;
-    }
-    fn decrement(&self, value: f64) {
-        *self.1.values.lock().entry(self.0.clone()).or_default() -= value;
-    }
-    fn set(&self, value: f64) {
-        self.1.values.lock().insert(self.0.clone(), value);
-    }
-}
-
-impl HistogramFn for Cell {
-    fn record(&self, value: f64) {
-        self.1.samples.lock().entry(self.0.clone()).or_default().push(value);
-    }
-}
-
-struct TestRecorder(Arc<Captured>);
-
-impl Recorder for TestRecorder {
-    fn describe_counter(&self, key: KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {
-        self.0.described.lock().push(key.as_str().to_string());
-    }
-    fn describe_gauge(&self, key: KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {
-        self.0.described.lock().push(key.as_str().to_string());
-    }
-    fn describe_histogram(&self, key: KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {
-        self.0.described.lock().push(key.as_str().to_string());
-    }
-    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        Counter::from_arc(Arc::new(Cell(id(key), self.0.clone())))
-    }
-    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
-        Gauge::from_arc(Arc::new(Cell(id(key), self.0.clone())))
-    }
-    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-        Histogram::from_arc(Arc::new(Cell(id(key), self.0.clone())))
-    }
-}
-
-impl Captured {
-    fn get(&self, name: &str) -> Option<f64> {
-        self.values.lock().get(name).copied()
-    }
-    fn samples(&self, name: &str) -> usize {
-        self.samples.lock().get(name).map_or(0, Vec::len)
-    }
-}
 
 /// A memory store that can be switched to failing.
 struct Flaky {

@@ -285,7 +285,7 @@ impl RedisClusterStore {
         for c in configs {
             seeds.push(node_addr(RedisStore::client(&c)?.get_connection_info())?);
         }
-        Ok(RedisClusterStore {
+        let store = RedisClusterStore {
             inner: Arc::new(Inner {
                 config,
                 base,
@@ -299,25 +299,20 @@ impl RedisClusterStore {
                 failing: parking_lot::Mutex::new(Default::default()),
                 counters: Counters::default(),
             }),
-        })
+        };
+        #[cfg(feature = "metrics")]
+        {
+            let weak: std::sync::Weak<dyn crate::metrics::Source> = Arc::downgrade(&store.inner) as _;
+            crate::metrics::register(weak);
+        }
+        Ok(store)
     }
 
-    /// What the store did since it started.
+    /// What the store did since it started. With the `metrics` feature, the same counts are
+    /// published as `tollgate_cluster_*` metrics (see [`crate::metrics`]), labelled by the
+    /// store's first seed.
     pub fn stats(&self) -> ClusterStats {
-        let c = &self.inner.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        ClusterStats {
-            batches: get(&c.batches),
-            round_trips: get(&c.round_trips),
-            calls: get(&c.calls),
-            moved: get(&c.moved),
-            asked: get(&c.asked),
-            tryagain: get(&c.tryagain),
-            failed_calls: get(&c.failed_calls),
-            slot_map_reads: get(&c.slot_map_reads),
-            script_loads: get(&c.script_loads),
-            masters: self.inner.masters(),
-        }
+        self.inner.stats()
     }
 
     async fn claim_batch(
@@ -611,6 +606,23 @@ impl Inner {
     }
 
     /// Masters in the slot map (0 before it is read).
+    fn stats(&self) -> ClusterStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ClusterStats {
+            batches: get(&c.batches),
+            round_trips: get(&c.round_trips),
+            calls: get(&c.calls),
+            moved: get(&c.moved),
+            asked: get(&c.asked),
+            tryagain: get(&c.tryagain),
+            failed_calls: get(&c.failed_calls),
+            slot_map_reads: get(&c.slot_map_reads),
+            script_loads: get(&c.script_loads),
+            masters: self.masters(),
+        }
+    }
+
     fn masters(&self) -> usize {
         self.map.read().as_ref().map_or(0, |m| m.nodes.len())
     }
@@ -882,6 +894,31 @@ impl Store for RedisClusterStore {
     fn reconnect(&self) {
         self.inner.conns.lock().clear();
         self.inner.stale.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The store's counts as `tollgate_cluster_*` metrics, labelled by its first seed. Several
+/// stores with the same first seed publish the same series: use one store per cluster.
+#[cfg(feature = "metrics")]
+impl crate::metrics::Source for Inner {
+    fn publish(&self) {
+        use crate::metrics::*;
+        use ::metrics::{counter, gauge};
+        let s = self.stats();
+        let cluster = self.seeds.first().map_or_else(String::new, |a| {
+            if a.host.contains(':') {
+                format!("[{}]:{}", a.host, a.port)
+            } else {
+                format!("{}:{}", a.host, a.port)
+            }
+        });
+        counter!(CLUSTER_ROUND_TRIPS_TOTAL, "cluster" => cluster.clone()).absolute(s.round_trips);
+        for (reply, n) in [("moved", s.moved), ("ask", s.asked), ("tryagain", s.tryagain)] {
+            counter!(CLUSTER_REDIRECTS_TOTAL, "reply" => reply, "cluster" => cluster.clone()).absolute(n);
+        }
+        counter!(CLUSTER_FAILED_CALLS_TOTAL, "cluster" => cluster.clone()).absolute(s.failed_calls);
+        counter!(CLUSTER_SLOT_MAP_READS_TOTAL, "cluster" => cluster.clone()).absolute(s.slot_map_reads);
+        gauge!(CLUSTER_MASTERS, "cluster" => cluster).set(s.masters as f64);
     }
 }
 
