@@ -13,6 +13,7 @@
 //! http throughput with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! http throughput policy_header=denials with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! http throughput headers=none with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
+//! http throughput one_limit headers=none with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! http throughput peer=tower_governor with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! http throughput peer=tower_governor+headers with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! ```
@@ -20,9 +21,10 @@
 //! The first line is the default configuration (`RateLimit-Policy` and `RateLimit` on every
 //! response); the second sends `RateLimit-Policy` with refusals only (`"response":
 //! {"policy_header": "denials"}`); the third sends no rate-limit header on admissions
-//! (`"response": {"headers": "none"}`). The peer is `tower_governor` 0.8 with its defaults (no
-//! header on admissions, one governor key per peer IP), then with `use_headers()` (two
-//! `x-ratelimit-*` headers on admissions).
+//! (`"response": {"headers": "none"}`); the fourth checks one limit (the anonymous tier, keyed
+//! by client address) and sends no header on admissions, the work tower_governor does. The
+//! peer is `tower_governor` 0.8 with its defaults (no header on admissions, one governor key
+//! per peer IP), then with `use_headers()` (two `x-ratelimit-*` headers on admissions).
 //!
 //! `HTTP_BENCH_MS` (default 500) sets the length of one slice, `HTTP_BENCH_ROUNDS` (default 9)
 //! the number of rounds.
@@ -181,6 +183,15 @@ fn main() {
                 .finish()
                 .unwrap()
         };
+        // One limit per client address, no header on admissions: what tower_governor does.
+        let one_limit = LiveConfig::new(
+            Config::from_json(
+                r#"{"tiers": {"anonymous": {"points": 1000000000, "duration": 60}},
+                    "response": {"headers": "none"}}"#,
+            )
+            .unwrap(),
+        )
+        .unwrap();
         let mut variants = Vec::new();
         for (label, router) in [
             ("", hello().layer(RateLimitLayer::new(live("")))),
@@ -194,6 +205,7 @@ fn main() {
                 "headers=none ",
                 hello().layer(RateLimitLayer::new(live(r#", "response": {"headers": "none"}"#))),
             ),
+            ("one_limit headers=none ", hello().layer(RateLimitLayer::new(one_limit))),
             ("peer=tower_governor ", hello().layer(GovernorLayer::new(governor()))),
             (
                 "peer=tower_governor+headers ",
