@@ -1110,14 +1110,6 @@ fn sf_string(s: &str) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// `name` as a structured-field string, when its bytes may appear in a header value.
-fn quoted_name(name: &str) -> Option<Box<[u8]>> {
-    let mut out = Vec::with_capacity(name.len() + 2);
-    crate::http::headers::push_sf_string(&mut out, name);
-    http::HeaderValue::from_bytes(&out).ok()?;
-    Some(out.into_boxed_slice())
-}
-
 fn policy_item(name: &str, p: &Policy) -> String {
     let secs = p.duration().as_secs_f64().ceil().max(1.0) as u64;
     format!("{};q={};w={}", sf_string(name), p.points(), secs)
@@ -1152,7 +1144,7 @@ impl Rules {
             match b.build() {
                 Ok(limiter) => Some(Limit {
                     policy_item: policy_item(&name, policy),
-                    quoted_name: quoted_name(&name),
+                    quoted_name: crate::http::headers::quoted_name(&name),
                     limiter,
                     layer,
                     slot: 0,

@@ -59,13 +59,15 @@ impl Attach {
         let own = applied.iter().find(|l| std::ptr::eq(l.name(), d.policy()));
         if matches!(style, HeaderStyle::Draft | HeaderStyle::Both) {
             out.policy = policy.cloned();
-            out.state = Some(match own.and_then(|l| l.quoted_name.as_deref()) {
-                Some(quoted) => state_value_quoted(quoted, remaining, reset),
-                None => state_value(d.policy(), remaining, reset),
-            });
+            // A name that cannot appear in a header value (checked when the limit was built).
+            out.state = Some(
+                own.and_then(|l| l.quoted_name.as_deref())
+                    .map_or(HeaderValue::from_static("invalid"), |quoted| {
+                        state_value(quoted, remaining, reset)
+                    }),
+            );
         }
         if matches!(style, HeaderStyle::Legacy | HeaderStyle::Both) {
-            let own = own.or_else(|| applied.iter().find(|l| l.name() == d.policy()));
             let limit = own.map_or(d.limit(), |l| l.limiter.policy().points());
             out.legacy = Some(Box::new([number(limit), number(remaining), number(reset)]));
         }
@@ -87,23 +89,9 @@ impl Attach {
     }
 }
 
-/// `"name";r=<remaining>;t=<reset>`, written once into a buffer of its exact length (which
-/// the header value then owns, without a copy).
-fn state_value(name: &str, remaining: u64, reset: u64) -> HeaderValue {
-    let (mut r, mut t) = ([0u8; 20], [0u8; 20]);
-    let (r, t) = (digits(remaining, &mut r), digits(reset, &mut t));
-    let escapes = name.bytes().filter(|b| matches!(b, b'"' | b'\\')).count();
-    let mut v = Vec::with_capacity(name.len() + escapes + r.len() + t.len() + 8);
-    push_sf_string(&mut v, name);
-    v.extend_from_slice(b";r=");
-    v.extend_from_slice(r);
-    v.extend_from_slice(b";t=");
-    v.extend_from_slice(t);
-    HeaderValue::from_maybe_shared(Bytes::from(v)).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
-}
-
-/// [`state_value`] for a name already quoted, and checked valid in a header value.
-fn state_value_quoted(quoted: &[u8], remaining: u64, reset: u64) -> HeaderValue {
+/// `"name";r=<remaining>;t=<reset>` for a name already quoted (a structured-field string),
+/// and checked valid in a header value.
+fn state_value(quoted: &[u8], remaining: u64, reset: u64) -> HeaderValue {
     let (mut r, mut t) = ([0u8; 20], [0u8; 20]);
     let (r, t) = (digits(remaining, &mut r), digits(reset, &mut t));
     let v = cut(&[quoted, b";r=", r, b";t=", t]);
@@ -145,6 +133,14 @@ fn cut(parts: &[&[u8]]) -> Bytes {
     let mut buf = BytesMut::with_capacity(len);
     concat(&mut buf);
     buf.freeze()
+}
+
+/// `name` as a structured-field string, when its bytes may appear in a header value.
+pub(crate) fn quoted_name(name: &str) -> Option<Box<[u8]>> {
+    let mut out = Vec::with_capacity(name.len() + 2);
+    push_sf_string(&mut out, name);
+    HeaderValue::from_bytes(&out).ok()?;
+    Some(out.into_boxed_slice())
 }
 
 /// Appends `s` as a structured-field string: quoted, with `"` and `\\` escaped.
@@ -271,15 +267,17 @@ mod tests {
         assert_eq!(ceil_secs(Duration::from_nanos(1)), 1);
         assert_eq!(ceil_secs(Duration::from_millis(1500)), 2);
         assert_eq!(ceil_secs(Duration::from_secs(3)), 3);
-        assert_eq!(state_value(r#"a"b\c"#, 1, 2), r#""a\"b\\c";r=1;t=2"#);
+        let state = |name: &str, r, t| state_value(&quoted_name(name).unwrap(), r, t);
+        assert_eq!(state(r#"a"b\c"#, 1, 2), r#""a\"b\\c";r=1;t=2"#);
         assert_eq!(
-            state_value("user:free", 0, 12345678901234),
+            state("user:free", 0, 12345678901234),
             r#""user:free";r=0;t=12345678901234"#
         );
-        assert_eq!(state_value("x", u64::MAX, 7), r#""x";r=18446744073709551615;t=7"#);
+        assert_eq!(state("x", u64::MAX, 7), r#""x";r=18446744073709551615;t=7"#);
         assert_eq!(
-            state_value_quoted(br#""user:free""#, 12, 60),
-            state_value("user:free", 12, 60)
+            quoted_name("caf\u{e9}\u{7f}"),
+            None,
+            "DEL cannot appear in a header value"
         );
         for n in [
             0,
@@ -310,6 +308,6 @@ mod tests {
         let big = "b".repeat(CHUNK);
         assert_eq!(cut(&[big.as_bytes(), b"!"]).as_ref(), format!("{big}!").as_bytes());
         let long = format!("endpoint:GET /{}", "a".repeat(300));
-        assert_eq!(state_value(&long, 3, 4), format!("\"{long}\";r=3;t=4").as_str());
+        assert_eq!(state(&long, 3, 4), format!("\"{long}\";r=3;t=4").as_str());
     }
 }
