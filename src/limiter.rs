@@ -657,8 +657,8 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         let inner = &*self.inner;
-        if inner.dist.is_some() {
-            return self.take_distributed::<COUNT, Q>(key, cost, now);
+        if let Some(dist) = &inner.dist {
+            return self.take_distributed::<COUNT, Q>(dist, key, cost, now);
         }
         let guard = inner.table.guard();
         loop {
@@ -691,12 +691,11 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
 
     /// [`take`](Self::take) in distributed mode, kept out of the local path's code.
     #[inline(never)]
-    fn take_distributed<const COUNT: bool, Q>(&self, key: &Q, cost: u64, now: u64) -> Decision
+    fn take_distributed<const COUNT: bool, Q>(&self, dist: &DistKeys<K>, key: &Q, cost: u64, now: u64) -> Decision
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let dist = self.inner.dist.as_ref().expect("a distributed limiter");
         let d = self.claimed(dist.take(key, cost, now), cost);
         if COUNT {
             self.count(&d);

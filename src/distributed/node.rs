@@ -737,7 +737,7 @@ impl NodeInner {
         let ttl = self.lease.max(self.heartbeat_every() * 3);
         let beat = match tokio::time::timeout(bound, self.store.heartbeat(&self.registry, self.id, ttl)).await {
             Ok(r) => r?,
-            Err(_) => return Err(timed_out(bound)),
+            Err(_) => return Err(StoreError::timed_out(bound)),
         };
         if beat.live_nodes > 0 {
             self.live_nodes.store(beat.live_nodes, Ordering::Relaxed);
@@ -1016,11 +1016,4 @@ impl crate::metrics::Source for NodeInner {
             gauge!(LAST_SYNC_AGE_SECONDS).set(age as f64 / 1e9);
         }
     }
-}
-
-fn timed_out(after: Duration) -> StoreError {
-    StoreError::new(
-        ErrorClass::Transient,
-        format!("no reply within the sync timeout ({} ms)", after.as_millis()),
-    )
 }

@@ -351,6 +351,14 @@ impl StoreError {
         }
     }
 
+    /// No reply within the sync timeout `after` (transient).
+    pub(crate) fn timed_out(after: Duration) -> Self {
+        StoreError::new(
+            ErrorClass::Transient,
+            format!("no reply within the sync timeout ({} ms)", after.as_millis()),
+        )
+    }
+
     /// The class of the failure.
     pub fn class(&self) -> ErrorClass {
         self.class
@@ -413,10 +421,7 @@ pub trait Store: Send + Sync {
         Box::pin(async move {
             match tokio::time::timeout(timeout, self.claim(node, claims)).await {
                 Ok(r) => r,
-                Err(_) => Err(StoreError::new(
-                    ErrorClass::Transient,
-                    format!("no reply within the sync timeout ({} ms)", timeout.as_millis()),
-                )),
+                Err(_) => Err(StoreError::timed_out(timeout)),
             }
         })
     }
