@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use claims::claim;
 use redis::aio::ConnectionManager;
 use tollgate::store::{
     Claim, ClaimOutcome, ErrorClass, Grant, KeyEncoder, KeyError, Limits, ManualTime, MemoryStore, NodeId, RedisConfig,
@@ -14,6 +15,9 @@ use tollgate::store::{
 
 #[path = "common/redis_server.rs"]
 mod redis_server;
+
+#[path = "common/claims.rs"]
+mod claims;
 
 /// The test's redis-server, with the clients the tests use.
 struct Server(redis_server::RedisServer);
@@ -47,17 +51,6 @@ const T0: u64 = 1_700_000_000_200_000;
 
 fn tb(cap: u64, per_sec: u64, lease_ms: u64) -> Limits {
     Limits::token_bucket(cap, per_sec, Duration::from_secs(1), Duration::from_millis(lease_ms)).unwrap()
-}
-
-fn claim(key: &StoreKey, limits: Limits, kept: u64, returned: u64, wanted: u64, window: u64) -> Claim {
-    Claim {
-        key: key.clone(),
-        limits,
-        kept,
-        returned,
-        wanted,
-        window,
-    }
 }
 
 async fn one(s: &dyn Store, node: NodeId, c: Claim) -> Grant {

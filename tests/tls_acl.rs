@@ -14,11 +14,15 @@ mod pki;
 #[path = "common/acl.rs"]
 mod acl;
 
+#[path = "common/claims.rs"]
+mod claims;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use acl::COMMANDS;
+use claims::claim;
 use pki::Pki;
 use redis_server::RedisServer;
 use tollgate::store::{
@@ -32,17 +36,6 @@ use tollgate::{Limiter, Node, NodeStats, Policy};
 
 fn tb(capacity: u64) -> Limits {
     Limits::token_bucket(capacity, capacity, Duration::from_secs(1), Duration::from_secs(2)).unwrap()
-}
-
-fn claim(key: &StoreKey, limits: Limits, kept: u64, returned: u64, wanted: u64, window: u64) -> Claim {
-    Claim {
-        key: key.clone(),
-        limits,
-        kept,
-        returned,
-        wanted,
-        window,
-    }
 }
 
 /// One claim of `wanted` tokens on a fresh key: the grant.
