@@ -58,18 +58,18 @@ async fn live_config(
     };
     #[cfg(feature = "redis")]
     {
-        use std::sync::Arc;
-        // `"redis": {"cluster": true}` in the tiers file: REDIS_URL is a Redis Cluster seed.
-        let cluster = config.redis.as_ref().is_some_and(|r| r.cluster);
-        let store: Arc<dyn tollgate::store::Store> = if cluster {
-            Arc::new(tollgate::store::RedisClusterStore::connect([url.as_str()]).await?)
-        } else {
-            Arc::new(tollgate::store::RedisStore::connect(url.as_str()).await?)
+        // The tiers file's `redis` settings, at REDIS_URL (with `"cluster": true`, a Redis
+        // Cluster seed).
+        let node = match &config.redis {
+            Some(redis) => {
+                let mut redis = redis.clone();
+                redis.url = url.clone();
+                redis.apply(tollgate::Node::builder(redis.connect().await?))
+            }
+            None => tollgate::Node::builder(std::sync::Arc::new(
+                tollgate::store::RedisStore::connect(url.as_str()).await?,
+            )),
         };
-        let mut node = tollgate::Node::builder(store);
-        if let Some(redis) = &config.redis {
-            node = redis.apply(node);
-        }
         let node = node.start()?;
         println!("distributed mode through {url}");
         Ok((builder.node(&node).build()?, Some(node)))

@@ -39,7 +39,8 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, Value};
 
 use super::redis::{
-    as_text, as_u64, classify, decode_heartbeat, decode_reply, join_all, ClaimCall, RedisConfig, RedisStore, Scripts,
+    as_text, as_u64, classify, decode_heartbeat, decode_reply, join_all, reply_error, ClaimCall, RedisConfig,
+    RedisStore, Scripts,
 };
 use super::{
     keys::hash_tag, Claim, ClaimOutcome, ErrorClass, Heartbeat, KeyError, NodeId, Store, StoreAlgorithm, StoreError,
@@ -94,6 +95,17 @@ struct SlotMap {
     nodes: Vec<NodeAddr>,
 }
 
+/// The index of `addr` in `nodes`, added at the end when missing.
+fn index_of(nodes: &mut Vec<NodeAddr>, addr: NodeAddr) -> usize {
+    match nodes.iter().position(|n| *n == addr) {
+        Some(i) => i,
+        None => {
+            nodes.push(addr);
+            nodes.len() - 1
+        }
+    }
+}
+
 impl SlotMap {
     fn node(&self, slot: u16) -> Option<&NodeAddr> {
         self.nodes.get(usize::from(*self.owner.get(usize::from(slot))?))
@@ -101,13 +113,7 @@ impl SlotMap {
 
     fn with(&self, slot: u16, addr: NodeAddr) -> SlotMap {
         let mut nodes = self.nodes.clone();
-        let i = match nodes.iter().position(|n| *n == addr) {
-            Some(i) => i,
-            None => {
-                nodes.push(addr);
-                nodes.len() - 1
-            }
-        };
+        let i = index_of(&mut nodes, addr);
         let mut owner = self.owner.clone();
         owner[usize::from(slot)] = i as u16;
         SlotMap { owner, nodes }
@@ -138,14 +144,7 @@ impl SlotMap {
                 host.into()
             };
             let port = as_u64(&master[1]).and_then(|p| u16::try_from(p).ok()).ok_or_else(bad)?;
-            let addr = NodeAddr { host, port };
-            let i = match map.nodes.iter().position(|n| *n == addr) {
-                Some(i) => i,
-                None => {
-                    map.nodes.push(addr);
-                    map.nodes.len() - 1
-                }
-            };
+            let i = index_of(&mut map.nodes, NodeAddr { host, port });
             for s in start..=end {
                 map.owner[s as usize] = i as u16;
             }
@@ -353,7 +352,7 @@ impl RedisClusterStore {
                     ask: None,
                     sends: 0,
                 });
-                members.push(chunk);
+                members.push((*slot, chunk));
             }
         }
         if calls.is_empty() {
@@ -366,7 +365,7 @@ impl RedisClusterStore {
         let mut first_error: Option<StoreError> = None;
         let mut failed_masters = std::collections::HashSet::new();
         let mut any_ok = false;
-        for (chunk, result) in members.into_iter().zip(results) {
+        for ((slot, chunk), result) in members.into_iter().zip(results) {
             match result.and_then(|v| decode_reply(v, chunk.len())) {
                 Ok(outcomes) => {
                     any_ok = true;
@@ -376,8 +375,7 @@ impl RedisClusterStore {
                 }
                 Err(e) => {
                     inner.counters.failed_calls.fetch_add(1, Ordering::Relaxed);
-                    // Its master, as the slot map has it now (the keys of a call share a slot).
-                    let slot = key_slot(claims[chunk[0]].key.as_bytes());
+                    // Its master, as the slot map has it now.
                     if let Some(addr) = map.as_ref().and_then(|m| m.node(slot)) {
                         failed_masters.insert(addr.clone());
                     }
@@ -502,8 +500,9 @@ impl Inner {
         };
         match result {
             Ok(values) if values.len() == n => {
-                if !self.failing.lock().is_empty() {
-                    self.failing.lock().remove(addr);
+                let mut failing = self.failing.lock();
+                if !failing.is_empty() {
+                    failing.remove(addr);
                 }
                 Ok(values)
             }
@@ -572,10 +571,10 @@ impl Inner {
             pipe.cmd("CLUSTER").arg("SLOTS");
             let parsed = match self.send(&addr, pipe, 1, deadline).await {
                 Ok(mut v) => match v.pop() {
-                    Some(Value::ServerError(e)) => Err(StoreError::from_code(
-                        e.code(),
-                        format!("CLUSTER SLOTS: {}", as_text(&Value::ServerError(e.clone()))),
-                    )),
+                    Some(Value::ServerError(e)) => {
+                        let e = reply_error(&e);
+                        Err(StoreError::new(e.class(), format!("CLUSTER SLOTS: {}", e.message())))
+                    }
                     Some(v) => SlotMap::parse(&v, &addr),
                     None => Err(StoreError::new(ErrorClass::Protocol, "no reply to CLUSTER SLOTS")),
                 },
@@ -808,10 +807,7 @@ impl Inner {
                             }
                             pending.push(i);
                         }
-                        code => {
-                            let text = as_text(&Value::ServerError(e.clone()));
-                            results[i] = Some(Err(StoreError::from_code(code, text)));
-                        }
+                        _ => results[i] = Some(Err(reply_error(&e))),
                     }
                 }
             }

@@ -276,11 +276,12 @@ pub(super) struct Scripts {
 
 impl Scripts {
     pub(super) fn new() -> Self {
+        let [token_bucket, fixed_window, sliding_window, registry] = Self::sources().map(Script::new);
         Scripts {
-            token_bucket: Script::new(TOKEN_BUCKET_LUA),
-            fixed_window: Script::new(FIXED_WINDOW_LUA),
-            sliding_window: Script::new(SLIDING_WINDOW_LUA),
-            registry: Script::new(REGISTRY_LUA),
+            token_bucket,
+            fixed_window,
+            sliding_window,
+            registry,
         }
     }
 
@@ -380,26 +381,38 @@ fn config_error(message: impl Into<String>) -> StoreError {
     StoreError::new(ErrorClass::Config, message)
 }
 
+/// Classifies an error reply by its code and detail: the same rules for a command's error and
+/// for an error inside a pipeline or a script reply (a cluster's pipelines).
+pub(crate) fn server_error(code: &str, detail: Option<&str>, message: String) -> StoreError {
+    // Redis refuses large requests before authentication with this instead of NOAUTH.
+    if code == "ERR" && detail.is_some_and(|d| d.contains("unauthenticated")) {
+        return StoreError::new(ErrorClass::Config, message);
+    }
+    // Redis 7.0 refuses a command a script sends that the ACL user may not run with this
+    // instead of NOPERM.
+    if code == "ERR" && detail.is_some_and(|d| d.contains("user executing the script can't")) {
+        return StoreError::new(
+            ErrorClass::Config,
+            format!("NOPERM: the ACL user may not run a command of tollgate's scripts: {message}"),
+        );
+    }
+    StoreError::from_code(code, message)
+}
+
+/// [`server_error`] for an error reply inside a pipeline or a script reply.
+pub(crate) fn reply_error(e: &redis::ServerError) -> StoreError {
+    server_error(
+        e.code(),
+        e.details(),
+        format!("{} {}", e.code(), e.details().unwrap_or_default()),
+    )
+}
+
 /// Classifies a client error.
 pub(crate) fn classify(e: &RedisError) -> StoreError {
     let message = e.to_string();
     if let Some(code) = e.code() {
-        // Redis refuses large requests before authentication with this instead of NOAUTH.
-        if code == "ERR" && e.detail().is_some_and(|d| d.contains("unauthenticated")) {
-            return StoreError::new(ErrorClass::Config, message);
-        }
-        // Redis 7.0 refuses a command a script sends that the ACL user may not run with this
-        // instead of NOPERM.
-        if code == "ERR"
-            && e.detail()
-                .is_some_and(|d| d.contains("user executing the script can't"))
-        {
-            return StoreError::new(
-                ErrorClass::Config,
-                format!("NOPERM: the ACL user may not run a command of tollgate's scripts: {message}"),
-            );
-        }
-        return StoreError::from_code(code, message);
+        return server_error(code, e.detail(), message);
     }
     // A refused certificate is an I/O error to the client, but no retry will fix it.
     #[cfg(feature = "redis-tls")]
@@ -713,7 +726,7 @@ pub(super) fn as_text(v: &Value) -> String {
 pub(crate) fn decode_reply(reply: Value, n: usize) -> Result<Vec<ClaimOutcome>, StoreError> {
     let items = match reply {
         Value::Array(items) => items,
-        Value::ServerError(e) => return Err(StoreError::from_code(e.code(), as_text(&Value::ServerError(e.clone())))),
+        Value::ServerError(e) => return Err(reply_error(&e)),
         other => {
             return Err(StoreError::new(
                 ErrorClass::Protocol,
