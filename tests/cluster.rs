@@ -104,9 +104,16 @@ async fn cluster_accuracy_bound_holds_with_awkward_identifiers_and_one_round_tri
     assert_eq!(r.failed_round_trips, 0);
     assert_eq!(stats.masters, 3);
     // The 16 default groups fall 4/6/6 on the slot ranges `--cluster create` gives 3 masters.
+    // One key of each group, as the default encoder writes it.
+    let enc = KeyEncoder::default();
+    let mut slot_of_group = [None; 16];
+    for i in 0..10_000 {
+        let key = enc.encode("ns", format!("id-{i}").as_bytes());
+        slot_of_group[usize::from(key.group())].get_or_insert(key_slot(key.as_bytes()));
+    }
     let mut per_master = [0; 3];
-    for g in 0..16 {
-        per_master[cluster.owner(key_slot(format!("{{{g:03x}}}").as_bytes()))] += 1;
+    for slot in slot_of_group {
+        per_master[cluster.owner(slot.expect("every group met in 10,000 identifiers"))] += 1;
     }
     per_master.sort_unstable();
     assert_eq!(per_master, [4, 6, 6]);
@@ -334,6 +341,7 @@ async fn a_slot_migration_step_by_step_follows_ask_tryagain_and_moved_without_do
     assert_eq!(s.failed_calls, 1, "{s:?}");
     admitted += round(100_000);
     node.sync_once().await;
+    assert!(store.stats().calls > s.calls, "the last sync sent the slot's call");
     assert_eq!(store.stats().moved, s.moved, "the slot map knows the new owner");
     assert_eq!(cluster.keys_in_slot(to, slot).len(), 3);
 
@@ -432,16 +440,44 @@ async fn a_dead_master_degrades_its_keys_while_the_others_sync_on() {
     // The live masters' keys kept syncing: calls beyond the failed ones went out every sync.
     assert!(after.calls - before.calls > after.failed_calls - before.failed_calls + 10);
 
-    // The master comes back with its slots: its keys sync again.
+    // The master comes back with its slots: its keys sync again. Checks go on all the while
+    // (a key nobody asks for is not synced, so a quiet node would prove nothing).
     cluster.masters[dead].restart();
     cluster.wait_ok(&[0, 1, 2]);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let failed = store.stats().failed_calls;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let checks = |until: Instant| {
+        let (limiter, ids) = (&limiter, &ids);
+        async move {
+            let mut degraded = vec![false; ids.len()];
+            while Instant::now() < until {
+                for (i, id) in ids.iter().enumerate() {
+                    degraded[i] |= limiter.check(id.as_str()).is_degraded();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            degraded
+        }
+    };
+    checks(Instant::now() + Duration::from_millis(1500)).await;
+    let back = store.stats();
+    let degraded = checks(Instant::now() + Duration::from_millis(500)).await;
+    let end = store.stats();
     assert_eq!(
-        store.stats().failed_calls,
-        failed,
+        end.failed_calls, back.failed_calls,
         "calls still failing after the master returned"
+    );
+    assert!(
+        end.calls > back.calls,
+        "no call went out after the master returned: {end:?}"
+    );
+    let still: Vec<&String> = ids
+        .iter()
+        .zip(&degraded)
+        .filter(|(_, d)| **d)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        still.is_empty(),
+        "keys still degraded after the master returned: {still:?}"
     );
     node.shutdown().await;
 }
