@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use fault_proxy::{Fault, FaultProxy};
 use redis_server::RedisServer;
 use tollgate::store::{
-    Claim, ClaimOutcome, ErrorClass, Heartbeat, MemoryStore, NodeId, RedisConfig, RedisStore, Store, StoreFuture,
-    StoreKey,
+    Claim, ClaimOutcome, ErrorClass, Heartbeat, KeyEncoder, MemoryStore, NodeId, RedisConfig, RedisStore, Store,
+    StoreFuture, StoreKey,
 };
 use tollgate::{
     Algorithm, CircuitState, ColdStart, FailurePolicy, Limiter, Node, NodeBuilder, NodeError, NodeStats, Policy,
@@ -348,6 +348,31 @@ async fn a2_redis_restarted_from_a_snapshot_is_loading_transiently_and_rolls_bac
     let killed = Instant::now();
     // Restart on a thread and watch for LOADING replies meanwhile, under load.
     let port = server.port;
+    // What tollgate's own store makes of them: every LOADING reply it gets, classified (on a
+    // registry of its own, so that the fleet's node count is untouched).
+    let url = server.url();
+    let probe = tokio::spawn(async move {
+        let registry = KeyEncoder::new("probe").unwrap().registry_key();
+        let mut classes = Vec::new();
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            let config = RedisConfig::new(url.clone())
+                .connect_timeout(Duration::from_millis(200))
+                .response_timeout(Duration::from_millis(500));
+            let beat = match RedisStore::connect(config).await {
+                Ok(store) => store.heartbeat(&registry, 999, Duration::from_secs(1)).await,
+                Err(e) => Err(e),
+            };
+            match beat {
+                Ok(_) if !classes.is_empty() => break,
+                // redis-rs shows `LOADING` as "BusyLoading: Redis is loading the dataset".
+                Err(e) if e.message().to_ascii_lowercase().contains("loading") => classes.push(e.class()),
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        classes
+    });
     let restart = std::thread::spawn(move || {
         server.restart();
         server
@@ -393,6 +418,12 @@ async fn a2_redis_restarted_from_a_snapshot_is_loading_transiently_and_rolls_bac
     assert!(
         loading_seen,
         "the restart never answered LOADING: the dataset loaded too fast to test"
+    );
+    let classes = probe.await.unwrap();
+    assert!(!classes.is_empty(), "the store never met LOADING");
+    assert!(
+        classes.iter().all(|c| *c == ErrorClass::Transient),
+        "LOADING must be transient: {classes:?}"
     );
     let total = sum(&all);
     // The store rolled back to the snapshot: at most one capacity more than one exact limiter.
