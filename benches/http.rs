@@ -29,11 +29,16 @@
 //! `HTTP_BENCH_MS` (default 500) sets the length of one slice, `HTTP_BENCH_ROUNDS` (default 9)
 //! the number of rounds.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::routing::get;
 use axum::Router;
 use http_body_util::{BodyExt, Empty};
@@ -42,6 +47,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tollgate::config::{Config, LiveConfig};
 use tollgate::http::RateLimitLayer;
+use tower::Service;
 use tower_governor::governor::GovernorConfigBuilder;
 use tower_governor::GovernorLayer;
 
@@ -119,6 +125,27 @@ async fn slice(clients: &[Clients], index: usize, active: &watch::Sender<usize>,
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Requests in one in-process measurement.
+const IN_PROCESS_REQUESTS: u32 = 20_000;
+
+/// Nanoseconds per request through `router` called in this thread, without a connection: the
+/// request is built, routed, answered and dropped. The route answers at once, so the future
+/// is ready on its first poll.
+fn in_process_ns(router: &mut Router) -> f64 {
+    let peer = ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40_000)));
+    let mut cx = Context::from_waker(Waker::noop());
+    let start = Instant::now();
+    for _ in 0..IN_PROCESS_REQUESTS {
+        let mut req = hyper::Request::get("/").body(Body::empty()).unwrap();
+        req.extensions_mut().insert(peer);
+        let Poll::Ready(resp) = pin!(router.call(req)).poll(&mut cx) else {
+            panic!("the hello-world route answers at once");
+        };
+        assert_eq!(resp.unwrap().status(), 200, "a limit was reached");
+    }
+    start.elapsed().as_nanos() as f64 / f64::from(IN_PROCESS_REQUESTS)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
@@ -150,6 +177,40 @@ impl Variant {
         } else {
             self.label
         }
+    }
+}
+
+/// What each variant adds to a request's cost when the router is called in this thread
+/// (no connection, no other thread): in each round the bare route, then each variant followed
+/// by the bare route again; a variant's cost in a round is its time per request minus the
+/// mean of the bare ones around it. Prints the medians over the rounds.
+fn in_process(mut routers: [(&'static str, Router); 7], rounds: usize) {
+    let plain = routers.len() - 1;
+    let mut extra = vec![Vec::new(); plain];
+    let mut bare = Vec::new();
+    // Warm-up.
+    for (_, router) in &mut routers {
+        in_process_ns(router);
+    }
+    for round in 0..rounds {
+        let mut before = in_process_ns(&mut routers[plain].1);
+        for k in 0..plain {
+            let i = (round + k) % plain;
+            let ns = in_process_ns(&mut routers[i].1);
+            let after = in_process_ns(&mut routers[plain].1);
+            let around = (before + after) / 2.0;
+            extra[i].push(ns - around);
+            bare.push(around);
+            before = after;
+        }
+    }
+    let bare = median(bare);
+    for ((label, _), extra) in routers.iter().zip(extra) {
+        println!(
+            "http in_process {}added_ns_per_request={:.0} bare_ns_per_request={bare:.0}",
+            label,
+            median(extra)
+        );
     }
 }
 
@@ -192,8 +253,7 @@ fn main() {
             .unwrap(),
         )
         .unwrap();
-        let mut variants = Vec::new();
-        for (label, router) in [
+        let routers = [
             ("", hello().layer(RateLimitLayer::new(live("")))),
             (
                 "policy_header=denials ",
@@ -212,7 +272,14 @@ fn main() {
                 hello().layer(GovernorLayer::new(governor_headers())),
             ),
             ("without", hello()),
-        ] {
+        ]
+        .map(|(label, router)| (label, router.with_state::<()>(())));
+        let plain = routers.len() - 1;
+
+        in_process(routers.clone(), rounds);
+
+        let mut variants = Vec::new();
+        for (label, router) in routers {
             variants.push(Variant {
                 label,
                 addr: serve(router).await,
@@ -220,9 +287,7 @@ fn main() {
                 ratios: Vec::new(),
             });
         }
-
         let n = variants.len();
-        let plain = n - 1;
         let (active, receiver) = watch::channel(STOP - 1);
         let mut clients = Vec::new();
         for (i, v) in variants.iter().enumerate() {

@@ -871,6 +871,12 @@ pub(crate) fn check_layers<L: Layer + ?Sized>(cost: u64, layers: &[&L]) -> Resul
     for layer in layers {
         layer.capacity_check(cost)?;
     }
+    if let [layer] = layers {
+        // One layer: nothing to hand back, and its decision is the answer.
+        let d = layer.take(cost);
+        layer.count(&d);
+        return Ok(d);
+    }
     const INLINE: usize = 8;
     Ok(if layers.len() <= INLINE {
         all_or_nothing(cost, layers, &mut [None; INLINE][..layers.len()])

@@ -37,11 +37,14 @@ fn number(n: u64) -> HeaderValue {
     HeaderValue::from(n)
 }
 
-/// Headers computed before the inner service runs, added to its response.
+/// Headers computed before the inner service runs, added to its response. Kept small: it
+/// lives in the response future, which is moved several times on its way to the executor.
 #[derive(Default)]
 pub(crate) struct Attach {
-    policy: Option<HeaderValue>,
-    state: Option<HeaderValue>,
+    /// The draft headers' values, cut from one buffer: `RateLimit-Policy` (the first
+    /// `policy_len` bytes; none when 0), then `RateLimit`.
+    draft: Option<Bytes>,
+    policy_len: usize,
     legacy: Option<Box<[HeaderValue; 3]>>,
 }
 
@@ -58,14 +61,12 @@ impl Attach {
         // Limiter names are interned: the deciding limit is the one with the same name pointer.
         let own = applied.iter().find(|l| std::ptr::eq(l.name(), d.policy()));
         if matches!(style, HeaderStyle::Draft | HeaderStyle::Both) {
-            out.policy = policy.cloned();
-            // A name that cannot appear in a header value (checked when the limit was built).
-            out.state = Some(
-                own.and_then(|l| l.quoted_name.as_deref())
-                    .map_or(HeaderValue::from_static("invalid"), |quoted| {
-                        state_value(quoted, remaining, reset)
-                    }),
-            );
+            // Copied rather than shared: a shared value's reference count would be written by
+            // every request on every core.
+            let policy = policy.map_or(&[][..], HeaderValue::as_bytes);
+            let quoted = own.and_then(|l| l.quoted_name.as_deref());
+            out.draft = Some(draft_values(policy, quoted, remaining, reset));
+            out.policy_len = policy.len();
         }
         if matches!(style, HeaderStyle::Legacy | HeaderStyle::Both) {
             let limit = own.map_or(d.limit(), |l| l.limiter.policy().points());
@@ -75,11 +76,18 @@ impl Attach {
     }
 
     pub(crate) fn apply(self, headers: &mut HeaderMap) {
-        if let Some(p) = self.policy {
-            headers.insert(RATELIMIT_POLICY.clone(), p);
-        }
-        if let Some(s) = self.state {
-            headers.insert(RATELIMIT.clone(), s);
+        if let Some(mut state) = self.draft {
+            if self.policy_len > 0 {
+                let policy = state.split_to(self.policy_len);
+                // SAFETY: these bytes are a copy of a `HeaderValue` (see `draft_values`).
+                headers.insert(RATELIMIT_POLICY.clone(), unsafe {
+                    HeaderValue::from_maybe_shared_unchecked(policy)
+                });
+            }
+            // SAFETY: see `draft_values`.
+            headers.insert(RATELIMIT.clone(), unsafe {
+                HeaderValue::from_maybe_shared_unchecked(state)
+            });
         }
         if let Some([l, r, t]) = self.legacy.map(|b| *b) {
             headers.insert(X_RATELIMIT_LIMIT.clone(), l);
@@ -89,15 +97,23 @@ impl Attach {
     }
 }
 
-/// `"name";r=<remaining>;t=<reset>` for a name already quoted (a structured-field string),
-/// and checked valid in a header value.
-fn state_value(quoted: &[u8], remaining: u64, reset: u64) -> HeaderValue {
-    let (mut r, mut t) = ([0u8; 20], [0u8; 20]);
-    let (r, t) = (digits(remaining, &mut r), digits(reset, &mut t));
-    let v = cut(&[quoted, b";r=", r, b";t=", t]);
-    // SAFETY: `quoted` was checked valid in a header value when the limit was built, and the
-    // rest is visible ASCII (`;`, `=`, letters and digits).
-    unsafe { HeaderValue::from_maybe_shared_unchecked(v) }
+/// The longest `;r=<remaining>;t=<reset>`.
+const STATE_PARAMS: usize = 2 * (3 + 20);
+
+/// The `RateLimit-Policy` value `policy` (the bytes of a `HeaderValue`, or none) followed by
+/// the `RateLimit` value: `"name";r=<remaining>;t=<reset>` for a name already quoted (a
+/// structured-field string) and checked valid in a header value, or `invalid` when there is
+/// no such name.
+fn draft_values(policy: &[u8], quoted: Option<&[u8]>, remaining: u64, reset: u64) -> Bytes {
+    let Some(quoted) = quoted else {
+        return cut(&[policy, b"invalid"]);
+    };
+    let mut params = [0u8; STATE_PARAMS];
+    params[..3].copy_from_slice(b";r=");
+    let end = write_digits(&mut params, 3, remaining);
+    params[end..end + 3].copy_from_slice(b";t=");
+    let end = write_digits(&mut params, end + 3, reset);
+    cut(&[policy, quoted, &params[..end]])
 }
 
 /// Values cut from one buffer share its allocation (freed with the last of them).
@@ -163,9 +179,10 @@ const PAIRS: &[u8; 200] = b"\
     6061626364656667686970717273747576777879\
     8081828384858687888990919293949596979899";
 
-/// `n` in decimal, two digits at a time.
-fn digits(mut n: u64, out: &mut [u8; 20]) -> &[u8] {
-    let mut i = out.len();
+/// Writes `n` in decimal at `out[at..]` and returns where it ends (at most 20 digits).
+fn write_digits(out: &mut [u8; STATE_PARAMS], at: usize, mut n: u64) -> usize {
+    let end = at + n.checked_ilog10().map_or(1, |l| l as usize + 1);
+    let mut i = end;
     while n >= 100 {
         let p = (n % 100) as usize * 2;
         n /= 100;
@@ -174,13 +191,11 @@ fn digits(mut n: u64, out: &mut [u8; 20]) -> &[u8] {
     }
     if n >= 10 {
         let p = n as usize * 2;
-        i -= 2;
-        out[i..i + 2].copy_from_slice(&PAIRS[p..p + 2]);
+        out[i - 2..i].copy_from_slice(&PAIRS[p..p + 2]);
     } else {
-        i -= 1;
-        out[i] = b'0' + n as u8;
+        out[i - 1] = b'0' + n as u8;
     }
-    &out[i..]
+    end
 }
 
 fn json_response(status: StatusCode, content_type: &'static str, body: serde_json::Value) -> Response<Bytes> {
@@ -267,7 +282,7 @@ mod tests {
         assert_eq!(ceil_secs(Duration::from_nanos(1)), 1);
         assert_eq!(ceil_secs(Duration::from_millis(1500)), 2);
         assert_eq!(ceil_secs(Duration::from_secs(3)), 3);
-        let state = |name: &str, r, t| state_value(&quoted_name(name).unwrap(), r, t);
+        let state = |name: &str, r, t| draft_values(b"", Some(&quoted_name(name).unwrap()), r, t);
         assert_eq!(state(r#"a"b\c"#, 1, 2), r#""a\"b\\c";r=1;t=2"#);
         assert_eq!(
             state("user:free", 0, 12345678901234),
@@ -294,7 +309,10 @@ mod tests {
             1_000_000_000,
             u64::MAX,
         ] {
-            assert_eq!(digits(n, &mut [0; 20]), n.to_string().as_bytes());
+            let mut out = [b'x'; STATE_PARAMS];
+            let end = write_digits(&mut out, 3, n);
+            assert_eq!(&out[3..end], n.to_string().as_bytes());
+            assert_eq!(out[..3], *b"xxx");
         }
         // Values cut from the thread's buffers stay intact across buffers, long ones too.
         let values: Vec<(String, Bytes)> = (0..2000u64)
@@ -309,5 +327,30 @@ mod tests {
         assert_eq!(cut(&[big.as_bytes(), b"!"]).as_ref(), format!("{big}!").as_bytes());
         let long = format!("endpoint:GET /{}", "a".repeat(300));
         assert_eq!(state(&long, 3, 4), format!("\"{long}\";r=3;t=4").as_str());
+        let max = u64::MAX;
+        assert_eq!(state("x", max, max), format!("\"x\";r={max};t={max}").as_str());
+    }
+
+    #[test]
+    fn draft_values_split_into_policy_and_state() {
+        let attached = |policy: &[u8], quoted: Option<&[u8]>| {
+            let mut headers = HeaderMap::new();
+            Attach {
+                draft: Some(draft_values(policy, quoted, 4, 60)),
+                policy_len: policy.len(),
+                legacy: None,
+            }
+            .apply(&mut headers);
+            headers
+        };
+        let h = attached(br#""ip";q=5;w=60"#, Some(br#""ip""#));
+        assert_eq!(h[&RATELIMIT_POLICY], r#""ip";q=5;w=60"#);
+        assert_eq!(h[&RATELIMIT], r#""ip";r=4;t=60"#);
+        let h = attached(b"", Some(br#""ip""#));
+        assert!(!h.contains_key(&RATELIMIT_POLICY));
+        assert_eq!(h[&RATELIMIT], r#""ip";r=4;t=60"#);
+        let h = attached(br#""ip";q=5;w=60"#, None);
+        assert_eq!(h[&RATELIMIT], "invalid");
+        assert_eq!(h.len(), 2);
     }
 }

@@ -24,6 +24,24 @@ pub(crate) struct KeyBuf {
     len: u8,
 }
 
+/// The decimal digits of each byte value, left-aligned, and their count.
+static OCTETS: [[u8; 4]; 256] = {
+    let mut t = [[0u8; 4]; 256];
+    let mut i = 0;
+    while i < 256 {
+        let v = i as u8;
+        t[i] = if v >= 100 {
+            [b'0' + v / 100, b'0' + v / 10 % 10, b'0' + v % 10, 3]
+        } else if v >= 10 {
+            [b'0' + v / 10, b'0' + v % 10, 0, 2]
+        } else {
+            [b'0' + v, 0, 0, 1]
+        };
+        i += 1;
+    }
+    t
+};
+
 impl KeyBuf {
     pub(crate) const CAP: usize = 72;
 
@@ -53,6 +71,28 @@ impl KeyBuf {
         if b.is_ascii() && len < Self::CAP {
             self.buf[len] = b;
             self.len += 1;
+        }
+    }
+
+    /// `a.b.c.d`, written as one fixed-size copy (the longest form, 15 bytes, with room to
+    /// spare).
+    fn push_ipv4(&mut self, octets: [u8; 4]) {
+        let mut out = [0u8; 20];
+        let mut n = 0;
+        for o in octets {
+            // Each octet's digits and a dot, written whole; only the digits are kept.
+            let [a, b, c, len] = OCTETS[usize::from(o)];
+            out[n..n + 4].copy_from_slice(&[a, b, c, b'.']);
+            n += usize::from(len);
+            out[n] = b'.';
+            n += 1;
+        }
+        let n = n - 1; // no dot after the last octet
+        let len = self.len as usize;
+        if let Some(dest) = self.buf.get_mut(len..len + out.len()) {
+            // Digits and dots only: the buffer stays UTF-8 up to the new length.
+            dest.copy_from_slice(&out);
+            self.len = (len + n) as u8;
         }
     }
 
@@ -199,16 +239,7 @@ fn push_ip_key(k: &mut KeyBuf, ip: IpAddr, cfg: &ClientIp) {
         IpAddr::V6(_) => (cfg.ipv6_prefix, 128),
     };
     match mask(ip, prefix) {
-        IpAddr::V4(v4) => {
-            let [a, b, c, d] = v4.octets();
-            k.push_u8(a);
-            k.push_byte(b'.');
-            k.push_u8(b);
-            k.push_byte(b'.');
-            k.push_u8(c);
-            k.push_byte(b'.');
-            k.push_u8(d);
-        }
+        IpAddr::V4(v4) => k.push_ipv4(v4.octets()),
         v6 => {
             let _ = write!(k, "{v6}");
         }
@@ -223,6 +254,7 @@ fn push_ip_key(k: &mut KeyBuf, ip: IpAddr, cfg: &ClientIp) {
 ///
 /// An anonymous client's identity is `a:` and its ip key, so both live in one buffer (the ip
 /// key is its tail) and are formatted once.
+#[derive(Clone)]
 pub(crate) struct Keys {
     /// `a:` and the ip key.
     anonymous: KeyBuf,
@@ -231,16 +263,23 @@ pub(crate) struct Keys {
 }
 
 impl Keys {
-    /// The keys of an anonymous client at `ip`.
-    pub(crate) fn new(ip: IpAddr, cfg: &ClientIp) -> Keys {
-        let mut anonymous = KeyBuf::new();
-        anonymous.push_byte(b'a');
-        anonymous.push_byte(b':');
-        push_ip_key(&mut anonymous, ip, cfg);
+    /// No keys yet: [`set_client`](Self::set_client) writes them in place (the request path
+    /// keeps them where they are, instead of moving them along with its plan).
+    pub(crate) fn empty() -> Keys {
         Keys {
-            anonymous,
+            anonymous: KeyBuf::new(),
             identified: None,
         }
+    }
+
+    /// The keys of an anonymous client at `ip`.
+    pub(crate) fn set_client(&mut self, ip: IpAddr, cfg: &ClientIp) {
+        let anonymous = &mut self.anonymous;
+        anonymous.len = 0;
+        anonymous.push_byte(b'a');
+        anonymous.push_byte(b':');
+        push_ip_key(anonymous, ip, cfg);
+        self.identified = None;
     }
 
     /// Counts the client under `identity` (a [`user_key`] or an [`api_key`]).
@@ -365,10 +404,22 @@ mod tests {
     }
 
     fn ip_key(ip: IpAddr, cfg: &ClientIp) -> String {
-        let keys = Keys::new(ip, cfg);
+        let mut keys = Keys::empty();
+        keys.set_client(ip, cfg);
         let (ip_key, identity) = keys.get();
         assert_eq!(identity, format!("a:{ip_key}"));
         ip_key.to_owned()
+    }
+
+    #[test]
+    fn ipv4_keys_are_the_dotted_decimal_form() {
+        let c = ClientIp::default();
+        for v in 0..=255u8 {
+            for ip in [[v, 0, 9, 255], [1, v, 10, 99], [100, 200, v, 7], [0, 0, 0, v], [v; 4]] {
+                let ip = IpAddr::from(ip);
+                assert_eq!(ip_key(ip, &c), ip.to_string());
+            }
+        }
     }
 
     #[test]

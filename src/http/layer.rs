@@ -20,7 +20,7 @@ use tower_service::Service;
 use super::headers::{self, Attach};
 use super::key::{self, Keys};
 use super::{PeerAddr, ShadowVerdict, Tier, UserId};
-use crate::config::{Config, Limit, LiveConfig, PolicyHeader, Rules};
+use crate::config::{Config, HeaderStyle, Limit, LiveConfig, PolicyHeader, Rules};
 use crate::{check_all_async, Decision};
 
 /// Reads a tier name from a request.
@@ -298,7 +298,7 @@ impl Head for Parts {
 
 /// What to check a request against: its keys and the limits of `rules` that apply.
 struct Plan<'r> {
-    keys: Keys,
+    keys: &'r Keys,
     ip: Option<&'r Limit>,
     /// The user layer's limit for the request's tier.
     tier: Option<&'r Limit>,
@@ -308,9 +308,9 @@ struct Plan<'r> {
 
 impl Plan<'_> {
     /// The plan without its references into the rules, for a decision made later.
-    fn detach(self) -> Detached {
+    fn detach(&self) -> Detached {
         Detached {
-            keys: self.keys,
+            keys: self.keys.clone(),
             ip: self.ip.is_some(),
             tier: self.tier.map(Limit::name),
             endpoint: self.endpoint.map(|(i, _)| i),
@@ -347,9 +347,9 @@ struct Detached {
 
 impl Detached {
     /// The plan against the rules it was made from.
-    fn attach(self, rules: &Rules) -> Plan<'_> {
+    fn attach<'r>(&'r self, rules: &'r Rules) -> Plan<'r> {
         Plan {
-            keys: self.keys,
+            keys: &self.keys,
             ip: rules.ip.as_ref().filter(|_| self.ip),
             tier: self
                 .tier
@@ -369,9 +369,11 @@ enum Prepared<'r> {
     Check(Plan<'r>),
 }
 
+/// A decision carried out: the request goes through, with what to add to its response, or is
+/// refused (boxed: rare, and large).
 enum Action {
-    Pass(Attach, Option<ShadowVerdict>),
-    Refuse(Response<Bytes>),
+    Pass(Finish),
+    Refuse(Box<Response<Bytes>>),
 }
 
 fn peer(extensions: &Extensions) -> Option<IpAddr> {
@@ -432,7 +434,8 @@ impl Shared {
         None
     }
 
-    fn prepare<'r>(&self, rules: &'r Rules, head: &impl Head) -> Prepared<'r> {
+    /// What to do with a request; its keys are written to `keys` (which the plan borrows).
+    fn prepare<'r>(&self, rules: &'r Rules, head: &impl Head, keys: &'r mut Keys) -> Prepared<'r> {
         let config = rules.config();
         let Some(peer) = peer(head.extensions()) else {
             return self.no_peer(config);
@@ -448,7 +451,7 @@ impl Shared {
                 return listed;
             }
         }
-        let mut keys = Keys::new(client, &config.client_ip);
+        keys.set_client(client, &config.client_ip);
         let api = match (&user, &config.api_key) {
             (None, Some(a)) => head
                 .headers()
@@ -517,6 +520,9 @@ impl Shared {
 
     fn act(&self, rules: &Rules, plan: &Plan<'_>, layers: &[Option<(&Limit, &str)>], d: Decision) -> Action {
         let config = rules.config();
+        if d.is_allowed() && config.response.headers == HeaderStyle::None {
+            return Action::Pass(Finish::default());
+        }
         let first = layers[0].expect("a plan has a layer").0;
         let mut applied = [first; 3];
         for (slot, l) in applied.iter_mut().zip(layers) {
@@ -531,7 +537,7 @@ impl Shared {
         };
         let attach = Attach::new(config.response.headers, policy, applied, &d);
         if d.is_allowed() {
-            return Action::Pass(attach, None);
+            return Action::Pass(Finish::new(attach, None));
         }
         self.refuse(config, applied, &d, attach)
     }
@@ -546,7 +552,7 @@ impl Shared {
             bump(&self.counters.shadow_denied);
             #[cfg(feature = "metrics")]
             crate::metrics::shadow_would_block();
-            return Action::Pass(
+            return Action::Pass(Finish::new(
                 attach,
                 Some(ShadowVerdict {
                     status: StatusCode::TOO_MANY_REQUESTS,
@@ -554,10 +560,15 @@ impl Shared {
                     policy: d.policy(),
                     retry_after: d.retry_after(),
                 }),
-            );
+            ));
         }
         bump(&self.counters.denied);
-        Action::Refuse(headers::too_many_requests(config.response.body, layer, d, attach))
+        Action::Refuse(Box::new(headers::too_many_requests(
+            config.response.body,
+            layer,
+            d,
+            attach,
+        )))
     }
 }
 
@@ -581,53 +592,23 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let rules = self.shared.live.load();
-        // The request is split into its parts only for a resolver.
-        let prepared = if self.shared.resolves() {
-            let (parts, body) = req.into_parts();
-            let prepared = self.shared.prepare(&rules, &parts);
-            req = Request::from_parts(parts, body);
-            prepared
-        } else {
-            self.shared.prepare(&rules, &req)
-        };
-        let plan = match prepared {
-            Prepared::Skip => return ResponseFuture::inner(self.inner.call(req), None),
-            Prepared::Respond(r) => return ResponseFuture::ready(full(*r)),
-            Prepared::Shadow(v) => {
-                req.extensions_mut().insert(v);
-                let fut = self.inner.call(req);
-                return ResponseFuture::inner(fut, Some((Attach::default(), Some(v))));
-            }
-            Prepared::Check(plan) => plan,
-        };
-        if !rules.is_distributed() {
-            return match self.shared.decide(&rules, &plan) {
-                Action::Refuse(r) => ResponseFuture::ready(full(r)),
-                Action::Pass(attach, shadow) => {
-                    if let Some(v) = shadow {
-                        req.extensions_mut().insert(v);
-                    }
-                    let fut = self.inner.call(req);
-                    ResponseFuture::inner(fut, Some((attach, shadow)))
-                }
-            };
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        if self.shared.resolves() {
+            return self.call_resolving(req);
         }
-        self.distributed(req, plan.detach(), rules)
+        let rules = self.shared.live.load();
+        let mut keys = Keys::empty();
+        let prepared = self.shared.prepare(&rules, &req, &mut keys);
+        self.proceed(req, prepared, &rules)
     }
 }
 
 impl<S> RateLimit<S> {
-    /// Distributed mode: the decision may wait for a first claim, so the call happens later,
-    /// on the service that was polled ready (a fresh clone stays here). Out of line: the
-    /// local path's code stays compact.
+    /// The request is split into its parts for the resolvers, which take [`Parts`].
     #[inline(never)]
-    fn distributed<ReqBody, ResBody>(
+    fn call_resolving<ReqBody, ResBody>(
         &mut self,
-        mut req: Request<ReqBody>,
-        plan: Detached,
-        rules: arc_swap::Guard<Arc<Rules>>,
+        req: Request<ReqBody>,
     ) -> ResponseFuture<S::Future, ResBody, S::Error>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -636,35 +617,113 @@ impl<S> RateLimit<S> {
         ReqBody: Send + 'static,
         ResBody: Send + 'static,
     {
-        let rules = arc_swap::Guard::into_inner(rules);
+        let rules = self.shared.live.load();
+        let (parts, body) = req.into_parts();
+        let mut keys = Keys::empty();
+        let prepared = self.shared.prepare(&rules, &parts, &mut keys);
+        self.proceed(Request::from_parts(parts, body), prepared, &rules)
+    }
+
+    /// Carries out what `prepare` found: the response future calls the inner service once,
+    /// from one place, so that the request and its future are moved as little as possible.
+    #[inline(always)]
+    fn proceed<ReqBody, ResBody>(
+        &mut self,
+        mut req: Request<ReqBody>,
+        prepared: Prepared<'_>,
+        rules: &Arc<Rules>,
+    ) -> ResponseFuture<S::Future, ResBody, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqBody: Send + 'static,
+        ResBody: Send + 'static,
+    {
+        let finish = match prepared {
+            Prepared::Skip => Finish::default(),
+            Prepared::Respond(r) => return ResponseFuture::ready(full(*r)),
+            Prepared::Shadow(v) => {
+                req.extensions_mut().insert(v);
+                Finish::new(Attach::default(), Some(v))
+            }
+            Prepared::Check(plan) if rules.is_distributed() => {
+                let plan = plan.detach();
+                return self.distributed(req, plan, Arc::clone(rules));
+            }
+            Prepared::Check(plan) => match self.shared.decide(rules, &plan) {
+                Action::Refuse(r) => return ResponseFuture::ready(full(*r)),
+                Action::Pass(finish) => {
+                    if let Some(v) = &finish.shadow {
+                        req.extensions_mut().insert(**v);
+                    }
+                    finish
+                }
+            },
+        };
+        ResponseFuture::inner(self.inner.call(req), finish)
+    }
+    /// Distributed mode: the decision may wait for a first claim, so the call happens later,
+    /// on the service that was polled ready (a fresh clone stays here). Out of line: the
+    /// local path's code stays compact.
+    #[inline(never)]
+    fn distributed<ReqBody, ResBody>(
+        &mut self,
+        mut req: Request<ReqBody>,
+        plan: Detached,
+        rules: Arc<Rules>,
+    ) -> ResponseFuture<S::Future, ResBody, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqBody: Send + 'static,
+        ResBody: Send + 'static,
+    {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         ResponseFuture::boxed(Box::pin(async move {
             let plan = plan.attach(&rules);
             match shared.decide_async(&rules, &plan).await {
-                Action::Refuse(r) => Ok(full(r)),
-                Action::Pass(attach, shadow) => {
-                    if let Some(v) = shadow {
-                        req.extensions_mut().insert(v);
+                Action::Refuse(r) => Ok(full(*r)),
+                Action::Pass(finish) => {
+                    if let Some(v) = &finish.shadow {
+                        req.extensions_mut().insert(**v);
                     }
                     let response = inner.call(req).await?;
-                    Ok(finish(response, Some((attach, shadow))))
+                    Ok(finish.apply(response))
                 }
             }
         }))
     }
 }
 
-fn finish<B>(response: Response<B>, attach: Option<(Attach, Option<ShadowVerdict>)>) -> Response<ResponseBody<B>> {
-    let mut response = response.map(|body| ResponseBody::Inner { body });
-    if let Some((attach, shadow)) = attach {
-        attach.apply(response.headers_mut());
-        if let Some(v) = shadow {
-            response.extensions_mut().insert(v);
+/// What the layer adds to the inner service's response: the rate-limit headers and, in shadow
+/// mode, the verdict (boxed: it is rare, and this travels in the response future, which is
+/// moved several times on its way to the executor).
+#[derive(Default)]
+struct Finish {
+    attach: Attach,
+    shadow: Option<Box<ShadowVerdict>>,
+}
+
+impl Finish {
+    fn new(attach: Attach, shadow: Option<ShadowVerdict>) -> Self {
+        Finish {
+            attach,
+            shadow: shadow.map(Box::new),
         }
     }
-    response
+
+    fn apply<B>(self, response: Response<B>) -> Response<ResponseBody<B>> {
+        let mut response = response.map(|body| ResponseBody::Inner { body });
+        self.attach.apply(response.headers_mut());
+        if let Some(v) = self.shadow {
+            response.extensions_mut().insert(*v);
+        }
+        response
+    }
 }
 
 type BoxedResponse<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
@@ -683,7 +742,7 @@ pin_project! {
         Inner {
             #[pin]
             future: F,
-            attach: Option<(Attach, Option<ShadowVerdict>)>,
+            finish: Finish,
         },
         Ready {
             response: Option<Response<ResponseBody<B>>>,
@@ -695,9 +754,9 @@ pin_project! {
 }
 
 impl<F, B, E> ResponseFuture<F, B, E> {
-    fn inner(future: F, attach: Option<(Attach, Option<ShadowVerdict>)>) -> Self {
+    fn inner(future: F, finish: Finish) -> Self {
         ResponseFuture {
-            state: State::Inner { future, attach },
+            state: State::Inner { future, finish },
         }
     }
 
@@ -724,9 +783,9 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Inner { future, attach } => {
+            StateProj::Inner { future, finish } => {
                 let response = ready!(future.poll(cx))?;
-                Poll::Ready(Ok(finish(response, attach.take())))
+                Poll::Ready(Ok(std::mem::take(finish).apply(response)))
             }
             StateProj::Ready { response } => {
                 Poll::Ready(Ok(response.take().expect("ResponseFuture polled after completion")))
