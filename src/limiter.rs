@@ -887,18 +887,17 @@ pub(crate) fn check_layers<L: Layer + ?Sized>(cost: u64, layers: &[&L]) -> Resul
 
 /// The takes of [`check_all`], with one slot per layer for what it took.
 fn all_or_nothing<L: Layer + ?Sized>(cost: u64, layers: &[&L], taken: &mut [Option<Decision>]) -> Decision {
-    // The tightest layer so far: its index and remaining (the first one on a tie).
-    let (mut tightest, mut least) = (0, u64::MAX);
+    // The tightest layer so far (the first one on a tie) and its remaining.
+    let mut tightest: Option<(Decision, u64)> = None;
     for (i, layer) in layers.iter().enumerate() {
-        let d = *taken[i].insert(layer.take(cost));
+        let d = layer.take(cost);
         if d.is_denied() {
             return refused(&layers[..=i], &taken[..i], d);
         }
-        if layers.len() > 1 {
-            let remaining = d.remaining();
-            if remaining < least {
-                (tightest, least) = (i, remaining);
-            }
+        taken[i] = Some(d);
+        let remaining = d.remaining();
+        if tightest.is_none_or(|(_, least)| remaining < least) {
+            tightest = Some((d, remaining));
         }
     }
     for (layer, t) in layers.iter().zip(taken.iter()) {
@@ -906,16 +905,19 @@ fn all_or_nothing<L: Layer + ?Sized>(cost: u64, layers: &[&L], taken: &mut [Opti
             layer.count(d);
         }
     }
-    taken.get(tightest).copied().flatten().unwrap_or(Decision {
-        allowed: true,
-        source: Source::Key,
-        rule: Rule::token_bucket(1, 1_000_000, 1, 0),
-        state: 0,
-        now: 0,
-        cost,
-        name: "",
-        extra: 0,
-    })
+    tightest.map_or_else(
+        || Decision {
+            allowed: true,
+            source: Source::Key,
+            rule: Rule::token_bucket(1, 1_000_000, 1, 0),
+            state: 0,
+            now: 0,
+            cost,
+            name: "",
+            extra: 0,
+        },
+        |(d, _)| d,
+    )
 }
 
 /// Refusal `d` by the last of `layers`: the earlier ones give back what they took (`taken`).

@@ -154,6 +154,14 @@ fn endpoint_denial_consumes_nothing_from_ip_and_user_layers() {
     // a cost no layer can ever take is an error before anything is taken
     assert!(check_all(60, &[&ip.bind("10.0.0.1"), &user.bind("alice")]).is_err());
     assert_eq!(ip.peek("10.0.0.1", 0).unwrap().remaining(), 97);
+    // on a tie, the first layer is reported; one layer's decision is its own
+    let (a, b) = (build("a", Policy::per_minute(10)), build("b", Policy::per_minute(10)));
+    let d = check_all(1, &[&a.bind("k"), &b.bind("k")]).unwrap();
+    assert_eq!((d.policy(), d.remaining()), ("a", 9));
+    let d = check_all(1, &[&b.bind("k")]).unwrap();
+    assert_eq!((d.policy(), d.remaining()), ("b", 8));
+    assert!(check_all(9, &[&b.bind("k")]).unwrap().is_denied());
+    assert_eq!(b.peek("k", 0).unwrap().remaining(), 8, "a denial takes nothing");
 }
 
 #[test]
