@@ -16,6 +16,7 @@
 //! http throughput one_limit headers=none with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! http throughput peer=tower_governor with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! http throughput peer=tower_governor+headers with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
+//! http throughput reference=headers_only with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! ```
 //!
 //! The first line is the default configuration (`RateLimit-Policy` and `RateLimit` on every
@@ -24,7 +25,9 @@
 //! (`"response": {"headers": "none"}`); the fourth checks one limit (the anonymous tier, keyed
 //! by client address) and sends no header on admissions, the work tower_governor does. The
 //! peer is `tower_governor` 0.8 with its defaults (no header on admissions, one governor key
-//! per peer IP), then with `use_headers()` (two `x-ratelimit-*` headers on admissions).
+//! per peer IP), then with `use_headers()` (two `x-ratelimit-*` headers on admissions). The
+//! reference checks nothing and adds to every response the two headers the default
+//! configuration sends, byte for byte: what those headers cost on their own.
 //!
 //! Before the HTTP rounds, the same routers are called in this thread without a connection
 //! (the request built, routed, answered and dropped, 20,000 times a measurement), in rounds
@@ -54,10 +57,12 @@ use axum::routing::get;
 use axum::Router;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
+use hyper::header::{HeaderName, HeaderValue};
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tollgate::config::{Config, LiveConfig};
 use tollgate::http::RateLimitLayer;
+use tower::util::MapResponseLayer;
 use tower::Service;
 use tower_governor::governor::GovernorConfigBuilder;
 use tower_governor::GovernorLayer;
@@ -136,6 +141,24 @@ async fn slice(clients: &[Clients], index: usize, active: &watch::Sender<usize>,
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The rate-limit headers of one response of `router`, called in process.
+fn headers_sent(router: &mut Router) -> Vec<(HeaderName, HeaderValue)> {
+    let mut req = hyper::Request::get("/").body(Body::empty()).unwrap();
+    req.extensions_mut()
+        .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40_000))));
+    let Poll::Ready(Ok(resp)) = pin!(router.call(req)).poll(&mut Context::from_waker(Waker::noop())) else {
+        panic!("the hello-world route answers at once");
+    };
+    let sent: Vec<_> = resp
+        .headers()
+        .iter()
+        .filter(|(name, _)| name.as_str().starts_with("ratelimit"))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    assert_eq!(sent.len(), 2, "RateLimit-Policy and RateLimit");
+    sent
+}
+
 /// Requests in one in-process measurement.
 const IN_PROCESS_REQUESTS: u32 = 20_000;
 
@@ -195,7 +218,7 @@ impl Variant {
 /// (no connection, no other thread): in each round the bare route, then each variant followed
 /// by the bare route again; a variant's cost in a round is its time per request minus the
 /// mean of the bare ones around it. Prints the medians over the rounds.
-fn in_process(mut routers: [(&'static str, Router); 7], rounds: usize) {
+fn in_process(mut routers: Vec<(&'static str, Router)>, rounds: usize) {
     let plain = routers.len() - 1;
     let mut extra = vec![Vec::new(); plain];
     let mut bare = Vec::new();
@@ -264,8 +287,12 @@ fn main() {
             .unwrap(),
         )
         .unwrap();
+        let default = hello().layer(RateLimitLayer::new(live(""))).with_state::<()>(());
+        // The two headers the default configuration sends on an admission, as it sends them:
+        // the reference variant adds them to every response without checking anything.
+        let sent = headers_sent(&mut default.clone());
         let routers = [
-            ("", hello().layer(RateLimitLayer::new(live("")))),
+            ("", default),
             (
                 "policy_header=denials ",
                 hello().layer(RateLimitLayer::new(live(
@@ -282,12 +309,21 @@ fn main() {
                 "peer=tower_governor+headers ",
                 hello().layer(GovernorLayer::new(governor_headers())),
             ),
+            (
+                "reference=headers_only ",
+                hello().layer(MapResponseLayer::new(move |mut r: axum::response::Response| {
+                    for (name, value) in &sent {
+                        r.headers_mut().insert(name.clone(), value.clone());
+                    }
+                    r
+                })),
+            ),
             ("without", hello()),
         ]
         .map(|(label, router)| (label, router.with_state::<()>(())));
         let plain = routers.len() - 1;
 
-        in_process(routers.clone(), rounds);
+        in_process(routers.to_vec(), rounds);
 
         let mut variants = Vec::new();
         for (label, router) in routers {
