@@ -592,54 +592,20 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        if self.shared.resolves() {
-            return self.call_resolving(req);
-        }
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let rules = self.shared.live.load();
         let mut keys = Keys::empty();
-        let prepared = self.shared.prepare(&rules, &req, &mut keys);
-        self.proceed(req, prepared, &rules)
-    }
-}
-
-impl<S> RateLimit<S> {
-    /// The request is split into its parts for the resolvers, which take [`Parts`].
-    #[inline(never)]
-    fn call_resolving<ReqBody, ResBody>(
-        &mut self,
-        req: Request<ReqBody>,
-    ) -> ResponseFuture<S::Future, ResBody, S::Error>
-    where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Send + 'static,
-        ReqBody: Send + 'static,
-        ResBody: Send + 'static,
-    {
-        let rules = self.shared.live.load();
-        let (parts, body) = req.into_parts();
-        let mut keys = Keys::empty();
-        let prepared = self.shared.prepare(&rules, &parts, &mut keys);
-        self.proceed(Request::from_parts(parts, body), prepared, &rules)
-    }
-
-    /// Carries out what `prepare` found: the response future calls the inner service once,
-    /// from one place, so that the request and its future are moved as little as possible.
-    #[inline(always)]
-    fn proceed<ReqBody, ResBody>(
-        &mut self,
-        mut req: Request<ReqBody>,
-        prepared: Prepared<'_>,
-        rules: &Arc<Rules>,
-    ) -> ResponseFuture<S::Future, ResBody, S::Error>
-    where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Send + 'static,
-        ReqBody: Send + 'static,
-        ResBody: Send + 'static,
-    {
+        // The request is split into its parts only for a resolver (they take `Parts`).
+        let prepared = if self.shared.resolves() {
+            let (parts, body) = req.into_parts();
+            let prepared = self.shared.prepare(&rules, &parts, &mut keys);
+            req = Request::from_parts(parts, body);
+            prepared
+        } else {
+            self.shared.prepare(&rules, &req, &mut keys)
+        };
+        // The inner service is called from one place, so that the request and its future are
+        // moved as little as possible.
         let finish = match prepared {
             Prepared::Skip => Finish::default(),
             Prepared::Respond(r) => return ResponseFuture::ready(full(*r)),
@@ -649,9 +615,9 @@ impl<S> RateLimit<S> {
             }
             Prepared::Check(plan) if rules.is_distributed() => {
                 let plan = plan.detach();
-                return self.distributed(req, plan, Arc::clone(rules));
+                return self.distributed(req, plan, Arc::clone(&rules));
             }
-            Prepared::Check(plan) => match self.shared.decide(rules, &plan) {
+            Prepared::Check(plan) => match self.shared.decide(&rules, &plan) {
                 Action::Refuse(r) => return ResponseFuture::ready(full(*r)),
                 Action::Pass(finish) => {
                     if let Some(v) = &finish.shadow {
@@ -663,6 +629,9 @@ impl<S> RateLimit<S> {
         };
         ResponseFuture::inner(self.inner.call(req), finish)
     }
+}
+
+impl<S> RateLimit<S> {
     /// Distributed mode: the decision may wait for a first claim, so the call happens later,
     /// on the service that was polled ready (a fresh clone stays here). Out of line: the
     /// local path's code stays compact.
