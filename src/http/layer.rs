@@ -609,24 +609,17 @@ where
         let finish = match prepared {
             Prepared::Skip => Finish::default(),
             Prepared::Respond(r) => return ResponseFuture::ready(full(*r)),
-            Prepared::Shadow(v) => {
-                req.extensions_mut().insert(v);
-                Finish::new(Attach::default(), Some(v))
-            }
+            Prepared::Shadow(v) => Finish::new(Attach::default(), Some(v)),
             Prepared::Check(plan) if rules.is_distributed() => {
                 let plan = plan.detach();
                 return self.distributed(req, plan, Arc::clone(&rules));
             }
             Prepared::Check(plan) => match self.shared.decide(&rules, &plan) {
                 Action::Refuse(r) => return ResponseFuture::ready(full(*r)),
-                Action::Pass(finish) => {
-                    if let Some(v) = &finish.shadow {
-                        req.extensions_mut().insert(**v);
-                    }
-                    finish
-                }
+                Action::Pass(finish) => finish,
             },
         };
+        finish.mark(&mut req);
         ResponseFuture::inner(self.inner.call(req), finish)
     }
 }
@@ -657,9 +650,7 @@ impl<S> RateLimit<S> {
             match shared.decide_async(&rules, &plan).await {
                 Action::Refuse(r) => Ok(full(*r)),
                 Action::Pass(finish) => {
-                    if let Some(v) = &finish.shadow {
-                        req.extensions_mut().insert(**v);
-                    }
+                    finish.mark(&mut req);
                     let response = inner.call(req).await?;
                     Ok(finish.apply(response))
                 }
@@ -682,6 +673,14 @@ impl Finish {
         Finish {
             attach,
             shadow: shadow.map(Box::new),
+        }
+    }
+
+    /// In shadow mode, the verdict goes into the request's extensions too, for the inner
+    /// service.
+    fn mark<B>(&self, req: &mut Request<B>) {
+        if let Some(v) = &self.shadow {
+            req.extensions_mut().insert(**v);
         }
     }
 
