@@ -89,6 +89,17 @@ impl NodeAddr {
     }
 }
 
+/// `host:port`, with an IPv6 host in brackets (`[::1]:7000`), as [`NodeAddr::parse`] reads it.
+impl std::fmt::Display for NodeAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 /// Which master serves each slot.
 struct SlotMap {
     owner: Vec<u16>,
@@ -495,15 +506,12 @@ impl Inner {
             Ok(r) => r,
             Err(_) => Err(StoreError::new(
                 ErrorClass::Transient,
-                format!("{}:{} did not answer in time", addr.host, addr.port),
+                format!("{addr} did not answer in time"),
             )),
         };
         match result {
             Ok(values) if values.len() == n => {
-                let mut failing = self.failing.lock();
-                if !failing.is_empty() {
-                    failing.remove(addr);
-                }
+                self.failing.lock().remove(addr);
                 Ok(values)
             }
             Ok(values) => Err(StoreError::new(
@@ -592,10 +600,7 @@ impl Inner {
                 Err(e) if e.message().contains("cluster support disabled") => {
                     return Err(StoreError::new(
                         ErrorClass::Config,
-                        format!(
-                            "{}:{} is not a cluster node (use RedisStore for a single Redis)",
-                            addr.host, addr.port
-                        ),
+                        format!("{addr} is not a cluster node (use RedisStore for a single Redis)"),
                     ))
                 }
                 Err(e) => last = e,
@@ -604,7 +609,7 @@ impl Inner {
         Err(last)
     }
 
-    /// Masters in the slot map (0 before it is read).
+    /// What the store did since it started.
     fn stats(&self) -> ClusterStats {
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -622,6 +627,7 @@ impl Inner {
         }
     }
 
+    /// Masters in the slot map (0 before it is read).
     fn masters(&self) -> usize {
         self.map.read().as_ref().map_or(0, |m| m.nodes.len())
     }
@@ -901,13 +907,7 @@ impl crate::metrics::Source for Inner {
         use crate::metrics::*;
         use ::metrics::{counter, gauge};
         let s = self.stats();
-        let cluster = self.seeds.first().map_or_else(String::new, |a| {
-            if a.host.contains(':') {
-                format!("[{}]:{}", a.host, a.port)
-            } else {
-                format!("{}:{}", a.host, a.port)
-            }
-        });
+        let cluster = self.seeds.first().map_or_else(String::new, NodeAddr::to_string);
         counter!(CLUSTER_ROUND_TRIPS_TOTAL, "cluster" => cluster.clone()).absolute(s.round_trips);
         for (reply, n) in [("moved", s.moved), ("ask", s.asked), ("tryagain", s.tryagain)] {
             counter!(CLUSTER_REDIRECTS_TOTAL, "reply" => reply, "cluster" => cluster.clone()).absolute(n);
@@ -945,6 +945,10 @@ mod tests {
         assert_eq!((&*to.host, to.port), ("10.0.0.9", 6390));
         let (_, to) = parse_redirect(Some("2 ::1:6390"), &from).unwrap();
         assert_eq!((&*to.host, to.port), ("::1", 6390));
+        // Shown as it is read back.
+        assert_eq!(to.to_string(), "[::1]:6390");
+        assert_eq!(NodeAddr::parse(&to.to_string(), "x"), Some(to));
+        assert_eq!(from.to_string(), "10.0.0.9:7000");
         assert!(parse_redirect(Some("16384 127.0.0.1:1"), &from).is_none());
         assert!(parse_redirect(Some("x 127.0.0.1:1"), &from).is_none());
         assert!(parse_redirect(None, &from).is_none());
