@@ -1,0 +1,242 @@
+//! A deterministic, seeded, adversarial schedule explorer for distributed mode.
+//!
+//! Each seed gives a scenario (policies, node settings, node clock rates) and a list of
+//! adversary actions: time steps, checks, syncs, parked store calls answered, timed out,
+//! applied late or lost, node crashes and restarts (sometimes with a live node's id), store
+//! restarts and outages. The real `Node`, `Limiter` and `MemoryStore` run the schedule on
+//! virtual time, on one thread, and the bound (see `oracle.rs`) is checked after every step.
+//!
+//! * `cargo test --profile ci --all-features --test explore`: seeds from `EXPLORE_FIRST_SEED`
+//!   (default 1) for `EXPLORE_SECONDS` (default 45).
+//! * `SEED=<n>`: replays seed `n`, printing it step by step.
+//! * `EXPLORE_FAULTS=cold,late,...`: only those adversary behaviours (default `all`).
+//!
+//! On a violation: the seed, the schedule shrunk by delta debugging, the replay command; the
+//! process exits with status 1.
+
+mod net;
+mod oracle;
+mod schedule;
+mod world;
+
+use std::time::{Duration, Instant};
+
+use oracle::Violation;
+use schedule::{Action, Faults, Scenario};
+use world::{Tally, World};
+
+/// Node clocks run within this many parts per million of the store's clock: the rate
+/// tolerance the bound is stated for.
+pub const CLOCK_TOLERANCE_PPM: i64 = 500;
+/// Default exploration budget (seconds).
+const DEFAULT_SECONDS: u64 = 45;
+/// The most replays spent shrinking one violation.
+const SHRINK_REPLAYS: usize = 4000;
+
+thread_local! {
+    static LAST_PANIC: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// The message and place of the last panic on this thread (a panic in the code under test is
+/// a violation: no input may make it panic).
+pub fn last_panic() -> String {
+    LAST_PANIC.with(|p| p.borrow().clone())
+}
+
+/// Panics are caught and reported as violations; the hook only records where they happened.
+fn record_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        LAST_PANIC.with(|p| *p.borrow_mut() = format!("{msg}{at}"));
+    }));
+}
+
+/// A true-time instant or span, readable.
+pub fn fmt_t(ns: u64) -> String {
+    if ns >= 1_000_000_000 {
+        format!("{:.6}s", ns as f64 / 1e9)
+    } else if ns >= 1_000_000 {
+        format!("{:.3}ms", ns as f64 / 1e6)
+    } else {
+        format!("{ns}ns")
+    }
+}
+
+/// Runs a schedule; the step at which the bound broke, if it did.
+fn run(
+    rt: &tokio::runtime::Runtime,
+    sc: &Scenario,
+    actions: &[Action],
+    faults: Faults,
+    trace: bool,
+) -> (Option<(usize, Violation)>, Tally) {
+    rt.block_on(async {
+        let mut w = World::new(sc, faults, trace);
+        for (i, a) in actions.iter().enumerate() {
+            if let Err(v) = w.step(a) {
+                return (Some((i, v)), w.tally);
+            }
+        }
+        w.finish();
+        (None, w.tally)
+    })
+}
+
+/// Delta debugging over the action list: drops chunks (halves first, then smaller) while the
+/// schedule still breaks the bound.
+fn shrink(rt: &tokio::runtime::Runtime, sc: &Scenario, actions: &[Action], faults: Faults) -> Vec<Action> {
+    let mut cur: Vec<Action> = actions.to_vec();
+    let mut replays = 0;
+    let mut chunk = cur.len().div_ceil(2).max(1);
+    loop {
+        let mut i = 0;
+        let mut removed_any = false;
+        while i < cur.len() && replays < SHRINK_REPLAYS {
+            let end = (i + chunk).min(cur.len());
+            let mut candidate = cur[..i].to_vec();
+            candidate.extend_from_slice(&cur[end..]);
+            replays += 1;
+            if let (Some((at, _)), _) = run(rt, sc, &candidate, faults, false) {
+                candidate.truncate(at + 1);
+                cur = candidate;
+                removed_any = true;
+            } else {
+                i += chunk;
+            }
+        }
+        if replays >= SHRINK_REPLAYS {
+            break;
+        }
+        if chunk == 1 && !removed_any {
+            break;
+        }
+        if !removed_any {
+            chunk = chunk.div_ceil(2);
+        }
+    }
+    cur
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    match v.trim().parse() {
+        Ok(n) => Some(n),
+        Err(_) => {
+            eprintln!("{name}={v:?} is not a number");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn print_scenario(sc: &Scenario) {
+    println!("  scenario:");
+    println!("    policies: a = {:?}, b = {:?}", sc.policies[0], sc.policies[1]);
+    println!(
+        "    nodes: sync_interval {:?}, lease {:?}, {:?}, {:?}, failure_threshold {}, expected_nodes {}, keys {}",
+        sc.interval,
+        sc.lease(),
+        sc.cold,
+        sc.failure,
+        sc.threshold,
+        sc.expected_nodes,
+        sc.keys
+    );
+    for (id, c) in &sc.nodes {
+        println!("    node id {id}: clock {:+} ppm", c.ppm);
+    }
+}
+
+fn print_schedule(actions: &[Action]) {
+    for (i, a) in actions.iter().enumerate() {
+        println!("    {i:>3}. {a}");
+    }
+}
+
+/// Replays, shrinks and reports a failing seed; returns the exit status.
+fn report(rt: &tokio::runtime::Runtime, seed: u64, faults: Faults, at: usize, v: &Violation) -> i32 {
+    let (sc, actions) = schedule::generate(seed, faults);
+    println!("VIOLATION at seed {seed}, step {at}: {}", v.text);
+    print_scenario(&sc);
+    let shrunk = shrink(rt, &sc, &actions[..=at], faults);
+    println!("  shrunk schedule ({} of {} actions):", shrunk.len(), at + 1);
+    print_schedule(&shrunk);
+    println!("  shrunk run, step by step:");
+    if let (Some((_, v)), _) = run(rt, &sc, &shrunk, faults, true) {
+        println!("  broken: {}", v.text);
+    }
+    let faults_env = if faults == Faults::ALL {
+        String::new()
+    } else {
+        format!("EXPLORE_FAULTS={faults} ")
+    };
+    println!("  replay: {faults_env}SEED={seed} cargo test --profile ci --all-features --test explore");
+    1
+}
+
+fn main() {
+    // libtest arguments (filters, --nocapture, ...) are accepted and ignored.
+    let _ = std::env::args().skip(1).count();
+    let faults = match std::env::var("EXPLORE_FAULTS") {
+        Ok(s) => Faults::parse(&s).unwrap_or_else(|e| {
+            eprintln!("EXPLORE_FAULTS: {e}");
+            std::process::exit(2);
+        }),
+        Err(_) => Faults::ALL,
+    };
+    record_panics();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread runtime");
+    if let Some(seed) = env_u64("SEED") {
+        let (sc, actions) = schedule::generate(seed, faults);
+        println!("seed {seed} (faults: {faults}), {} actions", actions.len());
+        print_scenario(&sc);
+        let (broken, tally) = run(&rt, &sc, &actions, faults, true);
+        println!("  tally: {tally:?}");
+        let status = match broken {
+            Some((at, v)) => report(&rt, seed, faults, at, &v),
+            None => {
+                println!("seed {seed}: the bound held at every step");
+                0
+            }
+        };
+        std::process::exit(status);
+    }
+    let budget = Duration::from_secs(env_u64("EXPLORE_SECONDS").unwrap_or(DEFAULT_SECONDS));
+    let first = env_u64("EXPLORE_FIRST_SEED").unwrap_or(1);
+    println!(
+        "explore: seeds from {first} for {:?} (faults: {faults}; clock tolerance {CLOCK_TOLERANCE_PPM} ppm)",
+        budget
+    );
+    let started = Instant::now();
+    let mut total = Tally::default();
+    let mut seed = first;
+    let mut schedules = 0u64;
+    while started.elapsed() < budget {
+        let (sc, actions) = schedule::generate(seed, faults);
+        let (broken, tally) = run(&rt, &sc, &actions, faults, false);
+        total.add(&tally);
+        schedules += 1;
+        if let Some((at, v)) = broken {
+            let secs = started.elapsed().as_secs_f64();
+            println!("explore: {schedules} schedules in {secs:.2} s ({:.0}/s) before the violation", schedules as f64 / secs);
+            std::process::exit(report(&rt, seed, faults, at, &v));
+        }
+        seed += 1;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "explore: {schedules} schedules (seeds {first}..={}) in {secs:.1} s: {:.0} schedules/s, {:.0} steps/s; the bound held",
+        seed - 1,
+        schedules as f64 / secs,
+        total.steps as f64 / secs
+    );
+    println!("  exercised: {total:?}");
+}
