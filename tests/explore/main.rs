@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use oracle::Violation;
 use schedule::{Action, Faults, Scenario};
+use tollgate::ColdStart;
 use world::{Tally, World};
 
 /// Node clocks run within this many parts per million of the store's clock: the rate
@@ -31,7 +32,7 @@ pub const CLOCK_TOLERANCE_PPM: i64 = 500;
 /// Default exploration budget (seconds).
 const DEFAULT_SECONDS: u64 = 45;
 /// The most replays spent shrinking one violation.
-const SHRINK_REPLAYS: usize = 4000;
+const SHRINK_REPLAYS: usize = 2000;
 
 thread_local! {
     static LAST_PANIC: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
@@ -52,7 +53,10 @@ fn record_panics() {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_default();
-        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         LAST_PANIC.with(|p| *p.borrow_mut() = format!("{msg}{at}"));
     }));
 }
@@ -88,9 +92,29 @@ fn run(
     })
 }
 
+/// What a violation broke, for shrinking to keep: a panic (and where), the degraded share's
+/// bound, or the bound.
+fn kind_of(v: &Violation) -> String {
+    match v.text.strip_prefix("panic: ") {
+        Some(p) => format!("panic at {}", p.rsplit(" at ").next().unwrap_or(p)),
+        None => {
+            let stream = if v.text.contains("degraded admissions") {
+                "degraded"
+            } else {
+                "bound"
+            };
+            let alg = ["TokenBucket", "FixedWindow", "SlidingWindow"]
+                .into_iter()
+                .find(|a| v.text.contains(&format!("algorithm: {a}")))
+                .unwrap_or("?");
+            format!("{stream} ({alg})")
+        }
+    }
+}
+
 /// Delta debugging over the action list: drops chunks (halves first, then smaller) while the
 /// schedule still breaks the bound.
-fn shrink(rt: &tokio::runtime::Runtime, sc: &Scenario, actions: &[Action], faults: Faults) -> Vec<Action> {
+fn shrink(rt: &tokio::runtime::Runtime, sc: &Scenario, actions: &[Action], faults: Faults, kind: &str) -> Vec<Action> {
     let mut cur: Vec<Action> = actions.to_vec();
     let mut replays = 0;
     let mut chunk = cur.len().div_ceil(2).max(1);
@@ -102,7 +126,8 @@ fn shrink(rt: &tokio::runtime::Runtime, sc: &Scenario, actions: &[Action], fault
             let mut candidate = cur[..i].to_vec();
             candidate.extend_from_slice(&cur[end..]);
             replays += 1;
-            if let (Some((at, _)), _) = run(rt, sc, &candidate, faults, false) {
+            let broken = run(rt, sc, &candidate, faults, false).0;
+            if let Some((at, _)) = broken.filter(|(_, v)| kind_of(v) == kind) {
                 candidate.truncate(at + 1);
                 cur = candidate;
                 removed_any = true;
@@ -158,25 +183,110 @@ fn print_schedule(actions: &[Action]) {
     }
 }
 
-/// Replays, shrinks and reports a failing seed; returns the exit status.
-fn report(rt: &tokio::runtime::Runtime, seed: u64, faults: Faults, at: usize, v: &Violation) -> i32 {
+/// The adversary behaviours a failing schedule needs: each is taken out in turn (cold start
+/// denied, node clocks at the store's rate, timed-out calls lost instead of applied late, no
+/// live duplicate ids, no store restarts, no outages, no crashes or shutdowns), and the ones
+/// whose removal makes the schedule pass are named. A panic is named by where it happened.
+fn classify(rt: &tokio::runtime::Runtime, sc: &Scenario, actions: &[Action], faults: Faults, v: &Violation) -> String {
+    let kind = kind_of(v);
+    if kind.starts_with("panic") {
+        return kind;
+    }
+    let mut needed = Vec::new();
+    // "Passes": no violation of the same kind.
+    let passes =
+        |sc: &Scenario, a: &[Action], f: Faults| run(rt, sc, a, f, false).0.is_none_or(|(_, w)| kind_of(&w) != kind);
+    let mut s = sc.clone();
+    s.cold = ColdStart::Deny;
+    if sc.cold != ColdStart::Deny && passes(&s, actions, faults) {
+        needed.push("cold");
+    }
+    let mut s = sc.clone();
+    for n in &mut s.nodes {
+        n.1.ppm = 0;
+    }
+    let a: Vec<Action> = actions
+        .iter()
+        .map(|a| match a {
+            Action::Start { id, clock } => Action::Start {
+                id: *id,
+                clock: schedule::ClockSpec { ppm: 0, ..*clock },
+            },
+            other => other.clone(),
+        })
+        .collect();
+    if passes(&s, &a, faults) {
+        needed.push("clock");
+    }
+    let a: Vec<Action> = actions
+        .iter()
+        .map(|a| match a {
+            Action::TimeOut { call, .. } => Action::TimeOut {
+                call: *call,
+                late: false,
+            },
+            other => other.clone(),
+        })
+        .collect();
+    if passes(sc, &a, faults) {
+        needed.push("late");
+    }
+    if faults.dup_id
+        && passes(
+            sc,
+            actions,
+            Faults {
+                dup_id: false,
+                ..faults
+            },
+        )
+    {
+        needed.push("dup_id");
+    }
+    let without = |keep: fn(&Action) -> bool| -> Vec<Action> { actions.iter().filter(|a| keep(a)).cloned().collect() };
+    if passes(sc, &without(|a| !matches!(a, Action::StoreRestart)), faults) {
+        needed.push("store_restart");
+    }
+    if passes(sc, &without(|a| !matches!(a, Action::Outage(_))), faults) {
+        needed.push("outage");
+    }
+    if passes(
+        sc,
+        &without(|a| !matches!(a, Action::Crash { .. } | Action::Shutdown { .. })),
+        faults,
+    ) {
+        needed.push("crash");
+    }
+    let stream = kind;
+    if needed.is_empty() {
+        format!("{stream} (needs no single behaviour)")
+    } else {
+        format!("{stream}, needs: {}", needed.join("+"))
+    }
+}
+
+/// Shrinks and prints a failing schedule; returns its class.
+fn report(rt: &tokio::runtime::Runtime, seed: u64, faults: Faults, at: usize, v: &Violation) -> String {
     let (sc, actions) = schedule::generate(seed, faults);
     println!("VIOLATION at seed {seed}, step {at}: {}", v.text);
     print_scenario(&sc);
-    let shrunk = shrink(rt, &sc, &actions[..=at], faults);
+    let shrunk = shrink(rt, &sc, &actions[..=at], faults, &kind_of(v));
     println!("  shrunk schedule ({} of {} actions):", shrunk.len(), at + 1);
     print_schedule(&shrunk);
     println!("  shrunk run, step by step:");
+    let mut class = String::from("(the shrunk schedule passed)");
     if let (Some((_, v)), _) = run(rt, &sc, &shrunk, faults, true) {
         println!("  broken: {}", v.text);
+        class = classify(rt, &sc, &shrunk, faults, &v);
     }
+    println!("  class: {class}");
     let faults_env = if faults == Faults::ALL {
         String::new()
     } else {
         format!("EXPLORE_FAULTS={faults} ")
     };
     println!("  replay: {faults_env}SEED={seed} cargo test --profile ci --all-features --test explore");
-    1
+    class
 }
 
 fn main() {
@@ -200,14 +310,14 @@ fn main() {
         print_scenario(&sc);
         let (broken, tally) = run(&rt, &sc, &actions, faults, true);
         println!("  tally: {tally:?}");
-        let status = match broken {
-            Some((at, v)) => report(&rt, seed, faults, at, &v),
-            None => {
-                println!("seed {seed}: the bound held at every step");
-                0
+        match broken {
+            Some((at, v)) => {
+                report(&rt, seed, faults, at, &v);
+                std::process::exit(1);
             }
-        };
-        std::process::exit(status);
+            None => println!("seed {seed}: the bound held at every step"),
+        }
+        return;
     }
     let budget = Duration::from_secs(env_u64("EXPLORE_SECONDS").unwrap_or(DEFAULT_SECONDS));
     let first = env_u64("EXPLORE_FIRST_SEED").unwrap_or(1);
@@ -219,24 +329,44 @@ fn main() {
     let mut total = Tally::default();
     let mut seed = first;
     let mut schedules = 0u64;
+    // Classes found: (class, seed, schedules run, seconds); and the quick classes (of the
+    // unshrunk schedule) already shrunk, so that a frequent violation is shrunk once.
+    let mut found: Vec<(String, u64, u64, f64)> = Vec::new();
+    let mut seen_quick: Vec<String> = Vec::new();
     while started.elapsed() < budget {
         let (sc, actions) = schedule::generate(seed, faults);
         let (broken, tally) = run(&rt, &sc, &actions, faults, false);
         total.add(&tally);
         schedules += 1;
         if let Some((at, v)) = broken {
-            let secs = started.elapsed().as_secs_f64();
-            println!("explore: {schedules} schedules in {secs:.2} s ({:.0}/s) before the violation", schedules as f64 / secs);
-            std::process::exit(report(&rt, seed, faults, at, &v));
+            let quick = classify(&rt, &sc, &actions[..=at], faults, &v);
+            if !seen_quick.contains(&quick) {
+                seen_quick.push(quick);
+                let secs = started.elapsed().as_secs_f64();
+                println!("explore: schedule {schedules} (seed {seed}) broke the bound after {secs:.2} s");
+                let class = report(&rt, seed, faults, at, &v);
+                if !found.iter().any(|f| f.0 == class) {
+                    found.push((class, seed, schedules, secs));
+                }
+            }
         }
         seed += 1;
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "explore: {schedules} schedules (seeds {first}..={}) in {secs:.1} s: {:.0} schedules/s, {:.0} steps/s; the bound held",
+        "explore: {schedules} schedules (seeds {first}..={}) in {secs:.1} s: {:.0} schedules/s, {:.0} steps/s",
         seed - 1,
         schedules as f64 / secs,
         total.steps as f64 / secs
     );
     println!("  exercised: {total:?}");
+    if found.is_empty() {
+        println!("explore: the bound held in every schedule");
+        return;
+    }
+    println!("explore: {} kinds of violation:", found.len());
+    for (class, seed, n, secs) in &found {
+        println!("  {class}: seed {seed}, found after {n} schedules and {secs:.2} s");
+    }
+    std::process::exit(1);
 }

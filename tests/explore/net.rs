@@ -88,20 +88,6 @@ impl Net {
         self.lock().down
     }
 
-    /// Calls not finished: (sequence number, node, claims, applied, answered).
-    pub fn pending(&self) -> Vec<(u64, NodeId, usize, bool, bool)> {
-        self.lock()
-            .calls
-            .iter()
-            .map(|c| (c.seq, c.node, c.claims.len(), c.applied.is_some(), c.answered))
-            .collect()
-    }
-
-    /// Number of calls not finished.
-    pub fn len(&self) -> usize {
-        self.lock().calls.len()
-    }
-
     fn act(&self, pick: usize, f: impl FnOnce(&MemoryStore, &mut Call) -> Done) -> (Option<(u64, NodeId)>, Done) {
         let mut g = self.lock();
         if g.calls.is_empty() {
@@ -186,11 +172,6 @@ impl Net {
             }
             Done::Lost
         })
-    }
-
-    /// Unanswered calls, for the healthy rounds that answer everything.
-    pub fn unanswered(&self) -> usize {
-        self.lock().calls.iter().filter(|c| !c.answered).count()
     }
 
     /// Index (for [`deliver`](Self::deliver)) of the first unanswered call.

@@ -41,7 +41,6 @@ pub struct Violation {
 /// One admission stream measured against one bound.
 struct Meter {
     algorithm: Algorithm,
-    capacity: u64,
     points: u64,
     duration_ns: u128,
     /// Token bucket: the virtual bucket's level, scaled by `duration_ns * scale`.
@@ -58,7 +57,6 @@ impl Meter {
     fn new(policy: &Policy) -> Self {
         Meter {
             algorithm: policy.get_algorithm(),
-            capacity: policy.capacity(),
             points: policy.points(),
             duration_ns: policy.duration().as_nanos(),
             level: 0,
@@ -113,7 +111,7 @@ impl Meter {
                 *n += cost;
                 if *n > limit {
                     return Err(format!(
-                        "admitted {} in the aligned window #{} (store time {} us .. {} us); bound {}",
+                        "admitted {} in the aligned window #{} ({} us .. {} us); bound {}",
                         n,
                         w,
                         w * window_us,
@@ -184,8 +182,9 @@ impl Oracle {
         }
     }
 
-    /// Node incarnation `inc` admitted `cost` for key `key` at true time `t`; `degraded`: the
-    /// failure policy answered, and the node divided the limit by `div`.
+    /// Node incarnation `inc` admitted `cost` for key `key` at true time `t` (store time
+    /// `store_us`, node time `node_ns`); `degraded`: the failure policy answered, and the node
+    /// divided the limit by `div` (its share's windows are aligned to its own clock).
     #[allow(clippy::too_many_arguments)]
     pub fn admit(
         &mut self,
@@ -194,6 +193,7 @@ impl Oracle {
         cost: u64,
         t: u64,
         store_us: u64,
+        node_ns: u64,
         degraded: bool,
         div: u64,
     ) -> Result<(), Violation> {
@@ -206,7 +206,7 @@ impl Oracle {
             *least = (*least).min(div.max(1));
             let limit = base(&k.policy) / *least;
             return meter
-                .admit(t, store_us, cost, limit, *least)
+                .admit(t, node_ns / 1000, cost, limit, *least)
                 .map_err(|e| Violation {
                     text: format!(
                         "key {} ({:?}), degraded admissions of node incarnation #{inc} (local share, divided by {}): {e}",

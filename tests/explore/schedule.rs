@@ -136,7 +136,8 @@ pub struct Scenario {
 impl Scenario {
     /// The lease the nodes use.
     pub fn lease(&self) -> Duration {
-        self.lease.unwrap_or_else(|| (self.interval * 4).max(Duration::from_secs(1)))
+        self.lease
+            .unwrap_or_else(|| (self.interval * 4).max(Duration::from_secs(1)))
     }
 }
 
@@ -171,11 +172,26 @@ pub enum Action {
     /// True time moves to this many ns past the next window end of limiter `lim`'s policy.
     ToWindowEdge { lim: usize, past: i64 },
     /// One check.
-    Check { node: usize, lim: usize, key: usize, cost: Cost },
+    Check {
+        node: usize,
+        lim: usize,
+        key: usize,
+        cost: Cost,
+    },
     /// `count` checks of cost 1.
-    Burst { node: usize, lim: usize, key: usize, count: u32 },
+    Burst {
+        node: usize,
+        lim: usize,
+        key: usize,
+        count: u32,
+    },
     /// A check, refunded at once when admitted.
-    CheckRefund { node: usize, lim: usize, key: usize, cost: Cost },
+    CheckRefund {
+        node: usize,
+        lim: usize,
+        key: usize,
+        cost: Cost,
+    },
     /// `check_all` across both limiters, one key.
     CheckAll { node: usize, key: usize, cost: u64 },
     /// A node starts a sync (it may already have one in flight).
@@ -212,7 +228,12 @@ impl fmt::Display for Action {
             Action::ToWindowEdge { lim: l, past } => {
                 write!(f, "advance to the next window end of {} {:+} ns", lim(l), past)
             }
-            Action::Check { node, lim: l, key, cost } => {
+            Action::Check {
+                node,
+                lim: l,
+                key,
+                cost,
+            } => {
                 write!(f, "node[{node}] check {}/{} cost {cost:?}", lim(l), KEYS[*key])
             }
             Action::Burst {
@@ -221,8 +242,18 @@ impl fmt::Display for Action {
                 key,
                 count,
             } => write!(f, "node[{node}] {count} checks {}/{}", lim(l), KEYS[*key]),
-            Action::CheckRefund { node, lim: l, key, cost } => {
-                write!(f, "node[{node}] check then refund {}/{} cost {cost:?}", lim(l), KEYS[*key])
+            Action::CheckRefund {
+                node,
+                lim: l,
+                key,
+                cost,
+            } => {
+                write!(
+                    f,
+                    "node[{node}] check then refund {}/{} cost {cost:?}",
+                    lim(l),
+                    KEYS[*key]
+                )
             }
             Action::CheckAll { node, key, cost } => write!(f, "node[{node}] check_all a+b/{} cost {cost}", KEYS[*key]),
             Action::Sync { node } => write!(f, "node[{node}] starts a sync"),
@@ -277,11 +308,19 @@ fn policy(rng: &mut TestRng, faults: Faults) -> Policy {
         4 => Policy::per_hour(10),
         5 => Policy::per_minute(20),
         6 | 7 => {
-            let p = if long { Policy::per_hour(20) } else { Policy::per_second(100) };
+            let p = if long {
+                Policy::per_hour(20)
+            } else {
+                Policy::per_second(100)
+            };
             p.algorithm(Algorithm::FixedWindow)
         }
         _ => {
-            let p = if long { Policy::per_hour(20) } else { Policy::per_minute(30) };
+            let p = if long {
+                Policy::per_hour(20)
+            } else {
+                Policy::per_minute(30)
+            };
             p.algorithm(Algorithm::SlidingWindow)
         }
     }
@@ -296,7 +335,13 @@ pub fn generate(seed: u64, faults: Faults) -> (Scenario, Vec<Action>) {
     let r = &mut rng;
     let interval = Duration::from_millis([50, 100][r.random_range(0..2)]);
     let lease = if faults.clock && r.random_bool(0.4) {
-        Some([Duration::from_secs(20), Duration::from_secs(600), Duration::from_secs(3600)][r.random_range(0..3)])
+        Some(
+            [
+                Duration::from_secs(20),
+                Duration::from_secs(600),
+                Duration::from_secs(3600),
+            ][r.random_range(0..3)],
+        )
     } else {
         None
     };
@@ -348,26 +393,26 @@ fn action(r: &mut TestRng, sc: &Scenario, faults: Faults) -> Action {
     let interval = sc.interval.as_nanos() as u64;
     // Weights: (weight, enabled).
     let table: [(u32, bool); 20] = [
-        (10, true),                 // 0 small advance
-        (2, true),                  // 1 large advance
-        (2, faults.clock),          // 2 lease edge
-        (2, faults.clock),          // 3 window edge
-        (8, true),                  // 4 check
-        (14, true),                 // 5 burst
-        (2, true),                  // 6 check + refund
-        (2, true),                  // 7 check_all
-        (14, true),                 // 8 sync
-        (12, true),                 // 9 deliver
-        (3, true),                  // 10 apply only
-        (6, true),                  // 11 time out
-        (2, faults.late),           // 12 lose
-        (6, true),                  // 13 quiet rounds
-        (2, faults.crash),          // 14 crash
+        (10, true),                         // 0 small advance
+        (2, true),                          // 1 large advance
+        (2, faults.clock),                  // 2 lease edge
+        (2, faults.clock),                  // 3 window edge
+        (8, true),                          // 4 check
+        (14, true),                         // 5 burst
+        (2, true),                          // 6 check + refund
+        (2, true),                          // 7 check_all
+        (14, true),                         // 8 sync
+        (12, true),                         // 9 deliver
+        (3, true),                          // 10 apply only
+        (6, true),                          // 11 time out
+        (2, faults.late),                   // 12 lose
+        (6, true),                          // 13 quiet rounds
+        (2, faults.crash),                  // 14 crash
         (3, faults.crash || faults.dup_id), // 15 start
-        (1, faults.crash),          // 16 shutdown
-        (1, faults.store_restart),  // 17 store restart
-        (2, faults.outage),         // 18 outage on
-        (2, faults.outage),         // 19 outage off
+        (1, faults.crash),                  // 16 shutdown
+        (1, faults.store_restart),          // 17 store restart
+        (2, faults.outage),                 // 18 outage on
+        (2, faults.outage),                 // 19 outage off
     ];
     let total: u32 = table.iter().filter(|(_, on)| *on).map(|(w, _)| w).sum();
     let mut pick = r.random_range(0..total);

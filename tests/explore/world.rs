@@ -235,9 +235,17 @@ impl<'a> World<'a> {
         if degraded {
             self.tally.degraded_admitted += cost;
         }
-        let inc = proc.inc;
-        self.oracle
-            .admit(inc, lim * self.sc.keys + key, cost, self.t, self.store_us(), degraded, div)
+        let (inc, node_ns) = (proc.inc, proc.clock.now_ns());
+        self.oracle.admit(
+            inc,
+            lim * self.sc.keys + key,
+            cost,
+            self.t,
+            self.store_us(),
+            node_ns,
+            degraded,
+            div,
+        )
     }
 
     fn cost_of(&self, lim: usize, c: Cost) -> u64 {
@@ -321,7 +329,9 @@ impl<'a> World<'a> {
             Action::Check { node, lim, key, cost } => {
                 let Some(p) = self.proc_index(node) else { return Ok(()) };
                 let c = self.cost_of(lim, cost);
-                let d = self.procs[p].limiters[lim].check_n(KEYS[key], c).expect("cost within capacity");
+                let d = self.procs[p].limiters[lim]
+                    .check_n(KEYS[key], c)
+                    .expect("cost within capacity");
                 self.log(|| format!("-> {}", verdict(&d, c)));
                 self.record(p, lim, key, &d, c)?;
             }
