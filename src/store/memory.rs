@@ -348,6 +348,7 @@ fn token_bucket(
         window: 0,
         revoked: revoked as u64,
         state_lost: kept > had,
+        stale: false,
     };
     if b.cur + b.prev == 0 && tokens >= cap {
         return (Ok(grant), None);
@@ -437,6 +438,7 @@ fn fixed_window(
         window: w as u64,
         revoked: revoked as u64,
         state_lost,
+        stale: false,
     };
     if used == 0 {
         return (Ok(grant), None);
@@ -521,6 +523,7 @@ fn sliding_window(
         window: w as u64,
         revoked: revoked as u64,
         state_lost,
+        stale: false,
     };
     if prev == 0 && cur == 0 {
         return (Ok(grant), None);

@@ -255,6 +255,15 @@ pub struct Claim {
     /// Window algorithms: the window id the kept and returned tokens were granted in (the
     /// [`Grant::window`] of the grant); any other value voids them. Ignored by the token bucket.
     pub window: u64,
+    /// The sender's sequence number for this key, in `1..2^53`: strictly greater than that of
+    /// every earlier claim the same node sent for the key (a node numbers its syncs and every
+    /// claim of one sync carries that number). The token bucket records, with each node's
+    /// holding, the number of the last claim it applied from that node; a claim whose number
+    /// is not greater changes nothing and is answered [`Grant::stale`]. Such a claim is one
+    /// that timed out and reached the store after a newer one (for example on an old
+    /// connection): applied, its `kept` would overwrite what the newer claim recorded while the
+    /// node still holds the newer grant.
+    pub seq: u64,
 }
 
 /// The store's answer for one key.
@@ -281,6 +290,9 @@ pub struct Grant {
     /// alone holds and returns): the store lost state (restart, eviction, failover) while the
     /// node's claim was valid. Nothing is refunded: the node keeps what the store accepts.
     pub state_lost: bool,
+    /// The claim was older than one the store had already applied from this node for this key
+    /// (see [`Claim::seq`]): it changed nothing, and every number of this grant is 0.
+    pub stale: bool,
 }
 
 /// The store's answer to a heartbeat.

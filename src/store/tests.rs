@@ -18,6 +18,9 @@ fn tb(cap: u64, per_sec: u64) -> Limits {
     Limits::token_bucket(cap, per_sec, Duration::from_secs(1), Duration::from_millis(300)).unwrap()
 }
 
+/// Sequence numbers for [`claim`]: every claim a test builds is newer than the ones before it.
+static NEXT_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 fn claim(key: &StoreKey, limits: Limits, kept: u64, returned: u64, wanted: u64, window: u64) -> Claim {
     Claim {
         key: key.clone(),
@@ -26,6 +29,7 @@ fn claim(key: &StoreKey, limits: Limits, kept: u64, returned: u64, wanted: u64, 
         returned,
         wanted,
         window,
+        seq: NEXT_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     }
 }
 
