@@ -81,7 +81,7 @@ fn run(
     trace: bool,
 ) -> (Option<(usize, Violation)>, Tally) {
     rt.block_on(async {
-        let mut w = World::new(sc, faults, trace);
+        let mut w = World::new(sc, faults.and(sc.faults), trace);
         for (i, a) in actions.iter().enumerate() {
             if let Err(v) = w.step(a) {
                 return (Some((i, v)), w.tally);
@@ -160,7 +160,7 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 fn print_scenario(sc: &Scenario) {
-    println!("  scenario:");
+    println!("  scenario (faults: {}):", sc.faults);
     println!("    policies: a = {:?}, b = {:?}", sc.policies[0], sc.policies[1]);
     println!(
         "    nodes: sync_interval {:?}, lease {:?}, {:?}, {:?}, failure_threshold {}, expected_nodes {}, keys {}",
@@ -306,7 +306,7 @@ fn main() {
         .expect("a current-thread runtime");
     if let Some(seed) = env_u64("SEED") {
         let (sc, actions) = schedule::generate(seed, faults);
-        println!("seed {seed} (faults: {faults}), {} actions", actions.len());
+        println!("seed {seed} (faults: {}), {} actions", sc.faults, actions.len());
         print_scenario(&sc);
         let (broken, tally) = run(&rt, &sc, &actions, faults, true);
         println!("  tally: {tally:?}");

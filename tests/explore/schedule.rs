@@ -80,6 +80,38 @@ impl Faults {
     }
 }
 
+impl Faults {
+    /// The behaviours on in both.
+    pub fn and(self, o: Faults) -> Faults {
+        Faults {
+            cold: self.cold && o.cold,
+            late: self.late && o.late,
+            dup_id: self.dup_id && o.dup_id,
+            clock: self.clock && o.clock,
+            store_restart: self.store_restart && o.store_restart,
+            outage: self.outage && o.outage,
+            crash: self.crash && o.crash,
+        }
+    }
+
+    /// No behaviour on.
+    pub fn none(self) -> bool {
+        self.to_string().is_empty()
+    }
+}
+
+/// Seeds take turns over these adversaries (each one's behaviours, as far as `EXPLORE_FAULTS`
+/// allows), so that each defect a behaviour exposes is met often, and all of them together too.
+const PROFILES: [&str; 7] = [
+    "all",
+    "cold",
+    "late",
+    "dup_id",
+    "clock",
+    "outage,store_restart",
+    "crash,late,clock",
+];
+
 impl fmt::Display for Faults {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut c = *self;
@@ -131,6 +163,8 @@ pub struct Scenario {
     pub store_origin_us: u64,
     /// The nodes at the start: id and clock.
     pub nodes: Vec<(u64, ClockSpec)>,
+    /// The adversary behaviours of this schedule.
+    pub faults: Faults,
 }
 
 impl Scenario {
@@ -166,8 +200,8 @@ pub enum IdChoice {
 pub enum Action {
     /// True time moves on by this many ns.
     Advance(u64),
-    /// True time moves to this many ns past the next lease epoch end of the store (negative:
-    /// before it).
+    /// True time moves to this many ns past the first lease epoch end of the store at least
+    /// half a lease away (negative: before it).
     ToLeaseEdge(i64),
     /// True time moves to this many ns past the next window end of limiter `lim`'s policy.
     ToWindowEdge { lim: usize, past: i64 },
@@ -327,7 +361,12 @@ fn policy(rng: &mut TestRng, faults: Faults) -> Policy {
 }
 
 /// A seed's scenario and actions.
-pub fn generate(seed: u64, faults: Faults) -> (Scenario, Vec<Action>) {
+pub fn generate(seed: u64, allowed: Faults) -> (Scenario, Vec<Action>) {
+    let profile = Faults::parse(PROFILES[(seed % PROFILES.len() as u64) as usize]).expect("known faults");
+    let faults = match allowed.and(profile) {
+        f if f.none() => allowed,
+        f => f,
+    };
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(&seed.to_le_bytes());
     bytes[8..].copy_from_slice(&0x7067_6174_6c6c_6f74u64.to_le_bytes());
@@ -369,8 +408,20 @@ pub fn generate(seed: u64, faults: Faults) -> (Scenario, Vec<Action>) {
         threshold: r.random_range(1..=3),
         expected_nodes: r.random_range(1..=3),
         keys: r.random_range(1..=2),
-        store_origin_us: 1_700_000_000_000_000 + r.random_range(0..3_600_000_000),
+        store_origin_us: {
+            let origin = 1_700_000_000_000_000 + r.random_range(0..3_600_000_000);
+            match lease {
+                // Long leases: the first claims reach the store in the last seconds of a lease
+                // epoch, where the store counts a holding for the shortest time.
+                Some(l) => {
+                    let l = l.as_micros() as u64;
+                    origin.div_ceil(l) * l - r.random_range(0..2_000_000)
+                }
+                None => origin,
+            }
+        },
         nodes,
+        faults,
     };
     let len = r.random_range(20..=120);
     let actions = (0..len).map(|_| action(r, &scenario, faults)).collect();

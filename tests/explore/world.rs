@@ -310,7 +310,7 @@ impl<'a> World<'a> {
             Action::Advance(ns) => self.set_time(self.t + ns),
             Action::ToLeaseEdge(past) => {
                 let lease_us = self.sc.lease().as_micros() as u64;
-                let now = self.store_us();
+                let now = self.store_us() + lease_us / 2;
                 let edge = (now / lease_us + 1) * lease_us;
                 let target = (edge - self.sc.store_origin_us) as i64 * 1000 + past;
                 if target > self.t as i64 {
