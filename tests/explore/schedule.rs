@@ -409,7 +409,7 @@ pub fn generate(seed: u64, allowed: Faults) -> (Scenario, Vec<Action>) {
         expected_nodes: r.random_range(1..=3),
         keys: r.random_range(1..=2),
         store_origin_us: {
-            let origin = 1_700_000_000_000_000 + r.random_range(0..3_600_000_000);
+            let origin: u64 = 1_700_000_000_000_000 + r.random_range(0..3_600_000_000);
             match lease {
                 // Long leases: the first claims reach the store in the last seconds of a lease
                 // epoch, where the store counts a holding for the shortest time.
