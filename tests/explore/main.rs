@@ -304,6 +304,10 @@ fn main() {
         .enable_time()
         .build()
         .expect("a current-thread runtime");
+    if env_u64("EXPLORE_SHAPES").is_some() {
+        shapes(&rt);
+        return;
+    }
     if let Some(seed) = env_u64("SEED") {
         let (sc, actions) = schedule::generate(seed, faults);
         println!("seed {seed} (faults: {}), {} actions", sc.faults, actions.len());
@@ -369,4 +373,66 @@ fn main() {
         println!("  {class}: seed {seed}, found after {n} schedules and {secs:.2} s");
     }
     std::process::exit(1);
+}
+
+/// Hand-written schedules of known shapes (`EXPLORE_SHAPES=1`): each is run and its outcome
+/// printed, to see that the explorer's actions can express them.
+fn shapes(rt: &tokio::runtime::Runtime) {
+    use schedule::{ClockSpec, Cost};
+    use tollgate::{FailurePolicy, Policy};
+    let lease = Duration::from_secs(3600);
+    let l_us = lease.as_micros() as u64;
+    let sc = Scenario {
+        policies: [Policy::per_second(1000).burst(100), Policy::per_hour(10)],
+        interval: Duration::from_millis(100),
+        lease: Some(lease),
+        cold: ColdStart::Deny,
+        failure: FailurePolicy::FailClosed,
+        threshold: 3,
+        expected_nodes: 1,
+        keys: 1,
+        store_origin_us: 1_700_000_000_000_000u64.div_ceil(l_us) * l_us - 1_000_000,
+        nodes: vec![
+            (
+                1,
+                ClockSpec {
+                    ppm: -500,
+                    origin: 1_000_000_000,
+                },
+            ),
+            (
+                2,
+                ClockSpec {
+                    ppm: 0,
+                    origin: 2_000_000_000,
+                },
+            ),
+        ],
+        faults: Faults::parse("clock").expect("known"),
+    };
+    let b = |node| Action::Burst {
+        node,
+        lim: 0,
+        key: 0,
+        count: 100,
+    };
+    let actions = vec![
+        b(0),
+        Action::Sync { node: 0 },
+        Action::Deliver { call: 0 },
+        Action::ToLeaseEdge(500_000_000),
+        b(1),
+        Action::Sync { node: 1 },
+        Action::Deliver { call: 0 },
+        b(0),
+        b(1),
+        Action::Check {
+            node: 0,
+            lim: 0,
+            key: 0,
+            cost: Cost::One,
+        },
+    ];
+    let (broken, _) = run(rt, &sc, &actions, sc.faults, true);
+    println!("lease shape: {:?}", broken.map(|(at, v)| (at, v.text)));
 }
