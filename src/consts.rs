@@ -37,6 +37,11 @@ pub(crate) const CACHED_CLOCK_TICK: Duration = Duration::from_millis(1);
 /// covers the cached clock's lag and the store rounding a window's end up to a millisecond.
 pub(crate) const CLAIM_MARGIN_NS: u64 = 5_000_000;
 
+/// The clock-rate difference between a node and the store that claims tolerate, in parts per
+/// million: claimed tokens stop being spendable earlier by this fraction of their span (lease
+/// or window) on top of `CLAIM_MARGIN_NS`. Ordinary clocks differ by well under 100 ppm.
+pub(crate) const CLOCK_RATE_TOLERANCE_PPM: u64 = 500;
+
 /// The shortest lease, and the shortest window of a distributed window policy: claimed tokens
 /// must stay spendable well beyond `CLAIM_MARGIN_NS`.
 pub(crate) const MIN_CLAIM_SPAN: Duration = Duration::from_millis(50);

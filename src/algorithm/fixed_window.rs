@@ -53,6 +53,12 @@ pub(super) fn refund(r: &Rule, state: u64, now: u64, cost: u64, taken_at: u64) -
     (idx << r.aux) | used.saturating_sub(cost)
 }
 
+/// Empty at `t0`: the whole capacity used in the window of `t0`. The index is in the high bits,
+/// so a later window (or a fuller count in the same one) compares greater.
+pub(super) fn empty_since(r: &Rule, state: u64, t0: u64) -> u64 {
+    state.max(((t0 / r.period) << r.aux) | r.capacity)
+}
+
 pub(super) fn used(r: &Rule, state: u64, now: u64) -> u64 {
     view(r, state, now).1
 }

@@ -143,6 +143,20 @@ impl Rule {
         }
     }
 
+    /// The state with no more quota than a key that was emptied at `t0` (and left alone since):
+    /// a token bucket with no token at `t0`, refilling after it; a window whose count is the
+    /// whole capacity in the window of `t0`. A state already as empty, or ahead of `t0` (a
+    /// block, time gone backwards), is returned unchanged. What a degraded node starts its
+    /// share of a key from when the store stops answering (see `distributed`).
+    pub(crate) fn empty_since(&self, state: u64, t0: u64) -> u64 {
+        let t0 = clamp(t0);
+        match self.kind {
+            Kind::TokenBucket => token_bucket::empty_since(self, state, t0),
+            Kind::FixedWindow => fixed_window::empty_since(self, state, t0),
+            Kind::SlidingWindow => sliding_window::empty_since(self, state, t0),
+        }
+    }
+
     /// Gives back up to `cost` that was taken at time `taken_at`. Never raises the key above a
     /// fresh key, and for windows only gives back to the window the cost was taken from.
     pub(crate) fn refund(&self, state: u64, now: u64, cost: u64, taken_at: u64) -> u64 {

@@ -72,6 +72,17 @@ fn weighted(r: &Rule, v: &View) -> u64 {
     v.cur + num.div_ceil(w) as u64
 }
 
+/// Empty at `t0`: the whole capacity counted in the window of `t0`, the previous window's count
+/// kept; a state already in a later window is left as it is.
+pub(super) fn empty_since(r: &Rule, state: u64, t0: u64) -> u64 {
+    let mut v = view(r, state, t0);
+    if v.idx != t0 / r.period {
+        return state;
+    }
+    v.cur = v.cur.max(r.capacity);
+    pack(r, &v)
+}
+
 #[inline]
 pub(super) fn acquire(r: &Rule, state: u64, now: u64, cost: u64) -> Step {
     let mut v = view(r, state, now);

@@ -31,6 +31,12 @@ pub(super) fn acquire(r: &Rule, tat: u64, now: u64, cost: u64) -> Step {
     Step { allowed: false, state }
 }
 
+/// Empty at `t0`: the bucket is full again one full refill (`tau`) after it.
+pub(super) fn empty_since(r: &Rule, tat: u64, t0: u64) -> u64 {
+    let empty = (t0 as u128 + r.aux as u128).min(RETIRED as u128 - 1) as u64;
+    tat.max(empty)
+}
+
 pub(super) fn refund(r: &Rule, tat: u64, now: u64, cost: u64) -> u64 {
     if tat <= now {
         return tat;

@@ -71,6 +71,9 @@ pub(crate) enum Transition {
 pub(crate) struct Breaker {
     word: AtomicU64,
     open_until: AtomicU64,
+    /// When the circuit last opened from closed: the start of the current outage (a failed
+    /// probe reopening it does not move it).
+    outage_since: AtomicU64,
     threshold: u64,
     min_open_ns: u64,
     max_open_ns: u64,
@@ -97,6 +100,7 @@ impl Breaker {
         Breaker {
             word: AtomicU64::new(pack(CLOSED, 0, 0)),
             open_until: AtomicU64::new(0),
+            outage_since: AtomicU64::new(0),
             threshold: u64::from(threshold.max(1)),
             min_open_ns: min_open_ns.max(1),
             max_open_ns: max_open_ns.max(min_open_ns.max(1)),
@@ -120,6 +124,15 @@ impl Breaker {
     /// When the open time ends (clock nanoseconds); meaningful while open.
     pub(crate) fn open_until(&self) -> u64 {
         self.open_until.load(Ordering::Acquire)
+    }
+
+    /// When the current outage began (clock nanoseconds): the time the circuit opened from
+    /// closed. Meaningful while open; a later outage's start is seen by any caller that sees its
+    /// open state.
+    pub(crate) fn outage_since(&self) -> u64 {
+        // Acquire on the word: the start was written before the state that opened it.
+        let _ = self.word.load(Ordering::Acquire);
+        self.outage_since.load(Ordering::Acquire)
     }
 
     /// May a sync touch the store at `now`? Of the syncs that ask once the open time has
@@ -196,8 +209,12 @@ impl Breaker {
             } else {
                 self.open_time(open_level, jitter)
             };
-            // The end of the open time is written before the state that makes it relevant.
+            // The end of the open time (and, from closed, the outage's start) is written before
+            // the state that makes it relevant.
             self.open_until.store(now.saturating_add(for_ns), Ordering::Release);
+            if state != HALF_OPEN {
+                self.outage_since.store(now, Ordering::Release);
+            }
             match self
                 .word
                 .compare_exchange(word, pack(OPEN, open_level, 0), Ordering::AcqRel, Ordering::Acquire)

@@ -12,9 +12,19 @@ use parking_lot::Mutex;
 use super::identifier::Identifier;
 use super::node::{ApplyReport, ColdStart, FailurePolicy, Member, NodeInner};
 use crate::algorithm::Rule;
-use crate::consts::{CLAIM_MARGIN_NS, DEMAND_ONE};
+use crate::consts::{CLAIM_MARGIN_NS, CLOCK_RATE_TOLERANCE_PPM, DEMAND_ONE};
 use crate::local::cell::Cell;
 use crate::store::{Claim, ClaimOutcome, Limits, StoreAlgorithm};
+
+/// How much sooner than the store's count claimed tokens stop being spendable, for tokens the
+/// store counts for `span_ns` after the claim: the fixed margin (cached clock lag, the store's
+/// rounding) plus the span times the clock-rate tolerance, so that a node clock running up to
+/// [`CLOCK_RATE_TOLERANCE_PPM`] slower than the store's never spends a token past the store's
+/// count, however long the lease or window.
+pub(crate) fn claim_margin_ns(span_ns: u64) -> u64 {
+    let drift = u128::from(span_ns) * u128::from(CLOCK_RATE_TOLERANCE_PPM) / 1_000_000;
+    CLAIM_MARGIN_NS.saturating_add(drift as u64)
+}
 
 /// A key idle (nothing held, no demand) for this many syncs is forgotten.
 const IDLE_SYNCS: u32 = 3;
@@ -42,6 +52,9 @@ pub(crate) struct DistCell {
     /// The store failed this key alone at the last sync (`WRONGTYPE`, corrupt state): the
     /// failure policy answers for it until a claim succeeds.
     failed: std::sync::atomic::AtomicBool,
+    /// When `failed` was last set (clock nanoseconds): the failure policy's share of the key
+    /// starts empty then.
+    failed_at: AtomicU64,
     /// The node's demand for the key decayed to nothing, and it gave back what it held: the
     /// store may well have tokens for it, so a check that may wait (`check_async`) waits for a
     /// claim instead of denying at once.
@@ -69,6 +82,21 @@ struct SyncState {
     told: u64,
     idle: u32,
     cold_given: u64,
+}
+
+impl DistCell {
+    /// Whether the key can be forgotten: idle for [`IDLE_SYNCS`] syncs, holding nothing, with
+    /// no denial or cold-start unit since the last sync and **no unpaid cold-start debt**. A
+    /// key forgotten with debt would take its debt with it, and its next request would get a
+    /// fresh `ColdStart::Optimistic` allowance: `n` more per forget cycle, without bound.
+    fn forgettable(&self) -> bool {
+        let s = self.sync.lock();
+        s.idle >= IDLE_SYNCS
+            && s.debt == 0
+            && self.tokens.load(Ordering::Acquire) == 0
+            && self.denied.load(Ordering::Acquire) == 0
+            && self.cold.load(Ordering::Acquire) == 0
+    }
 }
 
 /// What a check found.
@@ -240,11 +268,25 @@ where
             }
             FailurePolicy::LocalShare => match self.rule.share(node.share_divisor()) {
                 None => answer(false, 0, wait, 0),
+                // More than the whole share: never, on this node's share (the arithmetic takes
+                // at most the capacity it is given).
+                Some(rule) if cost > rule.capacity => answer(false, 0, wait, 0),
                 Some(rule) => {
+                    // The share starts empty when the failure began: until then this node
+                    // admitted from claims the store counted, and tokens it still holds are
+                    // spent before the share. A share that started full would add its whole
+                    // capacity to every outage (and a store restarted empty adds one more).
+                    let mut since = 0;
+                    if node.breaker.is_open() {
+                        since = node.breaker.outage_since();
+                    }
+                    if cell.failed.load(Ordering::Acquire) {
+                        since = since.max(cell.failed_at.load(Ordering::Acquire));
+                    }
                     let step = if take {
-                        cell.share.acquire(&rule, now, cost)
+                        cell.share.acquire_after_empty(&rule, now, cost, since)
                     } else {
-                        cell.share.peek(&rule, now, cost)
+                        cell.share.peek_after_empty(&rule, now, cost, since)
                     };
                     // The share's cell is never retired.
                     let step = step.unwrap_or(crate::algorithm::Step {
@@ -477,7 +519,10 @@ where
             Some(Err(e)) => {
                 // This key alone failed: the failure policy answers for it until a claim
                 // succeeds; nothing was granted and what it returned is gone.
-                cell.failed.store(true, Ordering::Relaxed);
+                if !cell.failed.load(Ordering::Relaxed) {
+                    cell.failed_at.store(self.node.clock.now_ns(), Ordering::Release);
+                }
+                cell.failed.store(true, Ordering::Release);
                 report.key_errors += 1;
                 if report.first_key_error.is_none() {
                     report.first_key_error = Some(e.to_string());
@@ -536,7 +581,7 @@ where
                 .saturating_mul(ms)
                 .saturating_sub(self.limits.period_us().saturating_mul(1000)),
         };
-        let valid_until = sent_at.saturating_add(span_ns).saturating_sub(CLAIM_MARGIN_NS);
+        let valid_until = sent_at.saturating_add(span_ns).saturating_sub(claim_margin_ns(span_ns));
         // Extend validity before adding tokens only if the tokens already held share it;
         // new tokens become spendable with the new validity.
         cell.valid_until.store(valid_until.max(1), Ordering::Release);
@@ -582,22 +627,14 @@ where
                     keys.push(key.clone());
                 }
                 None => {
-                    if cell.sync.lock().idle >= IDLE_SYNCS && cell.tokens.load(Ordering::Acquire) == 0 {
+                    if cell.forgettable() {
                         forget.push(key.clone());
                     }
                 }
             }
         }
         for key in forget {
-            let removed = self.map.remove_if(
-                &key,
-                |_, c| {
-                    c.tokens.load(Ordering::Acquire) == 0
-                        && c.denied.load(Ordering::Acquire) == 0
-                        && c.cold.load(Ordering::Acquire) == 0
-                },
-                &guard,
-            );
+            let removed = self.map.remove_if(&key, |_, c| c.forgettable(), &guard);
             if let Ok(Some(_)) = removed {
                 self.len.fetch_sub(1, Ordering::AcqRel);
             }

@@ -54,6 +54,23 @@ impl Cell {
         })
     }
 
+    /// [`acquire`](Self::acquire) from a state no fuller than a key emptied at `empty_at`
+    /// ([`Rule::empty_since`]).
+    pub(crate) fn acquire_after_empty(&self, rule: &Rule, now: u64, cost: u64, empty_at: u64) -> Result<Step, Retired> {
+        self.update(|s| {
+            let step = rule.acquire(rule.empty_since(s, empty_at), now, cost);
+            (step.state, step)
+        })
+    }
+
+    /// [`peek`](Self::peek) from a state no fuller than a key emptied at `empty_at`.
+    pub(crate) fn peek_after_empty(&self, rule: &Rule, now: u64, cost: u64, empty_at: u64) -> Result<Step, Retired> {
+        match self.0.load(Ordering::Acquire) {
+            RETIRED => Err(Retired),
+            s => Ok(rule.peek(rule.empty_since(s, empty_at), now, cost)),
+        }
+    }
+
     pub(crate) fn peek(&self, rule: &Rule, now: u64, cost: u64) -> Result<Step, Retired> {
         match self.0.load(Ordering::Acquire) {
             RETIRED => Err(Retired),
