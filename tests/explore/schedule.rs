@@ -373,7 +373,7 @@ pub fn generate(seed: u64, allowed: Faults) -> (Scenario, Vec<Action>) {
     let mut rng = TestRng::from_seed(RngAlgorithm::XorShift, &bytes);
     let r = &mut rng;
     let interval = Duration::from_millis([50, 100][r.random_range(0..2)]);
-    let lease = if faults.clock && r.random_bool(0.4) {
+    let lease = if faults.clock && r.random_bool(0.6) {
         Some(
             [
                 Duration::from_secs(20),
@@ -415,7 +415,7 @@ pub fn generate(seed: u64, allowed: Faults) -> (Scenario, Vec<Action>) {
                 // epoch, where the store counts a holding for the shortest time.
                 Some(l) => {
                     let l = l.as_micros() as u64;
-                    origin.div_ceil(l) * l - r.random_range(0..2_000_000)
+                    origin.div_ceil(l) * l - r.random_range(0..500_000)
                 }
                 None => origin,
             }
@@ -446,7 +446,7 @@ fn action(r: &mut TestRng, sc: &Scenario, faults: Faults) -> Action {
     let table: [(u32, bool); 20] = [
         (10, true),                         // 0 small advance
         (2, true),                          // 1 large advance
-        (2, faults.clock),                  // 2 lease edge
+        (5, faults.clock),                  // 2 lease edge
         (2, faults.clock),                  // 3 window edge
         (8, true),                          // 4 check
         (14, true),                         // 5 burst
@@ -488,7 +488,7 @@ fn action(r: &mut TestRng, sc: &Scenario, faults: Faults) -> Action {
             // Around where a claim's validity ends on a node clock off by the tolerance.
             let lease = sc.lease().as_nanos() as i64;
             let spread = (lease / 1_000_000 * crate::CLOCK_TOLERANCE_PPM).max(20_000_000);
-            Action::ToLeaseEdge(r.random_range(-spread..=spread))
+            Action::ToLeaseEdge(r.random_range(-spread / 4..=spread))
         }
         3 => {
             let spread = (sc.policies[lim].duration().as_nanos() as i64 / 1_000_000 * crate::CLOCK_TOLERANCE_PPM)
