@@ -439,14 +439,16 @@ pub trait Store: Send + Sync {
     fn reconnect(&self) {}
 }
 
-/// Values shared by both implementations: the numbers a claim is clamped to.
-pub(crate) fn clamped(c: &Claim) -> (u64, u64, u64, u64) {
+/// Values shared by both implementations: the numbers a claim is clamped to (kept, returned,
+/// wanted, window, seq).
+pub(crate) fn clamped(c: &Claim) -> (u64, u64, u64, u64, u64) {
     let l = &c.limits;
     (
         l.clamp(c.kept),
         l.clamp(c.returned),
         l.clamp(c.wanted),
         c.window.min(MAX_STORE_NUMBER),
+        c.seq.min(MAX_STORE_NUMBER),
     )
 }
 
