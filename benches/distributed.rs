@@ -204,6 +204,7 @@ async fn us_per_key_sync(server: &RedisServer, name: &str, limits: Limits, nodes
             returned: 0,
             wanted: 2,
             window: 0,
+            seq: 1,
         })
         .collect();
     let client = redis::Client::open(server.url()).unwrap();
@@ -226,6 +227,7 @@ async fn us_per_key_sync(server: &RedisServer, name: &str, limits: Limits, nodes
                 .iter()
                 .map(|c| Claim {
                     kept: (i + round) % 2,
+                    seq: 2 + round * 50 + i,
                     ..c.clone()
                 })
                 .collect();

@@ -369,7 +369,7 @@ impl<K> DistKeys<K>
 where
     K: Hash + Eq + Send + Sync + Clone + Identifier + 'static,
 {
-    fn claim_for(&self, key: &K, cell: &DistCell, now: u64, drain: bool) -> Option<Claim> {
+    fn claim_for(&self, key: &K, cell: &DistCell, now: u64, drain: bool, seq: u64) -> Option<Claim> {
         let node = &*self.node;
         let capacity = self.limits.capacity();
         let mut s = cell.sync.lock();
@@ -467,6 +467,7 @@ where
             returned,
             wanted: wanted.min(capacity),
             window: s.window,
+            seq,
         })
     }
 
@@ -486,6 +487,12 @@ where
             // The batch failed: nothing granted; what was returned is gone.
             None => return,
         };
+        if grant.stale {
+            // The store had applied a newer claim of this node: this one changed nothing, so
+            // it is taken like a failed one (nothing granted; what it returned is gone).
+            report.stale += 1;
+            return;
+        }
         cell.failed.store(false, Ordering::Relaxed);
         let node = &*self.node;
         let mut s = cell.sync.lock();
@@ -564,12 +571,12 @@ impl<K> Member for DistKeys<K>
 where
     K: Hash + Eq + Send + Sync + Clone + Identifier + 'static,
 {
-    fn prepare(&self, _node: &NodeInner, now: u64, drain: bool, out: &mut Vec<Claim>) -> Box<dyn Any + Send> {
+    fn prepare(&self, _node: &NodeInner, now: u64, drain: bool, seq: u64, out: &mut Vec<Claim>) -> Box<dyn Any + Send> {
         let guard = self.map.guard();
         let mut keys = Vec::new();
         let mut forget = Vec::new();
         for (key, cell) in self.map.iter(&guard) {
-            match self.claim_for(key, cell, now, drain) {
+            match self.claim_for(key, cell, now, drain, seq) {
                 Some(claim) => {
                     out.push(claim);
                     keys.push(key.clone());

@@ -117,6 +117,9 @@ pub struct NodeStats {
     /// Tokens wanted in claims whose batch failed: the store may have granted some of them
     /// without this node ever receiving them (lost until their lease or window ends).
     pub unconfirmed_wants: u64,
+    /// Claims the store answered as stale: it had already applied a newer claim of this node
+    /// for the key, so this one changed nothing (this node granted itself nothing from it).
+    pub stale_claims: u64,
 }
 
 impl Default for NodeStats {
@@ -141,6 +144,7 @@ impl Default for NodeStats {
             fail_open_admitted: 0,
             unconfirmed_returns: 0,
             unconfirmed_wants: 0,
+            stale_claims: 0,
         }
     }
 }
@@ -199,7 +203,8 @@ impl fmt::Debug for Node {
 pub(crate) trait Member: Send + Sync {
     /// Adds one claim per key worth syncing, and returns what `apply` needs to find them again.
     /// With `drain`, every held token is returned and nothing is wanted.
-    fn prepare(&self, node: &NodeInner, now: u64, drain: bool, out: &mut Vec<Claim>) -> Box<dyn Any + Send>;
+    /// Every claim carries `seq`, this sync's number (see [`Claim::seq`]).
+    fn prepare(&self, node: &NodeInner, now: u64, drain: bool, seq: u64, out: &mut Vec<Claim>) -> Box<dyn Any + Send>;
     /// Applies the outcomes of the claims `prepare` added (`None`: the batch failed).
     fn apply(
         &self,
@@ -223,6 +228,8 @@ pub(crate) struct ApplyReport {
     pub(crate) first_key_error: Option<String>,
     /// Keys that held less in the store than this node's valid claim.
     pub(crate) state_lost: u64,
+    /// Claims the store answered as stale.
+    pub(crate) stale: u64,
 }
 
 #[derive(Default)]
@@ -241,6 +248,7 @@ struct Counters {
     fail_open_admitted: AtomicU64,
     unconfirmed_returns: AtomicU64,
     unconfirmed_wants: AtomicU64,
+    stale_claims: AtomicU64,
 }
 
 fn class_index(class: ErrorClass) -> usize {
@@ -254,7 +262,10 @@ fn class_index(class: ErrorClass) -> usize {
 }
 
 pub(crate) struct NodeInner {
+    /// The store identity: unique per process (see [`NodeBuilder::id`]).
     pub(crate) id: NodeId,
+    /// The number of the last sync (0 before the first): every claim carries its sync's number.
+    seq: AtomicU64,
     store: Arc<dyn Store>,
     pub(crate) sync_interval: Duration,
     batch_size: usize,
@@ -323,7 +334,8 @@ impl Node {
         }
     }
 
-    /// This node's id in the store (random per process).
+    /// This node's identity in the store and its registry: random per process, or derived from
+    /// [`NodeBuilder::id`] and a random per-process part.
     pub fn id(&self) -> NodeId {
         self.inner.id
     }
@@ -358,6 +370,7 @@ impl Node {
             fail_open_admitted: get(&c.fail_open_admitted),
             unconfirmed_returns: get(&c.unconfirmed_returns),
             unconfirmed_wants: get(&c.unconfirmed_wants),
+            stale_claims: get(&c.stale_claims),
         }
     }
 
@@ -451,7 +464,11 @@ impl NodeBuilder {
         self
     }
 
-    /// A fixed node id (default: random per process, so a restarted process is a new node).
+    /// Derives the node's identity from `id` (default: random). The store identity
+    /// ([`Node::id`]) always has a random per-process part as well: two live processes started
+    /// with the same id are two nodes to the store (each with its own holdings, each counted
+    /// in the registry), never one node whose holdings they overwrite; a restarted process is
+    /// a new node.
     pub fn id(mut self, id: NodeId) -> Self {
         self.id = Some(id);
         self
@@ -538,9 +555,14 @@ impl NodeBuilder {
         if self.expected_nodes == 0 {
             return Err(NodeError::Config("expected_nodes: must be > 0".into()));
         }
-        let id = self.id.unwrap_or_else(random_id);
+        let id = match self.id {
+            // The per-process part: see `NodeBuilder::id`.
+            Some(base) => ahash::RandomState::with_seeds(base, 0x746f_6c6c, 0x6761_7465, 0).hash_one(random_id()) >> 11,
+            None => random_id(),
+        };
         Ok(Arc::new(NodeInner {
             id,
+            seq: AtomicU64::new(0),
             store: self.store,
             sync_interval: self.sync_interval,
             batch_size: self.batch_size,
@@ -865,11 +887,13 @@ impl NodeInner {
         }
         let members: Vec<Arc<dyn Member>> = self.members.lock().iter().filter_map(|(_, m)| m.upgrade()).collect();
         let sent_at = self.clock.now_ns();
+        // Under the sync lock: every sync's number is greater than the one before it.
+        let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
         let mut claims = Vec::new();
         let mut tickets = Vec::with_capacity(members.len());
         for m in &members {
             let start = claims.len();
-            let ticket = m.prepare(self, sent_at, drain, &mut claims);
+            let ticket = m.prepare(self, sent_at, drain, seq, &mut claims);
             tickets.push((start, claims.len(), ticket));
         }
         let mut outcomes: Vec<Option<ClaimOutcome>> = Vec::with_capacity(claims.len());
@@ -958,6 +982,7 @@ impl NodeInner {
     }
 
     fn report(&self, r: &ApplyReport) {
+        self.counters.stale_claims.fetch_add(r.stale, Ordering::Relaxed);
         if r.state_lost > 0 {
             self.counters.state_losses.fetch_add(r.state_lost, Ordering::Relaxed);
             tracing::warn!(

@@ -802,7 +802,7 @@ fn number(b: &[u8]) -> Option<u64> {
 
 fn decode_one(b: &[u8]) -> ClaimOutcome {
     match b[0] {
-        status @ (0 | 2) => {
+        status @ (0 | 2 | 3) => {
             let mut f = [0u64; 6];
             for (slot, chunk) in f.iter_mut().zip(b[1..].chunks_exact(8)) {
                 *slot = number(chunk).ok_or_else(|| KeyError::Other(format!("bad reply value {chunk:?}")))?;
@@ -815,16 +815,11 @@ fn decode_one(b: &[u8]) -> ClaimOutcome {
                 window: f[4],
                 revoked: f[5],
                 state_lost: status == 2,
-                stale: false,
+                stale: status == 3,
             })
         }
         // Failed: the message follows in the error list (a missing one leaves this).
         1 => Err(KeyError::Other("failed without a message".into())),
-        // Stale: the claim changed nothing.
-        3 => Ok(Grant {
-            stale: true,
-            ..Grant::default()
-        }),
         s => Err(KeyError::Other(format!("bad reply status {s}"))),
     }
 }

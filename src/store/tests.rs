@@ -550,7 +550,12 @@ proptest! {
                 node.last_ok_ms = Some(now_ms);
                 g.remaining
             };
-            let held: u64 = nodes.iter().map(|nd| nd.held).sum();
+            let lease = l.lease_ms();
+            let held: u64 = nodes
+                .iter()
+                .filter(|nd| nd.last_ok_ms.is_some_and(|at| now_ms - at < lease))
+                .map(|nd| nd.held)
+                .sum();
             prop_assert!(remaining + held <= 12, "remaining {} + held {} > 12", remaining, held);
         }
     }
