@@ -74,6 +74,8 @@ struct Seen {
 }
 
 const STEPS: usize = 1_500;
+/// Keys this close to their expiry (ms, on the explicit clock) may be gone from Redis already.
+const NEAR_EXPIRY_MS: u64 = 40;
 const BUDGET: Duration = Duration::from_secs(120);
 
 #[tokio::test]
@@ -114,10 +116,10 @@ async fn run(seed: u64, redis: &RedisStore, raw: &mut ConnectionManager, started
         tb(8, 20, 100),
         tb(30, 1000, 50),
         tb(5, 1, 1000),
-        Limits::fixed_window(20, Duration::from_millis(200)).unwrap(),
-        Limits::fixed_window(6, Duration::from_millis(30)).unwrap(),
+        Limits::fixed_window(20, Duration::from_millis(400)).unwrap(),
+        Limits::fixed_window(6, Duration::from_millis(150)).unwrap(),
         Limits::sliding_window(20, Duration::from_millis(200)).unwrap(),
-        Limits::sliding_window(7, Duration::from_millis(40)).unwrap(),
+        Limits::sliding_window(7, Duration::from_millis(60)).unwrap(),
     ];
     let keys: Vec<(StoreKey, Limits)> = (0..policies.len() * 2)
         .map(|i| {
@@ -148,6 +150,15 @@ async fn run(seed: u64, redis: &RedisStore, raw: &mut ConnectionManager, started
         };
         let advance_us = (advance_ms * 1000 + rng.next(1000)).max(real_us + 2_000);
         clock.set_us(clock.now_us() + advance_us);
+        // Redis expires keys on its own clock, which a stalled test process cannot hold back:
+        // a key within `NEAR_EXPIRY_MS` of its expiry is expired in both stores before a claim.
+        for _ in 0..keys.len() {
+            let near = keys.iter().filter_map(|(k, _)| memory.pttl(k)).filter(|&p| p <= NEAR_EXPIRY_MS).max();
+            match near {
+                Some(p) => clock.set_us(clock.now_us() + (p + 1) * 1000),
+                None => break,
+            }
+        }
         redis.set_time_override_us(Some(clock.now_us()));
         // A key the MemoryStore has expired is gone from Redis too (by the same clock).
         let mut pipe = redis::pipe();
@@ -237,6 +248,11 @@ async fn run(seed: u64, redis: &RedisStore, raw: &mut ConnectionManager, started
         }
         let sizes: Vec<usize> = pipe.query_async(raw).await.unwrap();
         for (i, ((key, limits), size)) in keys.iter().zip(&sizes).enumerate() {
+            if *size == 0 && memory.pttl(key).is_some_and(|p| p <= NEAR_EXPIRY_MS) {
+                // Written to expire within moments: Redis may have expired it already (on its
+                // own clock); the next step expires it in the MemoryStore too.
+                continue;
+            }
             assert_eq!(
                 memory.state_len(key).unwrap_or(0),
                 *size,
