@@ -229,6 +229,12 @@ impl MemoryStore {
             reg.remove(&node);
         }
     }
+
+    /// Forgets one key, as Redis does when it evicts it or fails over to a replica that missed
+    /// its writes: the next claim for it starts afresh. True when the key existed.
+    pub fn remove(&self, key: &StoreKey) -> bool {
+        self.inner.lock().keys.remove(key).is_some()
+    }
 }
 
 impl Store for MemoryStore {
