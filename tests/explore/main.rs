@@ -246,7 +246,11 @@ fn classify(rt: &tokio::runtime::Runtime, sc: &Scenario, actions: &[Action], fau
         needed.push("dup_id");
     }
     let without = |keep: fn(&Action) -> bool| -> Vec<Action> { actions.iter().filter(|a| keep(a)).cloned().collect() };
-    if passes(sc, &without(|a| !matches!(a, Action::StoreRestart)), faults) {
+    if passes(
+        sc,
+        &without(|a| !matches!(a, Action::StoreRestart | Action::KeyLoss { .. })),
+        faults,
+    ) {
         needed.push("store_restart");
     }
     if passes(sc, &without(|a| !matches!(a, Action::Outage(_))), faults) {

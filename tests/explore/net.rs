@@ -38,6 +38,8 @@ impl Call {
 #[derive(Default)]
 struct State {
     calls: Vec<Call>,
+    /// Every store key claimed so far, in the order first seen.
+    keys: Vec<StoreKey>,
     next_seq: u64,
     down: bool,
 }
@@ -174,6 +176,12 @@ impl Net {
         })
     }
 
+    /// A store key claimed so far (picked by index), if any.
+    pub fn key(&self, pick: usize) -> Option<StoreKey> {
+        let g = self.lock();
+        (!g.keys.is_empty()).then(|| g.keys[pick % g.keys.len()].clone())
+    }
+
     /// Index (for [`deliver`](Self::deliver)) of the first unanswered call.
     pub fn first_unanswered(&self) -> Option<usize> {
         self.lock().calls.iter().position(|c| !c.answered)
@@ -194,6 +202,11 @@ impl Store for Net {
         let mut g = self.lock();
         if g.down {
             return Box::pin(async { Err(StoreError::new(ErrorClass::Transient, "connection refused (schedule)")) });
+        }
+        for c in claims {
+            if !g.keys.contains(&c.key) {
+                g.keys.push(c.key.clone());
+            }
         }
         let reply: Reply = Arc::default();
         let seq = g.next_seq;

@@ -11,10 +11,12 @@
 //! * [`COLD`]: `n` per node incarnation and key that admitted while `ColdStart::Optimistic(n)`
 //!   is configured (a superset of those that admitted cold units);
 //! * [`STORE_RESTART`]: one capacity (windows: `points`) per store restart, for every key;
+//! * [`KEY_LOSS`]: one capacity (windows: `points`) per loss of that key;
 //! * degraded admissions (`FailurePolicy::LocalShare` while the circuit is open) are checked
 //!   apart, per node incarnation and key, against that node's share of the policy: capacity
 //!   and rate divided by the fewest nodes it divided by so far (the README table's
-//!   `(capacity + rate * d) * actual nodes / nodes last seen`, summed over the nodes).
+//!   `(capacity + rate * d) * actual nodes / nodes last seen`, summed over the nodes), on the
+//!   node's own clock (a share is a local limiter: its time is the node's).
 //!
 //! Nothing is allowed for timeouts, late or reordered calls, lost replies, crashes, restarts,
 //! duplicate node ids or node clocks within [`crate::CLOCK_TOLERANCE_PPM`] of the store's.
@@ -27,6 +29,8 @@ use tollgate::{Algorithm, Policy};
 pub const COLD: &str = "cold start";
 /// Allowance label: the store restarted empty.
 pub const STORE_RESTART: &str = "store restart";
+/// Allowance label: the store lost one key.
+pub const KEY_LOSS: &str = "key loss";
 
 /// Divisors of every share a schedule can use (at most 16 nodes) divide this exactly.
 const SHARE_SCALE: u128 = 720_720;
@@ -182,9 +186,17 @@ impl Oracle {
         }
     }
 
+    /// The store lost key `key`: one capacity more for it.
+    pub fn key_lost(&mut self, key: usize, t: u64) {
+        let k = &mut self.keys[key];
+        let c = base(&k.policy);
+        k.allowance += c;
+        k.notes.push(format!("{KEY_LOSS} at {}: +{c}", crate::fmt_t(t)));
+    }
+
     /// Node incarnation `inc` admitted `cost` for key `key` at true time `t` (store time
     /// `store_us`, node time `node_ns`); `degraded`: the failure policy answered, and the node
-    /// divided the limit by `div` (its share's windows are aligned to its own clock).
+    /// divided the limit by `div` (its share runs on the node's clock).
     #[allow(clippy::too_many_arguments)]
     pub fn admit(
         &mut self,
@@ -206,10 +218,10 @@ impl Oracle {
             *least = (*least).min(div.max(1));
             let limit = base(&k.policy) / *least;
             return meter
-                .admit(t, node_ns / 1000, cost, limit, *least)
+                .admit(node_ns, node_ns / 1000, cost, limit, *least)
                 .map_err(|e| Violation {
                     text: format!(
-                        "key {} ({:?}), degraded admissions of node incarnation #{inc} (local share, divided by {}): {e}",
+                        "key {} ({:?}), degraded admissions of node incarnation #{inc} (local share, divided by {}, node clock): {e}",
                         k.name, k.policy, least
                     ),
                 });

@@ -21,7 +21,7 @@ pub struct Faults {
     pub dup_id: bool,
     /// Node clocks off the store's rate (within the tolerance), long leases and windows.
     pub clock: bool,
-    /// Store restarts (empty).
+    /// Store restarts (empty) and single keys lost.
     pub store_restart: bool,
     /// Store outages (circuit opening, the failure policy answering).
     pub outage: bool,
@@ -250,6 +250,8 @@ pub enum Action {
     Shutdown { node: usize },
     /// The store restarts empty.
     StoreRestart,
+    /// The store loses one key (picked among those claimed so far).
+    KeyLoss { key: usize },
     /// The store stops (true) or starts (false) answering.
     Outage(bool),
 }
@@ -310,6 +312,7 @@ impl fmt::Display for Action {
             ),
             Action::Shutdown { node } => write!(f, "node[{node}] shuts down"),
             Action::StoreRestart => write!(f, "the store restarts empty"),
+            Action::KeyLoss { key } => write!(f, "the store loses key[{key}]"),
             Action::Outage(true) => write!(f, "the store goes down"),
             Action::Outage(false) => write!(f, "the store comes back"),
         }
@@ -446,7 +449,7 @@ fn action(r: &mut TestRng, sc: &Scenario, faults: Faults) -> Action {
     let call = r.random_range(0..8);
     let interval = sc.interval.as_nanos() as u64;
     // Weights: (weight, enabled).
-    let table: [(u32, bool); 20] = [
+    let table: [(u32, bool); 21] = [
         (10, true),                         // 0 small advance
         (2, true),                          // 1 large advance
         (5, faults.clock),                  // 2 lease edge
@@ -467,6 +470,7 @@ fn action(r: &mut TestRng, sc: &Scenario, faults: Faults) -> Action {
         (1, faults.store_restart),          // 17 store restart
         (2, faults.outage),                 // 18 outage on
         (2, faults.outage),                 // 19 outage off
+        (1, faults.store_restart),          // 20 key loss
     ];
     let total: u32 = table.iter().filter(|(_, on)| *on).map(|(w, _)| w).sum();
     let mut pick = r.random_range(0..total);
@@ -547,6 +551,7 @@ fn action(r: &mut TestRng, sc: &Scenario, faults: Faults) -> Action {
         16 => Action::Shutdown { node },
         17 => Action::StoreRestart,
         18 => Action::Outage(true),
-        _ => Action::Outage(false),
+        19 => Action::Outage(false),
+        _ => Action::KeyLoss { key: call },
     }
 }

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Waker};
 
-use tollgate::store::{ClaimOutcome, ManualTime, MemoryStore, Store};
+use tollgate::store::{ClaimOutcome, ManualTime, MemoryStore, Store, StoreKey};
 use tollgate::{check_all, CircuitState, ColdStart, Decision, Limiter, ManualClock, Node};
 
 use crate::net::{Done, Net};
@@ -461,8 +461,31 @@ impl<'a> World<'a> {
                 self.oracle.store_restarted(self.t);
             }
             Action::Outage(down) => self.net.set_down(down),
+            Action::KeyLoss { key } => {
+                let Some(k) = self.net.key(key) else { return Ok(()) };
+                let Some(index) = self.oracle_key(&k) else {
+                    return Ok(());
+                };
+                if self.store.remove(&k) {
+                    self.log(|| format!("store key #{index} lost"));
+                    self.oracle.key_lost(index, self.t);
+                }
+            }
         }
         Ok(())
+    }
+
+    /// The oracle's index of a store key: the limiter is the first byte of the namespace (after
+    /// the hash tag and the namespace length), the key the identifier at the end.
+    fn oracle_key(&self, k: &StoreKey) -> Option<usize> {
+        let b = k.as_bytes();
+        let tag_end = b.iter().position(|&c| c == b'}')?;
+        let colon = tag_end + b[tag_end..].iter().position(|&c| c == b':')?;
+        let lim = ["a", "b"]
+            .iter()
+            .position(|n| b.get(colon + 1) == Some(&n.as_bytes()[0]))?;
+        let key = KEYS.iter().position(|id| b.ends_with(format!("r{id}").as_bytes()))?;
+        (key < self.sc.keys).then_some(lim * self.sc.keys + key)
     }
 
     /// Counts what the nodes saw (at the end of a schedule).
