@@ -20,6 +20,7 @@
 //! with their window.
 
 mod breaker;
+mod cell;
 mod claims;
 mod identifier;
 mod node;
