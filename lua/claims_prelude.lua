@@ -9,8 +9,9 @@
 --
 -- Reply: {chunks, i1, message1, i2, message2, ...}. The strings of the list chunks, joined,
 -- hold per key struct '<Bdddddd' of status (0 ok, 1 failed, 2 ok but the store had lost this
--- node's tokens), granted, remaining, ms to next token, ms to reset, window, revoked; each
--- failed key i is listed after it with its error message. (Lua hashes every string it makes,
+-- node's tokens, 3 stale: the claim is older than one applied before and changed nothing, all
+-- numbers 0), granted, remaining, ms to next token, ms to reset, window, revoked; each failed
+-- key i is listed after it with its error message. (Lua hashes every string it makes,
 -- so one string for the whole batch would cost a pass over it per buffer merge.)
 --
 -- Costs that shape the scripts: every command a script sends costs more than its arithmetic,

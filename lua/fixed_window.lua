@@ -15,14 +15,19 @@
 -- returned. The key expires 1 ms after its window ends, so the stored window id is never more
 -- than one window old and 20 bits tell it apart. Tokens held by nodes die with their window: a
 -- claim tagged with another window is void (its returned tokens are ignored and its kept tokens
--- revoked). Within its window, a value of the same length is rewritten in place.
+-- revoked). Within its window, a value of the same length is rewritten in place. A value that
+-- is not such a decimal integer answers CORRUPT for its key alone, and nothing is written to it.
+-- Window claims keep no per-node state, and their sequence numbers are not sent: a claim that
+-- arrives late can only return tokens the node already gave up (and never returns again), or be
+-- granted tokens the node never receives; neither lets a window admit more than its capacity.
 --
 -- Reply: see claims_prelude.lua (status 2 when the window counts less than this node alone
 -- holds and returns).
 -- All numbers are integers below 2^53, so a % b is exact, and (a - a % b) / b = floor(a / b)
 -- for a >= 0, b > 0.
 
-local TWO32, TWO20 = 4294967296, 1048576
+local sfind = string.find
+local TWO32, TWO20, TWO52 = 4294967296, 1048576, 4503599627370496
 local policies, blob = read_claims(2, 22) -- capacity, window in microseconds
 if not policies then return redis.error_reply('ERR tollgate: claim data does not match the keys') end
 local vals = read_all()
@@ -45,8 +50,11 @@ for i = 1, #keys do
   end
   local s, err = vals[i], nil
   if not s and must_read_alone(vals, i) then s, err = read_alone(keys[i]) end
-  -- A count has at most 16 digits; a longer string is another algorithm's state.
-  local n = s and #s <= 16 and tonumber(s)
+  -- A count is what this script writes: at most 16 decimal digits, below 2^52. Anything else
+  -- (a sign, an exponent, hex, 'nan', 'inf', spaces, a larger number, another algorithm's
+  -- state) is not tollgate state.
+  local n = s and #s <= 16 and sfind(s, '^%d+$') and tonumber(s)
+  if n and n >= TWO52 then n = nil end
   if err then
     fail(i, err)
   elseif s and not n then

@@ -17,13 +17,17 @@
 -- Granted tokens count in cur at once; a claim tagged with another window is void (its
 -- returned tokens are ignored and its kept tokens revoked). The key expires 1 ms after the
 -- end of the window after its own, when its counts no longer matter. Within its window, the
--- value is rewritten in place.
+-- value is rewritten in place. A value of another length, or whose window id is not such an
+-- integer, answers CORRUPT for its key alone, and nothing is written to it.
+-- Window claims keep no per-node state, and their sequence numbers are not sent (see
+-- fixed_window.lua).
 --
 -- Reply: see claims_prelude.lua (status 2 when the window counts less than this node alone
 -- holds and returns).
 -- All numbers are integers below 2^53, so a % b is exact, and (a - a % b) / b = floor(a / b)
 -- for a >= 0, b > 0.
 
+local TWO53 = 9007199254740992
 local policies, blob = read_claims(3, 22) -- capacity, window in microseconds, weighting tick
 if not policies then return redis.error_reply('ERR tollgate: claim data does not match the keys') end
 local vals = read_all()
@@ -49,8 +53,9 @@ for i = 1, #keys do
   if s and #s == 16 then sw, prev, cur = sunpack('<dI4I4', s) end
   if err then
     fail(i, err)
-  elseif s and (#s ~= 16 or sw % 1 ~= 0) then
-    -- A window id is an integer (16 digits of a fixed window's count read as a double are not).
+  elseif s and (#s ~= 16 or sw ~= sw or sw < 0 or sw % 1 ~= 0 or (sw + 2) * win >= TWO53) then
+    -- A window id is an integer (16 digits of a fixed window's count read as a double are not),
+    -- small enough that the end of the window after it, in microseconds, is below 2^53.
     fail(i, 'CORRUPT tollgate state')
   else
     local w, el = w0, el0

@@ -1,4 +1,5 @@
--- tollgate: token bucket claims for a batch of keys, with the held cap and node leases.
+-- tollgate: token bucket claims for a batch of keys, with the held cap, node leases and claim
+-- sequence numbers.
 --
 -- KEYS[i]    the key of claim i (all keys of one batch share a slot in a cluster)
 -- ARGV[1]    node id (8 bytes: the id in this node's holding record)
@@ -7,43 +8,62 @@
 -- ARGV[4]    P, the number of distinct policies in the batch (claims_prelude.lua, prepended
 --            to this script, reads the arguments and the time)
 -- then P x   capacity, microseconds per token, lease in ms
--- then       one binary string: per key, struct '<HI4I4I4' of policy index (1-based), kept,
---            returned, wanted
+-- then       one binary string: per key, struct '<HI4I4I4d' of policy index (1-based), kept,
+--            returned, wanted, and the claim's sequence number (the node's sync number)
 --
--- State: one string per key, a 64-byte header then 24 bytes per further node record.
---   header   struct '<dddddd' e, cur, amt, prev, ep, x, then a node id (8 bytes) and
---            struct '<d' nep: with amt, the first node record (node id 0, nep -2 and amt 0
---            when it is unused)
+-- State: one string per key, a 41-byte header then 32 bytes per node record.
+--   header   struct '<Bddddd' of the layout version (2), e, cur, prev, ep, x
 --     e      the "empty time" in microseconds: the bucket holds floor((now - e) / per) tokens,
 --            at most capacity (e is clamped to now - capacity * per)
 --     cur    tokens held by nodes that synced in epoch ep
 --     prev   tokens held by nodes that synced in epoch ep - 1
 --     ep     the lease epoch (floor(now_ms / lease)) that cur belongs to
 --     x      the absolute expiry (ms) last set on the key
---   record   the node id (8 bytes), then struct '<dd' nep, amt: the epoch of that node's last
---            sync and the tokens it holds since then
+--   record   the node id (8 bytes), then struct '<ddd' nep, amt, seq: the epoch of that node's
+--            last applied claim, the tokens it holds since then (> 0), and that claim's
+--            sequence number
+-- Every length is 41 + 32 k, which is odd. The layout before this one (a 64-byte header and
+-- 24-byte records, no sequence numbers) has only even lengths, and the other scripts' values
+-- have at most 16 bytes: no value of another layout or algorithm is read as this one, it
+-- answers CORRUPT. So does a value of the right length whose version byte is not 2, or whose
+-- numbers are not integers below 2^53 (non-negative but for e), or whose lease end
+-- (ep + 2) * lease is not below 2^52 ms (so that the expiry computed from it stays below 2^53).
+-- The header and this node's record are checked on every claim; the other records whenever the
+-- claim reads them (when the epoch moves or the value is written anew). A corrupt key fails
+-- alone, and nothing is written to it.
+--
 -- A holding counts until the end of the epoch after the one it was recorded in (a lease of
--- between one and two lease lengths); a record of 0 tokens, or older than epoch ep - 1, counts
--- for nothing. Tokens in the bucket are capped at capacity - (holdings of all nodes), so
--- bucket + holdings <= capacity at every instant, and refill is capped by the holdings the store
--- knew of during the time it accrued.
+-- between one and two lease lengths). Tokens in the bucket are capped at capacity - (holdings
+-- of all nodes), so bucket + holdings <= capacity at every instant, and refill is capped by
+-- the holdings the store knew of during the time it accrued.
+--
+-- Sequence numbers: a claim whose seq is not greater than the one in this node's record is
+-- stale (it was sent before the claim the store applied last, and arrived late): it changes
+-- nothing, not even the TTL, and answers status 3. A node without a record is applied as usual.
+--
+-- The state holds only records that count: a record whose holding drops to 0 is removed, and
+-- when the epoch moves the records older than epoch ep - 1 are dropped. So its size is bounded
+-- by the nodes that hold tokens, not by the nodes that ever synced.
 --
 -- Writes: a sync rewrites in place (SETRANGE, which keeps the TTL) the header fields that
--- changed and this node's record; a node without a record takes the first record if it counts
--- for nothing, or appends one. When the TTL must be refreshed, the key is written anew without
--- the records that count for nothing, this node's first. A claim that changes nothing writes
--- nothing.
+-- changed and this node's record, or appends its record. When a record goes (a holding dropped
+-- to 0, or an old record when the epoch moves), the key is written anew keeping its TTL; when
+-- the TTL must be refreshed, it is written anew with a new one. Written anew, this node's record
+-- comes first.
 --
 -- Reply: see claims_prelude.lua (window 0; status 2 when this node keeps more than the store
--- knew it held).
+-- knew it held; status 3 for a stale claim).
 -- All numbers are integers below 2^53 (the client validates capacity * per <= 2^52), so
 -- a % b is exact, and (a - a % b) / b = floor(a / b) for a >= 0, b > 0.
 
-local ssub, sfind = string.sub, string.find
+local ssub, sfind, concat = string.sub, string.find, table.concat
 local node = ARGV[1]
-local policies, blob = read_claims(3, 14) -- capacity, microseconds per token, lease in ms
+local policies, blob = read_claims(3, 22) -- capacity, microseconds per token, lease in ms
 if not policies then return redis.error_reply('ERR tollgate: claim data does not match the keys') end
-local UNUSED = '\0\0\0\0\0\0\0\0'
+local VERSION = 2
+local TWO53, TWO52 = 9007199254740992, 4503599627370496
+local STALE = spack(RFMT, 3, 0, 0, 0, 0, 0, 0)
+local CORRUPT = 'CORRUPT tollgate state'
 -- SETRANGE offsets of records, as strings (a number argument costs a sprintf).
 local offsets = {}
 local now_ms = (now - now % 1000) / 1000
@@ -53,8 +73,32 @@ local pos, lastp = 1, nil
 -- the current epoch, and the state of a key that does not exist.
 local cap, per, lease, tau, emin, ep0, fresh
 
+-- True unless v is an integer in [0, 2^53).
+local function bad(v)
+  return v ~= v or v < 0 or v >= TWO53 or v % 1 ~= 0
+end
+
+-- The records of s other than the one at `at` that still count in epoch ep (a holding, from
+-- epoch ep - 1 or later), and whether any was left out; nil when one is corrupt.
+local function others(s, len, at, ep)
+  local recs, n, dropped = {}, 0, false
+  for j = 42, len, 32 do
+    if j ~= at then
+      local rnep, ramt, rseq = sunpack('<ddd', s, j + 8)
+      if bad(rnep) or bad(ramt) or bad(rseq) then return nil end
+      if ramt > 0 and rnep >= ep - 1 then
+        n = n + 1
+        recs[n] = ssub(s, j, j + 31)
+      else
+        dropped = true
+      end
+    end
+  end
+  return recs, dropped
+end
+
 for i = 1, #keys do
-  local p, kept, ret, want, nextpos = sunpack('<HI4I4I4', blob, pos)
+  local p, kept, ret, want, seq, nextpos = sunpack('<HI4I4I4d', blob, pos)
   pos = nextpos
   if p ~= lastp then
     local v = policies[p]
@@ -62,7 +106,7 @@ for i = 1, #keys do
     tau = cap * per
     emin = now - tau
     ep0 = (now_ms - now_ms % lease) / lease
-    fresh = spack('<ddddddc8d', emin, 0, 0, 0, ep0, 0, UNUSED, -2)
+    fresh = spack('<Bddddd', VERSION, emin, 0, 0, ep0, 0)
     lastp = p
   end
   local s, err = vals[i], nil
@@ -70,29 +114,31 @@ for i = 1, #keys do
   local exists = s
   if not s then s = fresh end
   local len = #s
+  local ver, e, cur, prev, sep, x
+  if len >= 41 and (len - 41) % 32 == 0 then ver, e, cur, prev, sep, x = sunpack('<Bddddd', s) end
+  -- This node's record: where it starts (at), its epoch, tokens and sequence number.
+  local at, nep, amt, rseq
+  if ver == VERSION and len > 41 then
+    local from = 42
+    while true do
+      local f = sfind(s, node, from, true)
+      if not f then break end
+      if (f - 42) % 32 == 0 then
+        at = f
+        nep, amt, rseq = sunpack('<ddd', s, f + 8)
+        break
+      end
+      from = f + 1
+    end
+  end
   if err then
     fail(i, err)
-  elseif len ~= 64 and (len < 64 or (len - 64) % 24 ~= 0) then
-    fail(i, 'CORRUPT tollgate state')
+  elseif ver ~= VERSION or e ~= e or e <= -TWO53 or e >= TWO53 or e % 1 ~= 0 or bad(cur) or bad(prev)
+      or bad(sep) or bad(x) or (sep + 2) * lease >= TWO52 or (at and (bad(nep) or bad(amt) or bad(rseq))) then
+    fail(i, CORRUPT)
+  elseif at and seq <= rseq then
+    out[i] = STALE
   else
-    local e, cur, amt0, prev, sep, x, nid, nep0 = sunpack('<ddddddc8d', s)
-    -- This node's record: where it starts (at; 0 for the first record), its epoch and tokens.
-    local at, nep, amt
-    if nid == node then
-      at, nep, amt = 0, nep0, amt0
-    elseif len > 64 then
-      local from = 65
-      while true do
-        local f = sfind(s, node, from, true)
-        if not f then break end
-        if (f - 65) % 24 == 0 then
-          at = f
-          nep, amt = sunpack('<dd', s, f + 8)
-          break
-        end
-        from = f + 1
-      end
-    end
     local e0, cur0, prev0 = e, cur, prev
     -- Roll the lease epochs (a clock that went backwards keeps the stored epoch).
     local ep = ep0
@@ -170,64 +216,51 @@ for i = 1, #keys do
         local lend = (ep + 2) * lease
         if lend > need then need = lend end
       end
-      if x >= need then
-        -- In place. A node that holds tokens and has no record takes the first record if that
-        -- one counts for nothing, else appends its own; a node with a record rewrites it.
-        local first = at == 0
-        if not at and held > 0 and (amt0 == 0 or nep0 < ep - 1) then first = true end
-        if first and (nid ~= node or nep0 ~= ep) then
-          rcall('SETRANGE', keys[i], '0', spack('<ddddddc8d', e, cur, held, prev, ep, x, node, ep))
-        elseif ep ~= sep or prev ~= prev0 then
-          if first then amt0 = held end
-          rcall('SETRANGE', keys[i], '0', spack('<ddddd', e, cur, amt0, prev, ep))
-        elseif e ~= e0 or cur ~= cur0 or (first and held ~= amt0) then
-          if first then amt0 = held end
-          rcall('SETRANGE', keys[i], '0', spack('<ddd', e, cur, amt0))
+      local refresh = not exists or x < need
+      -- Written anew: to refresh the TTL, or to remove this node's record (it holds nothing
+      -- now). The other records are read for that, and when the epoch moved (to drop those
+      -- that no longer count).
+      local anew = refresh or (at and held == 0)
+      local recs, dropped = {}, false
+      if anew or ep ~= sep then recs, dropped = others(s, len, at, ep) end
+      if not recs then
+        fail(i, CORRUPT)
+      elseif anew or dropped then
+        -- This node's record first (if it holds tokens), then the others.
+        if refresh then
+          local head = need - now_ms
+          if head < 1000 then head = 1000 end
+          x = need + head
         end
-        if at and at > 0 then
-          if nep ~= ep or amt ~= held then
+        local v = spack('<Bddddd', VERSION, e, cur, prev, ep, x)
+        if held > 0 then v = v .. node .. spack('<ddd', ep, held, seq) end
+        v = v .. concat(recs)
+        if refresh then
+          rcall('SET', keys[i], v, 'PX', fmt('%d', x - now_ms))
+        else
+          rcall('SET', keys[i], v, 'KEEPTTL')
+        end
+      else
+        -- In place: the header fields that changed, then this node's record.
+        if at == 42 then
+          rcall('SETRANGE', keys[i], '1', spack('<dddddc8ddd', e, cur, prev, ep, x, node, ep, held, seq))
+        else
+          if ep ~= sep or prev ~= prev0 then
+            rcall('SETRANGE', keys[i], '1', spack('<dddd', e, cur, prev, ep))
+          elseif e ~= e0 or cur ~= cur0 then
+            rcall('SETRANGE', keys[i], '1', spack('<dd', e, cur))
+          end
+          if at then
             local o = offsets[at]
             if not o then
               o = fmt('%d', at + 7)
               offsets[at] = o
             end
-            rcall('SETRANGE', keys[i], o, spack('<dd', ep, held))
-          end
-        elseif not first and held > 0 then
-          rcall('APPEND', keys[i], node .. spack('<dd', ep, held))
-        end
-      else
-        -- Refresh the TTL, with headroom so that this is rare, and write the key anew: this
-        -- node's record first (if it holds tokens), then the others that still count.
-        local head = need - now_ms
-        if head < 1000 then head = 1000 end
-        x = need + head
-        local recs, n = {}, 0
-        if amt0 > 0 and nep0 >= ep - 1 and at ~= 0 then
-          n = 1
-          recs[1] = nid .. spack('<dd', nep0, amt0)
-        end
-        for j = 65, len, 24 do
-          if j ~= at then
-            local rnep, ramt = sunpack('<dd', s, j + 8)
-            if ramt > 0 and rnep >= ep - 1 then
-              n = n + 1
-              recs[n] = ssub(s, j, j + 23)
-            end
+            rcall('SETRANGE', keys[i], o, spack('<ddd', ep, held, seq))
+          elseif held > 0 then
+            rcall('APPEND', keys[i], node .. spack('<ddd', ep, held, seq))
           end
         end
-        local v
-        if held > 0 then
-          v = spack('<ddddddc8d', e, cur, held, prev, ep, x, node, ep)
-        elseif n > 0 then
-          -- The first of the others moves into the header.
-          local rnid, rnep, ramt = sunpack('<c8dd', recs[1])
-          v = spack('<ddddddc8d', e, cur, ramt, prev, ep, x, rnid, rnep)
-          recs[1] = ''
-        else
-          v = spack('<ddddddc8d', e, cur, 0, prev, ep, x, UNUSED, -2)
-        end
-        rcall('SET', keys[i], v .. table.concat(recs), 'PX', fmt('%d', x - now_ms))
       end
     end
   end

@@ -348,3 +348,28 @@ async fn a_store_restarted_empty_costs_at_most_one_extra_capacity_in_total() {
         "admitted {admitted} ({degraded} by the failure policy) > {ideal} + one capacity {capacity}"
     );
 }
+
+/// While degraded, a cost above this node's share of the capacity (but within the capacity) is
+/// denied by the share, like any cost the share cannot hold, and the arithmetic is never asked
+/// to take more than its capacity.
+#[tokio::test]
+async fn a_cost_above_the_share_is_denied_while_degraded() {
+    let w = World::new();
+    let flaky = Arc::new(Flaky {
+        inner: w.store.clone(),
+        down: AtomicBool::new(true),
+    });
+    let node = Node::builder(flaky as Arc<dyn Store>)
+        .clock(w.clock.clock())
+        .failure_threshold(1)
+        .expected_nodes(4)
+        .build_manual()
+        .unwrap();
+    let l = limiter(Policy::per_second(100), &node);
+    node.sync_once().await;
+    w.advance(Duration::from_secs(10));
+    let d = l.check_n("key", 50).unwrap();
+    assert!(d.is_denied() && d.is_degraded(), "{d:?}");
+    let d = l.check_n("key", 25).unwrap();
+    assert!(d.is_allowed() && d.is_degraded(), "{d:?}");
+}

@@ -326,6 +326,108 @@ async fn a1_redis_killed_and_restarted_empty_degrades_then_recovers_with_one_cap
     fleet.shutdown().await;
 }
 
+/// Row A1 as the README states it, for the whole run: Redis shut down without saving under
+/// load and restarted empty on the same port, two nodes at 4 x a 50 per second limit with
+/// `local_share`. The nodes admit at most one exact limiter's quota plus one capacity in total:
+/// the failure policy's share starts empty when the outage begins (held tokens are spent
+/// first), and the empty store hands out one capacity again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a1_store_restarted_empty_under_load_costs_at_most_one_capacity_in_total() {
+    let _serial = SERIAL.lock().await;
+    let mut server = RedisServer::start();
+    let (c, r) = (50u64, 50u64);
+    let fleet = Fleet::start(&server, 2, Policy::per_second(r), |b| b).await;
+    let key = ["client"];
+    let start = Instant::now();
+    // 2 instances x one check per 2 ms = 1000 per second offered, 20 x the rate.
+    let mut all = fleet.run(&key, Duration::from_secs(2)).await;
+    server.kill();
+    let (opening, _) = fleet.until_open(&key, Duration::from_secs(3)).await;
+    all.extend(opening);
+    all.extend(fleet.run(&key, Duration::from_secs(2)).await);
+    server.restart();
+    let (recovering, _) = fleet.until_recovered(&key, Instant::now()).await;
+    all.extend(recovering);
+    all.extend(fleet.run(&key, Duration::from_secs(2)).await);
+    let elapsed = start.elapsed();
+    let total = sum(&all);
+    let ideal = c + (r as f64 * elapsed.as_secs_f64()).ceil() as u64;
+    assert!(
+        total.degraded_admitted > 0,
+        "the failure policy never answered: {total:?}"
+    );
+    // One capacity for the empty restart, and one token per node for the share's rounding.
+    assert!(
+        total.admitted <= ideal + c + 2,
+        "{} admitted ({} by the failure policy) over {elapsed:?}: one exact limiter {ideal}, plus one capacity {c}",
+        total.admitted,
+        total.degraded_admitted
+    );
+    fleet.shutdown().await;
+}
+
+/// "A failed or ambiguous sync admits less, never more", on real Redis. Node A's sync S1 is
+/// held 600 ms by the proxy and times out (the circuit opens); the half-open probe reconnects
+/// and A's next sync S2 is granted 100 on the fresh connection; then Redis runs S1 from the
+/// old connection. S1 is older than S2, so it changes nothing: B cannot be granted the tokens
+/// A holds. (Before claims carried sequence numbers, A and B spent 200 within 13 us.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a10_a_timed_out_sync_run_after_a_newer_one_admits_no_more() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.addr()).await;
+    let store_a = RedisStore::connect(RedisConfig::new(proxy.url())).await.unwrap();
+    let store_b = RedisStore::connect(RedisConfig::new(redis.url())).await.unwrap();
+    let mk = |s: Arc<dyn Store>| {
+        Node::builder(s)
+            .sync_interval(T)
+            .lease(Duration::from_secs(2))
+            .failure_threshold(1)
+            .open_backoff(Duration::from_millis(1), Duration::from_millis(1))
+            .build_manual()
+            .unwrap()
+    };
+    let (a, b) = (mk(Arc::new(store_a)), mk(Arc::new(store_b)));
+    let policy = Policy::per_second(1000).burst(100);
+    let la: Limiter = Limiter::builder(policy.clone()).name("k").node(&a).build().unwrap();
+    let lb: Limiter = Limiter::builder(policy).name("k").node(&b).build().unwrap();
+    for _ in 0..100 {
+        la.check("key");
+    }
+    proxy.set(Fault::Delay {
+        fixed: Duration::from_millis(600),
+        jitter: Duration::ZERO,
+    });
+    let t0 = Instant::now();
+    a.sync_once().await; // S1: times out after 250 ms, still on its way
+    assert_eq!(a.stats().failed_round_trips, 1, "{:?}", a.stats());
+    proxy.set(Fault::None);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    a.sync_once().await; // the probe: a fresh connection
+    for _ in 0..100 {
+        la.check("key");
+    }
+    a.sync_once().await; // S2 on the fresh connection
+    assert_eq!(a.circuit(), CircuitState::Closed);
+    assert_eq!(la.peek("key", 1).unwrap().remaining(), 100, "S2 was not granted");
+    // S1 reaches Redis at about 600 ms; at 750 ms B asks, then both spend at once.
+    tokio::time::sleep(Duration::from_millis(750).saturating_sub(t0.elapsed())).await;
+    for _ in 0..100 {
+        lb.check("key");
+    }
+    b.sync_once().await;
+    let t1 = Instant::now();
+    let (mut sa, mut sb) = (0u64, 0u64);
+    for _ in 0..200 {
+        sa += la.check("key").is_allowed() as u64;
+        sb += lb.check("key").is_allowed() as u64;
+    }
+    let within = t1.elapsed();
+    let bound = 100 + (1000.0 * within.as_secs_f64()).ceil() as u64;
+    assert!(sa + sb <= bound, "A {sa} + B {sb} within {within:?}: bound {bound}");
+    assert_eq!(sa, 100, "A lost its grant");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a2_redis_restarted_from_a_snapshot_is_loading_transiently_and_rolls_back_at_most_one_capacity() {
     let _serial = SERIAL.lock().await;

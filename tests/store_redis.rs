@@ -75,6 +75,16 @@ impl Lcg {
     }
 }
 
+/// Moves `clock` by `us`, and by at least the real time since the last step (plus 2 ms): Redis
+/// expires keys on its own clock, so the explicit time must run ahead of it for a key to expire
+/// in the MemoryStore no later than in Redis (a key Redis still has, but that expired on the
+/// explicit clock, reads as a fresh one to the scripts).
+fn advance_past_real(clock: &ManualTime, last_real: &mut Instant, us: u64) {
+    let real_us = last_real.elapsed().as_micros() as u64;
+    *last_real = Instant::now();
+    clock.set_us(clock.now_us() + us.max(real_us + 2_000));
+}
+
 /// The same operations through MemoryStore and RedisStore, at the same (explicit) times, must
 /// give identical replies: grants, remaining, timings, window ids, revocations and errors.
 #[tokio::test]
@@ -105,14 +115,15 @@ async fn memory_and_redis_give_identical_replies() {
     let mut held = vec![vec![(0u64, 0u64); keys.len()]; 4];
     let mut rng = Lcg(7);
     let mut compared = 0;
+    let mut last_real = Instant::now();
     for step in 0..1500 {
         let advance = match rng.next(10) {
             0..=5 => rng.next(20),
             6..=8 => rng.next(300),
             _ => rng.next(2500),
         };
-        clock.advance(Duration::from_millis(advance));
-        clock.set_us(clock.now_us() + rng.next(1000));
+        let jitter = rng.next(1000);
+        advance_past_real(&clock, &mut last_real, advance * 1000 + jitter);
         redis.set_time_override_us(Some(clock.now_us()));
         let node = rng.next(4) as usize;
         let mut batch = Vec::new();
@@ -215,6 +226,7 @@ async fn memory_and_redis_agree_on_shared_keys() {
     let mut held = vec![vec![(0u64, 0u64); shared.len()]; nodes.len()];
     let mut rng = Lcg(11);
     let (mut compared, mut most_records) = (0, 0);
+    let mut last_real = Instant::now();
     for step in 0..3000 {
         let advance = match rng.next(20) {
             0..=11 => rng.next(40),
@@ -222,8 +234,8 @@ async fn memory_and_redis_agree_on_shared_keys() {
             18 => rng.next(3000),
             _ => rng.next(20_000),
         };
-        clock.advance(Duration::from_millis(advance));
-        clock.set_us(clock.now_us() + rng.next(1000));
+        let jitter = rng.next(1000);
+        advance_past_real(&clock, &mut last_real, advance * 1000 + jitter);
         redis.set_time_override_us(Some(clock.now_us()));
         // Mostly a few nodes take turns; now and then any node, after a long silence.
         let n = if rng.next(5) == 0 {
@@ -279,15 +291,15 @@ async fn memory_and_redis_agree_on_shared_keys() {
             }
         }
         compared += a.len();
-        // The token buckets: a 64-byte header with one node record, 24 bytes per further one.
+        // The token buckets: a 41-byte header, 32 bytes per node record.
         for (key, _) in &shared[..3] {
             let len: usize = redis::cmd("STRLEN")
                 .arg(key.as_bytes())
                 .query_async(&mut raw)
                 .await
                 .unwrap();
-            if len >= 64 {
-                most_records = most_records.max(1 + (len - 64) / 24);
+            if len >= 41 {
+                most_records = most_records.max((len - 41) / 32);
             }
         }
     }
@@ -686,4 +698,201 @@ async fn redis_cpu_per_key_per_sync() {
             wall.as_secs_f64()
         );
     }
+}
+
+/// Redis `INFO commandstats`: microseconds per `EVALSHA` call since the last `CONFIG RESETSTAT`.
+async fn evalsha_usec_per_call(raw: &mut ConnectionManager) -> f64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(raw).await.unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .expect("evalsha in commandstats");
+    line.split([':', ','])
+        .find_map(|kv| kv.strip_prefix("usec_per_call="))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("usec_per_call")
+}
+
+async fn strlen(raw: &mut ConnectionManager, key: &StoreKey) -> usize {
+    redis::cmd("STRLEN").arg(key.as_bytes()).query_async(raw).await.unwrap()
+}
+
+/// Node ids are random per process, so every restart or deploy brings new ones. 20,000 nodes
+/// join a key (claim 2 tokens) and leave (return them) while one node holds most of the bucket
+/// for a long time (a day to refill): the state keeps only the records that count, and the
+/// script's cost per claim does not grow with the nodes that left.
+#[tokio::test]
+async fn departed_nodes_leave_a_state_bounded_by_live_records() {
+    let server = Server::start();
+    let s = server.store().await;
+    let mut raw = server.raw().await;
+    let key = KeyEncoder::default().encode("departed", b"k");
+    let limits = Limits::token_bucket(10_000, 10_000, Duration::from_secs(24 * 3600), Duration::from_secs(1)).unwrap();
+    let t = ManualTime::new(T0);
+    with_time(&s, &t, Duration::ZERO).await;
+    assert_eq!(one(&s, 0, claim(&key, limits, 0, 0, 9_990, 0)).await.granted, 9_990);
+    let live = strlen(&mut raw, &key).await;
+    assert_eq!(live, 41 + 32, "a header and one record");
+    let mut per_call = Vec::new();
+    let started = Instant::now();
+    for node in 1..=20_000u64 {
+        if node % 5_000 == 1 {
+            let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut raw).await.unwrap();
+        }
+        if node % 250 == 0 {
+            // The long-lived node syncs every 500 ms: its holding keeps counting.
+            assert_eq!(one(&s, 0, claim(&key, limits, 9_990, 0, 0, 0)).await.revoked, 0);
+        }
+        assert_eq!(one(&s, node, claim(&key, limits, 0, 0, 2, 0)).await.granted, 2);
+        with_time(&s, &t, Duration::from_millis(1)).await;
+        let g = one(&s, node, claim(&key, limits, 0, 2, 0, 0)).await;
+        assert_eq!(g.remaining, 10);
+        with_time(&s, &t, Duration::from_millis(1)).await;
+        if node % 100 == 0 {
+            assert_eq!(strlen(&mut raw, &key).await, live, "after {node} nodes left");
+        }
+        if node % 5_000 == 0 {
+            per_call.push(evalsha_usec_per_call(&mut raw).await);
+        }
+        assert!(started.elapsed() < Duration::from_secs(300), "bounded in time");
+    }
+    // Server time per claim, per 5,000 nodes: with every departed record kept, the last
+    // quarter cost several times the first (the script scans the whole state).
+    println!("us per claim (server) per 5,000 departed nodes: {per_call:?}");
+    let (first, last) = (per_call[0], per_call[3]);
+    assert!(
+        last <= 3.0 * first + 20.0,
+        "us per claim grew with departed nodes: {per_call:?}"
+    );
+}
+
+/// A value of the right length whose numbers the arithmetic cannot take (NaN, infinite,
+/// fractional, negative, 2^53 or more), or a value of an older layout, answers `Corrupt` for
+/// its key alone: nothing is written to it, and the other keys of the batch proceed.
+#[tokio::test]
+async fn a_corrupt_value_fails_its_key_alone() {
+    let server = Server::start();
+    let s = server.store().await;
+    let mut raw = server.raw().await;
+    let t = ManualTime::new(T0);
+    with_time(&s, &t, Duration::ZERO).await;
+    let node: NodeId = 7;
+    let tb = tb(100, 100, 1000);
+    let sw = Limits::sliding_window(100, Duration::from_secs(60)).unwrap();
+    let fw = Limits::fixed_window(100, Duration::from_secs(60)).unwrap();
+    let nan = f64::NAN;
+    let inf = f64::INFINITY;
+    let ep = (T0 / 1000 / 1000) as f64;
+    let doubles = |vs: &[f64]| vs.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    // The token bucket: a version byte, e, cur, prev, ep, x; records of node id, nep, amt, seq.
+    let header = |vs: [f64; 5]| [vec![2u8], doubles(&vs)].concat();
+    let record = |id: NodeId, vs: [f64; 3]| [id.to_le_bytes().to_vec(), doubles(&vs)].concat();
+    let good = [0.0, 5.0, 0.0, ep, 1e12];
+    let sliding = |w: f64| [w.to_le_bytes().to_vec(), vec![0; 8]].concat();
+    let cases: Vec<(&str, Limits, Vec<u8>)> = vec![
+        ("tb: the review's all-NaN 64 bytes (older layout)", tb, [doubles(&[nan; 6]), vec![0; 8], doubles(&[nan])].concat()),
+        ("tb: 64 zero bytes (older layout)", tb, vec![0; 64]),
+        ("tb: 136 bytes (older layout, 3 records)", tb, vec![0; 136]),
+        ("tb: 63 bytes", tb, vec![0; 63]),
+        ("tb: header all NaN", tb, header([nan; 5])),
+        ("tb: cur and prev -1e15", tb, header([0.0, -1e15, -1e15, ep, 0.0])),
+        ("tb: e fractional", tb, header([0.5, 0.0, 0.0, ep, 0.0])),
+        ("tb: e -inf", tb, header([-inf, 0.0, 0.0, ep, 0.0])),
+        ("tb: x infinite", tb, header([0.0, 0.0, 0.0, ep, inf])),
+        ("tb: cur 2^53", tb, header([0.0, 9007199254740992.0, 0.0, ep, 0.0])),
+        ("tb: lease end beyond 2^52 ms", tb, header([0.0, 0.0, 0.0, 4.6e12, 0.0])),
+        ("tb: version 1", tb, [vec![1u8], doubles(&good)].concat()),
+        ("tb: own record NaN amount", tb, [header(good), record(node, [ep, nan, 1.0])].concat()),
+        ("tb: own record negative seq", tb, [header(good), record(node, [ep, 5.0, -1.0])].concat()),
+        ("tb: own record fractional epoch", tb, [header(good), record(node, [ep - 0.5, 5.0, 1.0])].concat()),
+        // Another node's record is read when the epoch moves: the header's epoch is old.
+        (
+            "tb: other record NaN (epoch moves)",
+            tb,
+            [header([0.0, 5.0, 0.0, ep - 5.0, 1e12]), record(99, [ep - 5.0, nan, 1.0])].concat(),
+        ),
+        ("sw: window 1e300", sw, sliding(1e300)),
+        ("sw: window inf", sw, sliding(inf)),
+        ("sw: window NaN", sw, sliding(nan)),
+        ("sw: window -1", sw, sliding(-1.0)),
+        ("sw: window 0.5", sw, sliding(0.5)),
+        ("sw: 15 bytes", sw, vec![0; 15]),
+        ("fw: '-5'", fw, b"-5".to_vec()),
+        ("fw: '1e15'", fw, b"1e15".to_vec()),
+        ("fw: '0x10'", fw, b"0x10".to_vec()),
+        ("fw: 'nan'", fw, b"nan".to_vec()),
+        ("fw: 'inf'", fw, b"inf".to_vec()),
+        ("fw: ' 5'", fw, b" 5".to_vec()),
+        ("fw: '5.0'", fw, b"5.0".to_vec()),
+        ("fw: 2^52", fw, b"4503599627370496".to_vec()),
+        ("fw: 17 digits", fw, b"10000000000000000".to_vec()),
+    ];
+    let enc = KeyEncoder::default();
+    for (i, (name, limits, value)) in cases.into_iter().enumerate() {
+        let key = enc.encode("corrupt", format!("k{i}").as_bytes());
+        let (before, after) = (
+            enc.encode("corrupt", format!("before{i}").as_bytes()),
+            enc.encode("corrupt", format!("after{i}").as_bytes()),
+        );
+        let _: () = redis::cmd("SET").arg(key.as_bytes()).arg(&value).query_async(&mut raw).await.unwrap();
+        let batch = [
+            claim(&before, limits, 0, 0, 3, 0),
+            claim(&key, limits, 0, 0, 3, 0),
+            claim(&after, limits, 0, 0, 4, 0),
+        ];
+        let out = s.claim(node, &batch).await.unwrap_or_else(|e| panic!("{name}: the batch failed: {e}"));
+        assert_eq!(out[1], Err(KeyError::Corrupt), "{name}");
+        assert_eq!(out[0].as_ref().map(|g| g.granted), Ok(3), "{name}");
+        assert_eq!(out[2].as_ref().map(|g| g.granted), Ok(4), "{name}");
+        let stored: Vec<u8> = redis::cmd("GET").arg(key.as_bytes()).query_async(&mut raw).await.unwrap();
+        let pttl: i64 = redis::cmd("PTTL").arg(key.as_bytes()).query_async(&mut raw).await.unwrap();
+        assert_eq!((stored, pttl), (value, -1), "{name}: nothing is written");
+    }
+}
+
+/// A claim not newer than the last one applied from its node (a resend, or a timed-out call
+/// that runs late) answers `stale` and writes nothing: not the value, not the TTL.
+#[tokio::test]
+async fn a_stale_claim_writes_nothing() {
+    let server = Server::start();
+    let s = server.store().await;
+    let mut raw = server.raw().await;
+    let t = ManualTime::new(T0);
+    with_time(&s, &t, Duration::ZERO).await;
+    let key = KeyEncoder::default().encode("stale", b"k");
+    let l = tb(100, 10, 300);
+    assert_eq!(one(&s, 1, claims::claim_seq(&key, l, 0, 0, 60, 0, 10)).await.granted, 60);
+    assert_eq!(one(&s, 2, claims::claim_seq(&key, l, 0, 0, 10, 0, 1)).await.granted, 10);
+    let get = |raw: &mut ConnectionManager| {
+        let mut raw = raw.clone();
+        let key = key.clone();
+        async move {
+            let v: Vec<u8> = redis::cmd("GET").arg(key.as_bytes()).query_async(&mut raw).await.unwrap();
+            let pttl: i64 = redis::cmd("PTTL").arg(key.as_bytes()).query_async(&mut raw).await.unwrap();
+            (v, pttl)
+        }
+    };
+    let (value, pttl) = get(&mut raw).await;
+    // Later, in the next lease epochs (a stale claim must not roll them either).
+    for d in [1, 400] {
+        with_time(&s, &t, Duration::from_millis(d)).await;
+        for seq in [10, 9, 1, 0] {
+            for (kept, returned, wanted) in [(0, 60, 0), (60, 0, 100), (0, 0, 100)] {
+                let g = one(&s, 1, claims::claim_seq(&key, l, kept, returned, wanted, 0, seq)).await;
+                assert_eq!(
+                    g,
+                    Grant {
+                        stale: true,
+                        ..Grant::default()
+                    }
+                );
+            }
+        }
+        let (v, p) = get(&mut raw).await;
+        assert_eq!(v, value);
+        assert!(p <= pttl && p > pttl - 5_000, "{p} after {pttl}");
+    }
+    // A newer claim applies: node 1 keeps its 60.
+    let g = one(&s, 1, claims::claim_seq(&key, l, 60, 0, 0, 0, 11)).await;
+    assert!(!g.stale && !g.state_lost && g.revoked == 0, "{g:?}");
 }

@@ -221,6 +221,9 @@ where
             }
             FailurePolicy::LocalShare => match self.rule.share(node.share_divisor()) {
                 None => answer(false, 0, wait, 0),
+                // More than the whole share: never, on this node's share (the arithmetic takes
+                // at most the capacity it is given).
+                Some(rule) if cost > rule.capacity => answer(false, 0, wait, 0),
                 Some(rule) => {
                     // The share starts empty when the failure began: until then this node
                     // admitted from claims the store counted, and tokens it still holds are

@@ -40,9 +40,28 @@ struct Bucket {
     cur: i64,
     prev: i64,
     x: i64,
-    /// (node, epoch of its last sync, tokens held).
-    nodes: Vec<(NodeId, i64, i64)>,
+    /// The holding records: only nodes that hold tokens (see `token_bucket`).
+    nodes: Vec<Holding>,
 }
+
+/// One node's holding record in a token bucket.
+#[derive(Clone, Copy, Debug)]
+struct Holding {
+    node: NodeId,
+    /// The lease epoch of the node's last applied claim.
+    epoch: i64,
+    /// Tokens the node holds since then (> 0).
+    amount: i64,
+    /// The sequence number of that claim.
+    seq: i64,
+}
+
+/// Bytes of a token bucket's value in Redis: the header, then one record per holding node
+/// (`lua/token_bucket.lua`).
+const BUCKET_HEADER_LEN: usize = 41;
+const BUCKET_RECORD_LEN: usize = 32;
+/// Bytes of a sliding window's value in Redis.
+const SLIDING_LEN: usize = 16;
 
 #[derive(Clone, Debug)]
 struct Entry {
@@ -133,6 +152,23 @@ impl MemoryStore {
             .map(|e| (e.expires_ms - now_ms) as u64)
     }
 
+    /// Test aid: the byte length the Redis value of `key` has after the same operations
+    /// (Redis `STRLEN`), so that the state sizes of both stores can be compared; `None` when
+    /// the key does not exist (or holds another type). A token bucket takes a 41-byte header and
+    /// 32 bytes per node that holds tokens; a fixed window, the decimal digits of its count; a
+    /// sliding window, 16 bytes.
+    pub fn state_len(&self, key: &StoreKey) -> Option<usize> {
+        let now_ms = self.now_us() / 1000;
+        let g = self.inner.lock();
+        let e = g.keys.get(key).filter(|e| e.expires_ms >= now_ms)?;
+        match &e.state {
+            State::Bucket(b) => Some(BUCKET_HEADER_LEN + BUCKET_RECORD_LEN * b.nodes.len()),
+            State::Fixed(n) => Some(n.to_string().len()),
+            State::Sliding { .. } => Some(SLIDING_LEN),
+            State::Foreign => None,
+        }
+    }
+
     /// Stores a value of another type under `key` (emulates a key written by someone else).
     pub fn put_foreign(&self, key: &StoreKey) {
         let mut g = self.inner.lock();
@@ -220,8 +256,8 @@ fn apply(keys: &mut Keys, node: NodeId, now: i64, c: &Claim) -> ClaimOutcome {
     let now_ms = now.div_euclid(1000);
     // A key past its expiry is gone, as in Redis.
     let old = keys.remove(&c.key).filter(|e| e.expires_ms >= now_ms);
-    let (kept, ret, want, window) = clamped(c);
-    let (kept, ret, want, window) = (kept as i64, ret as i64, want as i64, window as i64);
+    let (kept, ret, want, window, seq) = clamped(c);
+    let (kept, ret, want, window, seq) = (kept as i64, ret as i64, want as i64, window as i64, seq as i64);
     let l = &c.limits;
     let (out, new) = match (l.algorithm(), old) {
         (
@@ -232,14 +268,14 @@ fn apply(keys: &mut Keys, node: NodeId, now: i64, c: &Claim) -> ClaimOutcome {
                 },
             ),
         ) => (Err(KeyError::WrongType(WRONGTYPE.into())), Some(e)),
-        (StoreAlgorithm::TokenBucket, None) => token_bucket(node, now, l, None, kept, ret, want),
+        (StoreAlgorithm::TokenBucket, None) => token_bucket(node, now, l, None, [kept, ret, want, seq]),
         (
             StoreAlgorithm::TokenBucket,
             Some(Entry {
                 state: State::Bucket(b),
                 expires_ms,
             }),
-        ) => token_bucket(node, now, l, Some((b, expires_ms)), kept, ret, want),
+        ) => token_bucket(node, now, l, Some((b, expires_ms)), [kept, ret, want, seq]),
         (StoreAlgorithm::FixedWindow, None) => fixed_window(now, l, None, kept, ret, want, window),
         (
             StoreAlgorithm::FixedWindow,
@@ -267,19 +303,15 @@ fn apply(keys: &mut Keys, node: NodeId, now: i64, c: &Claim) -> ClaimOutcome {
 
 type Applied = (ClaimOutcome, Option<Entry>);
 
-fn token_bucket(
-    node: NodeId,
-    now: i64,
-    l: &Limits,
-    old: Option<(Bucket, i64)>,
-    kept: i64,
-    ret: i64,
-    want: i64,
-) -> Applied {
+/// A token-bucket claim: `[kept, returned, wanted, seq]` (see `lua/token_bucket.lua`, which
+/// this follows step for step).
+fn token_bucket(node: NodeId, now: i64, l: &Limits, old: Option<(Bucket, i64)>, claim: [i64; 4]) -> Applied {
+    let [kept, ret, want, seq] = claim;
     let now_ms = now.div_euclid(1000);
     let (cap, per, lease) = (l.capacity() as i64, l.period_us() as i64, l.lease_ms() as i64);
     let tau = cap * per;
     let mut ep = now_ms.div_euclid(lease);
+    let is_new = old.is_none();
     let (mut b, old_expiry) = old.unwrap_or((
         Bucket {
             e: now - tau,
@@ -291,22 +323,36 @@ fn token_bucket(
         },
         0,
     ));
+    let rec = b.nodes.iter().position(|n| n.node == node);
+    // A claim not newer than the last one applied from this node changes nothing.
+    if let Some(i) = rec {
+        if seq <= b.nodes[i].seq {
+            let stale = Grant {
+                stale: true,
+                ..Grant::default()
+            };
+            let entry = Entry {
+                state: State::Bucket(b),
+                expires_ms: old_expiry,
+            };
+            return (Ok(stale), Some(entry));
+        }
+    }
     if ep < b.ep {
         ep = b.ep;
     } else if ep > b.ep {
         b.prev = if ep == b.ep + 1 { b.cur } else { 0 };
         b.cur = 0;
     }
-    let rec = b.nodes.iter().position(|n| n.0 == node);
     let mut had = 0;
     if let Some(i) = rec {
-        let (_, nep, amt) = b.nodes[i];
-        if nep == ep {
-            had = amt;
-            b.cur = (b.cur - amt).max(0);
-        } else if nep == ep - 1 {
-            had = amt;
-            b.prev = (b.prev - amt).max(0);
+        let Holding { epoch, amount, .. } = b.nodes[i];
+        if epoch == ep {
+            had = amount;
+            b.cur = (b.cur - amount).max(0);
+        } else if epoch == ep - 1 {
+            had = amount;
+            b.prev = (b.prev - amount).max(0);
         }
     }
     let kfree = kept.min(had);
@@ -357,25 +403,33 @@ fn token_bucket(
     if b.cur + b.prev > 0 {
         need = need.max((ep + 2) * lease);
     }
-    let refresh = b.x < need;
+    let refresh = is_new || b.x < need;
     if refresh {
         let head = (need - now_ms).max(1000);
         b.x = need + head;
     }
-    // A node that holds nothing has no record, and when the epoch moved the records whose lease
-    // ran out are dropped (neither changes a reply: such records count for nothing).
+    // Only records that count are kept: a node that holds nothing has none, and the records
+    // whose lease ran out go when the epoch moves. The script reads the other records (and so
+    // drops those that count for nothing) when the epoch moves or it writes the value anew.
     let moved = b.ep != ep;
     b.ep = ep;
+    let removed = rec.is_some() && held == 0;
+    let own = Holding {
+        node,
+        epoch: ep,
+        amount: held,
+        seq,
+    };
     match rec {
-        Some(i) if held > 0 => b.nodes[i] = (node, ep, held),
+        Some(i) if held > 0 => b.nodes[i] = own,
         Some(i) => {
             b.nodes.swap_remove(i);
         }
-        None if held > 0 => b.nodes.push((node, ep, held)),
+        None if held > 0 => b.nodes.push(own),
         None => {}
     }
-    if moved {
-        b.nodes.retain(|n| n.1 >= ep - 1);
+    if moved || refresh || removed {
+        b.nodes.retain(|n| n.node == node || (n.amount > 0 && n.epoch >= ep - 1));
     }
     let expires_ms = if refresh { b.x } else { old_expiry };
     (

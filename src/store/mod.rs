@@ -40,9 +40,19 @@
 //!
 //! A batch fails as a whole with a [`StoreError`] (classified by [`ErrorClass`]), or succeeds
 //! with one [`ClaimOutcome`] per claim, in order: a key holding data of another type
-//! (`WRONGTYPE`) fails alone. After a failed or ambiguous batch a node must assume it was
-//! granted nothing and that everything it returned is gone; it must never resend a batch that may
-//! have been applied. The store has no idempotency guard.
+//! (`WRONGTYPE`) or a value this version cannot read ([`KeyError::Corrupt`]: nothing is
+//! written to it) fails alone. After a failed or ambiguous batch a node must assume it was
+//! granted nothing and that everything it returned is gone. Such a batch may still be applied
+//! later (a call that timed out still runs on an old connection): token-bucket claims carry the
+//! node's sync number ([`Claim::seq`]), and the store ignores a claim that is not newer than
+//! the last one it applied from that node ([`Grant::stale`]); window claims need no such guard.
+//!
+//! # State size
+//!
+//! A token bucket's state holds one record per node that holds tokens of the key under a
+//! lease that has not run out: a record goes when its holding drops to 0, and the records whose
+//! lease ran out go when the lease epoch moves. So it is bounded by the nodes that hold the
+//! key, not by every node that ever synced it (node ids are random per process).
 
 use std::fmt;
 use std::future::Future;
@@ -255,14 +265,31 @@ pub struct Claim {
     /// Window algorithms: the window id the kept and returned tokens were granted in (the
     /// [`Grant::window`] of the grant); any other value voids them. Ignored by the token bucket.
     pub window: u64,
-    /// The sender's sequence number for this key, in `1..2^53`: strictly greater than that of
-    /// every earlier claim the same node sent for the key (a node numbers its syncs and every
-    /// claim of one sync carries that number). The token bucket records, with each node's
-    /// holding, the number of the last claim it applied from that node; a claim whose number
-    /// is not greater changes nothing and is answered [`Grant::stale`]. Such a claim is one
-    /// that timed out and reached the store after a newer one (for example on an old
-    /// connection): applied, its `kept` would overwrite what the newer claim recorded while the
-    /// node still holds the newer grant.
+    /// The sender's sequence number for this key, in `1..2^53` (larger values are clamped):
+    /// strictly greater than that of every earlier claim the same node sent for the key (a
+    /// node numbers its syncs and every claim of one sync carries that number).
+    ///
+    /// **Token bucket.** The store records, with each node's holding, the number of the last
+    /// claim it applied from that node; a claim whose number is not greater changes nothing
+    /// (neither the state nor the key's TTL) and is answered [`Grant::stale`]. Such a claim is
+    /// one that timed out and reached the store after a newer one (for example on an old
+    /// connection), or a resend: applied, its `kept` would overwrite what the newer claim
+    /// recorded while the node still holds the newer grant, and its `returned` would go back
+    /// to the bucket a second time.
+    ///
+    /// A record is dropped only when it counts for nothing: when the node's holding drops to 0,
+    /// or when its lease has run out (it is older than the previous lease epoch) and the epoch
+    /// moves. A late claim from a node without a record is applied like a first claim, and that
+    /// can only make the store count more than the node holds: it returns nothing (there is no
+    /// holding to return from), and what it keeps or is granted is recorded as held by the
+    /// node, which never receives it (its call failed or timed out, so the node took it as
+    /// granting nothing, and it holds nothing the store counts: a holding of 0, or tokens whose
+    /// lease ran out, which it no longer spends). The store then admits less, until the node's
+    /// next claim says what it really holds (the rest counts as spent) or the lease runs out.
+    ///
+    /// **Windows** keep no per-node state and ignore `seq`: a late claim can only return
+    /// tokens the node already gave up (and never returns again), or be granted tokens the
+    /// node never receives. Neither lets a window admit more than its capacity.
     pub seq: u64,
 }
 
@@ -313,7 +340,9 @@ pub enum KeyError {
     /// The key holds data of another type (Redis `WRONGTYPE`): something else wrote it.
     #[error("key holds another type: {0}")]
     WrongType(String),
-    /// The key holds a value this version cannot read.
+    /// The key holds a value this version cannot read: another algorithm's state, an older
+    /// layout, or numbers the arithmetic cannot take (NaN, infinite, fractional, negative,
+    /// 2^53 or more). Nothing is written to it; the other keys of the batch proceed.
     #[error("key holds a value that is not tollgate state")]
     Corrupt,
     /// Another error for this key alone.
@@ -451,14 +480,16 @@ pub trait Store: Send + Sync {
     fn reconnect(&self) {}
 }
 
-/// Values shared by both implementations: the numbers a claim is clamped to.
-pub(crate) fn clamped(c: &Claim) -> (u64, u64, u64, u64) {
+/// Values shared by both implementations: the numbers a claim is clamped to (kept, returned,
+/// wanted, window, seq).
+pub(crate) fn clamped(c: &Claim) -> (u64, u64, u64, u64, u64) {
     let l = &c.limits;
     (
         l.clamp(c.kept),
         l.clamp(c.returned),
         l.clamp(c.wanted),
         c.window.min(MAX_STORE_NUMBER),
+        c.seq.min(MAX_STORE_NUMBER),
     )
 }
 

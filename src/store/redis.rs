@@ -42,18 +42,14 @@ const REGISTRY_LUA: &str = include_str!("../../lua/registry.lua");
 const REPLY_WIDTH: usize = 49;
 
 /// Bytes per key in the claim argument: policy index (u16), kept, returned and wanted (u32,
-/// since they are clamped to the capacity), then for the window algorithms the claim's window
-/// id (f64, exact below 2^53). Little-endian.
-const fn claim_width(algorithm: StoreAlgorithm) -> usize {
-    // The policy index of a claim is at most the number of claims in a call, and the counts
-    // are clamped to the capacity. (The scripts also unpack up to twice as many values as
-    // there are keys, and Lua's stack takes at most 8000.)
-    const _: () = assert!(MAX_KEYS_PER_CALL <= 3999 && crate::consts::MAX_CAPACITY <= u32::MAX as u64);
-    match algorithm {
-        StoreAlgorithm::TokenBucket => 14,
-        StoreAlgorithm::FixedWindow | StoreAlgorithm::SlidingWindow => 22,
-    }
-}
+/// since they are clamped to the capacity), then the claim's sequence number (token bucket) or
+/// window id (window algorithms), as an f64 (exact below 2^53). Little-endian.
+const CLAIM_WIDTH: usize = 22;
+
+// The policy index of a claim is at most the number of claims in a call, and the counts are
+// clamped to the capacity. (The scripts also unpack up to twice as many values as there are
+// keys, and Lua's stack takes at most 8000.)
+const _: () = assert!(MAX_KEYS_PER_CALL <= 3999 && crate::consts::MAX_CAPACITY <= u32::MAX as u64);
 
 const NO_OVERRIDE: u64 = u64::MAX;
 
@@ -351,20 +347,23 @@ impl<'a> ClaimCall<'a> {
         }
         // Per-key numbers travel as one binary argument: parsing string arguments per key
         // costs the server more than the rest of the script.
-        let mut blob = Vec::with_capacity(idx.len() * claim_width(algorithm));
+        let mut blob = Vec::with_capacity(idx.len() * CLAIM_WIDTH);
         let mut keys = Vec::with_capacity(idx.len());
         for (&i, &p) in idx.iter().zip(&pidx) {
             let c = &claims[i];
-            let (kept, ret, want, window) = clamped(c);
+            let (kept, ret, want, window, seq) = clamped(c);
             keys.push(c.key.as_bytes());
             // p <= MAX_KEYS_PER_CALL; kept, ret and want <= capacity <= u32::MAX.
             blob.extend_from_slice(&(p as u16).to_le_bytes());
             for v in [kept, ret, want] {
                 blob.extend_from_slice(&(v as u32).to_le_bytes());
             }
-            if algorithm != StoreAlgorithm::TokenBucket {
-                blob.extend_from_slice(&(window as f64).to_le_bytes());
-            }
+            // Windows keep no per-node state: their claims need no sequence number.
+            let last = match algorithm {
+                StoreAlgorithm::TokenBucket => seq,
+                StoreAlgorithm::FixedWindow | StoreAlgorithm::SlidingWindow => window,
+            };
+            blob.extend_from_slice(&(last as f64).to_le_bytes());
         }
         args.push(blob);
         ClaimCall { keys, args }
