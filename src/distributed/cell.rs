@@ -9,8 +9,8 @@
 //! a window change, cold-start units counted into the debt, a refund, the forget test) is
 //! modelled in `loom_models`, each with a broken twin the model catches.
 
-use crate::sync::{Mutex, MutexGuard};
 use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{Mutex, MutexGuard};
 
 /// A key idle (nothing held, no demand) for this many syncs is forgotten.
 pub(super) const IDLE_SYNCS: u32 = 3;
@@ -305,10 +305,16 @@ impl ClaimCell {
         self.cold.swap(0, Ordering::AcqRel)
     }
 
-    /// Whether the key can be forgotten: idle for [`IDLE_SYNCS`] syncs, holding nothing, with
-    /// no denial or cold-start unit since the last sync and **no unpaid cold-start debt**. A
-    /// key forgotten with debt would take its debt with it, and its next request would get a
-    /// fresh `ColdStart::Optimistic` allowance: `n` more per forget cycle, without bound.
+    /// Whether the key can be forgotten: idle for [`IDLE_SYNCS`] syncs, holding nothing,
+    /// nothing spent, denied or used of the cold-start allowance since the last sync, and **no
+    /// unpaid cold-start debt**. A key forgotten with debt would take its debt with it, and its
+    /// next request would get a fresh `ColdStart::Optimistic` allowance: `n` more per forget
+    /// cycle, without bound. A check that found the key before it was forgotten may still take
+    /// from it afterwards, so the test is on what the last sync left (`after`, `cold_given`),
+    /// not only on what is left now: a cold-start unit or a token taken between the sync and
+    /// the test would leave with the key uncounted (the unit never paid for; the token's
+    /// refund lost with the key). With nothing left by the sync, a check can take nothing and a
+    /// refund can add nothing.
     pub(super) fn forgettable(&self) -> bool {
         let s = self.ledger.lock();
         #[cfg(all(test, tollgate_loom))]
@@ -321,6 +327,8 @@ impl ClaimCell {
         }
         s.idle >= IDLE_SYNCS
             && s.debt == 0
+            && s.after == 0
+            && s.cold_given == 0
             && self.tokens.load(Ordering::Acquire) == 0
             && self.denied.load(Ordering::Acquire) == 0
             && self.cold.load(Ordering::Acquire) == 0
