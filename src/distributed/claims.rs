@@ -3,18 +3,19 @@
 use std::any::Any;
 use std::borrow::Borrow;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use papaya::HashMap;
-use parking_lot::Mutex;
 
+use super::cell::{ClaimCell, Grant, Usage};
 use super::identifier::Identifier;
 use super::node::{ApplyReport, ColdStart, FailurePolicy, Member, NodeInner};
 use crate::algorithm::Rule;
 use crate::consts::{CLAIM_MARGIN_NS, CLOCK_RATE_TOLERANCE_PPM, DEMAND_ONE};
 use crate::local::cell::Cell;
 use crate::store::{Claim, ClaimOutcome, Limits, StoreAlgorithm};
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
 
 /// How much sooner than the store's count claimed tokens stop being spendable, for tokens the
 /// store counts for `span_ns` after the claim: the fixed margin (cached clock lag, the store's
@@ -26,21 +27,12 @@ pub(crate) fn claim_margin_ns(span_ns: u64) -> u64 {
     CLAIM_MARGIN_NS.saturating_add(drift as u64)
 }
 
-/// A key idle (nothing held, no demand) for this many syncs is forgotten.
-const IDLE_SYNCS: u32 = 3;
-
-/// One key's claim. Checks touch the atomics; only the sync task takes `sync`.
+/// One key's state: its claim, and what the last sync learned about it. Checks touch the
+/// atomics; only the sync task and refunds take the claim's ledger.
 #[derive(Default)]
 pub(crate) struct DistCell {
-    /// Claimed tokens not yet spent.
-    tokens: AtomicU64,
-    /// Clock time (ns) after which `tokens` must not be spent (lease or window end); 0 before
-    /// the first claim.
-    valid_until: AtomicU64,
-    /// `ColdStart::Optimistic` units left before the first claim.
-    cold: AtomicU64,
-    /// Cost denied since the last sync: demand the claims did not cover.
-    denied: AtomicU64,
+    /// The claimed tokens and the sync task's ledger of them.
+    claim: ClaimCell,
     /// Until this time (ns) the store has no token for the key: deny without asking.
     exhausted_until: AtomicU64,
     /// Below this many tokens a check asks for an early sync.
@@ -51,52 +43,16 @@ pub(crate) struct DistCell {
     reset_at: AtomicU64,
     /// The store failed this key alone at the last sync (`WRONGTYPE`, corrupt state): the
     /// failure policy answers for it until a claim succeeds.
-    failed: std::sync::atomic::AtomicBool,
+    failed: AtomicBool,
     /// When `failed` was last set (clock nanoseconds): the failure policy's share of the key
     /// starts empty then.
     failed_at: AtomicU64,
     /// The node's demand for the key decayed to nothing, and it gave back what it held: the
     /// store may well have tokens for it, so a check that may wait (`check_async`) waits for a
     /// claim instead of denying at once.
-    dormant: std::sync::atomic::AtomicBool,
+    dormant: AtomicBool,
     /// [`FailurePolicy::LocalShare`]: the key's state under this node's share of the policy.
     share: Cell,
-    sync: Mutex<SyncState>,
-}
-
-#[derive(Default)]
-struct SyncState {
-    /// Tokens right after the last sync's changes: what checks have spent since is the
-    /// difference with the current count.
-    after: u64,
-    /// Smoothed demand per sync interval, in 1/DEMAND_ONE units.
-    demand: u64,
-    /// Optimistic cold-start units admitted and not yet paid for from grants.
-    debt: u64,
-    /// Window id of the held tokens (window algorithms).
-    window: u64,
-    /// Clock time of the key's last sync.
-    last: u64,
-    claimed: bool,
-    /// What the store believes this node holds for the key (as of the last applied grant).
-    told: u64,
-    idle: u32,
-    cold_given: u64,
-}
-
-impl DistCell {
-    /// Whether the key can be forgotten: idle for [`IDLE_SYNCS`] syncs, holding nothing, with
-    /// no denial or cold-start unit since the last sync and **no unpaid cold-start debt**. A
-    /// key forgotten with debt would take its debt with it, and its next request would get a
-    /// fresh `ColdStart::Optimistic` allowance: `n` more per forget cycle, without bound.
-    fn forgettable(&self) -> bool {
-        let s = self.sync.lock();
-        s.idle >= IDLE_SYNCS
-            && s.debt == 0
-            && self.tokens.load(Ordering::Acquire) == 0
-            && self.denied.load(Ordering::Acquire) == 0
-            && self.cold.load(Ordering::Acquire) == 0
-    }
 }
 
 /// What a check found.
@@ -169,9 +125,9 @@ where
         match self.map.get(key, &guard) {
             None => true,
             Some(c) => {
-                c.valid_until.load(Ordering::Acquire) == 0
+                c.claim.valid_until() == 0
                     || (c.dormant.load(Ordering::Acquire)
-                        && c.tokens.load(Ordering::Acquire) == 0
+                        && c.claim.held(Ordering::Acquire) == 0
                         && now >= c.exhausted_until.load(Ordering::Relaxed)
                         && !c.failed.load(Ordering::Relaxed))
             }
@@ -200,10 +156,9 @@ where
                         degraded: false,
                     };
                 }
-                let fresh = DistCell::default();
+                let mut fresh = DistCell::default();
                 if let ColdStart::Optimistic(n) = self.node.cold_start {
-                    fresh.cold.store(n, Ordering::Relaxed);
-                    fresh.sync.lock().cold_given = n;
+                    fresh.claim = ClaimCell::with_cold(n);
                 }
                 match self.map.try_insert(key.to_owned(), fresh, &guard) {
                     Ok(c) => c,
@@ -214,30 +169,28 @@ where
                 }
             }
         };
-        let valid_until = cell.valid_until.load(Ordering::Acquire);
-        let spendable = |a: &AtomicU64| a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| t.checked_sub(cost));
-        if now < valid_until {
-            if let Ok(before) = spendable(&cell.tokens) {
-                let left = before - cost;
+        let valid_until = match cell.claim.take(cost, now) {
+            Ok(left) => {
                 if left < cell.low.load(Ordering::Relaxed) {
                     self.node.request_priority();
                 }
                 return self.outcome(cell, true, left, now);
             }
-        }
+            Err(valid_until) => valid_until,
+        };
         // Held tokens do not cover it: the store decides, unless it is unreachable.
         if self.node.breaker.is_open() || cell.failed.load(Ordering::Relaxed) {
             return self.degraded(cell, cost, now, true);
         }
-        if valid_until == 0 && !self.node.is_stopped() && spendable(&cell.cold).is_ok() {
+        if valid_until == 0 && !self.node.is_stopped() && cell.claim.take_cold(cost) {
             self.node.request_priority();
             return self.outcome(cell, true, 0, now);
         }
-        cell.denied.fetch_add(cost, Ordering::Relaxed);
+        cell.claim.deny(cost);
         if now >= cell.exhausted_until.load(Ordering::Relaxed) {
             self.node.request_priority();
         }
-        self.outcome(cell, false, cell.tokens.load(Ordering::Relaxed), now)
+        self.outcome(cell, false, cell.claim.held(Ordering::Relaxed), now)
     }
 
     /// The failure policy's answer (`take`: spend from the share; otherwise only look).
@@ -351,13 +304,7 @@ where
     {
         let guard = self.map.guard();
         if let Some(cell) = self.map.get(key, &guard) {
-            if now < cell.valid_until.load(Ordering::Acquire) {
-                let sync = cell.sync.lock();
-                // Only what was taken since the last sync can come back.
-                let spent = sync.after.saturating_sub(cell.tokens.load(Ordering::Acquire));
-                cell.tokens.fetch_add(cost.min(spent), Ordering::AcqRel);
-                drop(sync);
-            }
+            cell.claim.refund(cost, now);
         }
     }
 
@@ -370,13 +317,13 @@ where
         let guard = self.map.guard();
         match self.map.get(key, &guard) {
             Some(cell) => {
-                let valid = now < cell.valid_until.load(Ordering::Acquire);
-                let tokens = if valid { cell.tokens.load(Ordering::Acquire) } else { 0 };
+                let valid = now < cell.claim.valid_until();
+                let tokens = if valid { cell.claim.held(Ordering::Acquire) } else { 0 };
                 if tokens < cost && (self.node.breaker.is_open() || cell.failed.load(Ordering::Relaxed)) {
                     return self.degraded(cell, cost, now, false);
                 }
-                let cold = if cell.valid_until.load(Ordering::Acquire) == 0 {
-                    cell.cold.load(Ordering::Acquire)
+                let cold = if cell.claim.valid_until() == 0 {
+                    cell.claim.cold()
                 } else {
                     0
                 };
@@ -414,23 +361,14 @@ where
     fn claim_for(&self, key: &K, cell: &DistCell, now: u64, drain: bool, seq: u64) -> Option<Claim> {
         let node = &*self.node;
         let capacity = self.limits.capacity();
-        let mut s = cell.sync.lock();
-        let valid = now < cell.valid_until.load(Ordering::Acquire);
-        if !valid {
-            // Expired lease or finished window: the tokens are void; take them out.
-            let void = cell.tokens.swap(0, Ordering::AcqRel);
-            s.after = s.after.saturating_sub(void);
-        }
-        let held = cell.tokens.load(Ordering::Acquire);
-        let spent = s.after.saturating_sub(held);
-        let cold_used = if s.claimed {
-            0
-        } else {
-            s.cold_given.saturating_sub(cell.cold.load(Ordering::Acquire))
-        };
-        let denied = cell.denied.swap(0, Ordering::AcqRel);
-        s.debt += cold_used;
-        s.cold_given -= cold_used.min(s.cold_given);
+        let mut s = cell.claim.lock();
+        let Usage {
+            valid,
+            held,
+            spent,
+            cold_used,
+            denied,
+        } = cell.claim.measure(&mut s, now);
         // Demand per sync interval, scaled when this sync comes early (priority).
         let interval = node.sync_interval.as_nanos() as u64;
         let elapsed = if s.last == 0 {
@@ -470,15 +408,7 @@ where
         } else {
             0
         };
-        let returned = match cell
-            .tokens
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t - excess.min(t)))
-        {
-            Ok(before) => excess.min(before),
-            Err(_) => 0,
-        };
-        let kept = cell.tokens.load(Ordering::Acquire);
-        s.after = kept;
+        let (returned, kept) = cell.claim.give_back(&mut s, excess);
         let wanted = if exhausted || drain {
             0
         } else {
@@ -540,35 +470,15 @@ where
         }
         cell.failed.store(false, Ordering::Relaxed);
         let node = &*self.node;
-        let mut s = cell.sync.lock();
+        let mut s = cell.claim.lock();
         // The store lost state only if this node's claim was still valid when it was sent
         // (otherwise the store may rightly have forgotten it).
-        if grant.state_lost && s.claimed && sent_at < cell.valid_until.load(Ordering::Acquire) {
+        if grant.state_lost && s.claimed && sent_at < cell.claim.valid_until() {
             report.state_lost += 1;
         }
         let now = node.clock.now_ns();
         let ms = 1_000_000u64;
-        let mut granted = grant.granted;
-        let pay = granted.min(s.debt);
-        s.debt -= pay;
-        granted -= pay;
-        // Revoked tokens leave first.
-        if grant.revoked > 0 {
-            let revoked = grant.revoked;
-            if let Ok(before) = cell
-                .tokens
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t - revoked.min(t)))
-            {
-                s.after = s.after.saturating_sub(revoked.min(before));
-            }
-        }
         let windowed = self.limits.algorithm() != StoreAlgorithm::TokenBucket;
-        if windowed && grant.window != s.window {
-            // A new window: anything left from the old one is void.
-            let void = cell.tokens.swap(0, Ordering::AcqRel);
-            s.after = s.after.saturating_sub(void);
-            s.window = grant.window;
-        }
         // Until when the tokens may be spent: the end of their window, or one lease after
         // this sync was sent (the store counts them for one to two leases after receiving
         // it), less a margin for clock lag and rounding.
@@ -582,17 +492,15 @@ where
                 .saturating_sub(self.limits.period_us().saturating_mul(1000)),
         };
         let valid_until = sent_at.saturating_add(span_ns).saturating_sub(claim_margin_ns(span_ns));
-        // Extend validity before adding tokens only if the tokens already held share it;
-        // new tokens become spendable with the new validity.
-        cell.valid_until.store(valid_until.max(1), Ordering::Release);
-        cell.tokens.fetch_add(granted, Ordering::AcqRel);
-        s.after += granted;
-        s.told = s.after;
-        s.claimed = true;
-        // Cold-start units spent while the first claim was in flight are owed too.
-        let late = s.cold_given.saturating_sub(cell.cold.swap(0, Ordering::AcqRel));
-        s.debt += late;
-        s.cold_given = 0;
+        cell.claim.apply(
+            &mut s,
+            Grant {
+                granted: grant.granted,
+                revoked: grant.revoked,
+                window: windowed.then_some(grant.window),
+                valid_until,
+            },
+        );
         cell.store_remaining.store(grant.remaining, Ordering::Relaxed);
         cell.reset_at.store(
             now.saturating_add(grant.ms_to_reset.saturating_mul(ms)),
@@ -627,14 +535,14 @@ where
                     keys.push(key.clone());
                 }
                 None => {
-                    if cell.forgettable() {
+                    if cell.claim.forgettable() {
                         forget.push(key.clone());
                     }
                 }
             }
         }
         for key in forget {
-            let removed = self.map.remove_if(&key, |_, c| c.forgettable(), &guard);
+            let removed = self.map.remove_if(&key, |_, c| c.claim.forgettable(), &guard);
             if let Ok(Some(_)) = removed {
                 self.len.fetch_sub(1, Ordering::AcqRel);
             }
@@ -647,7 +555,7 @@ where
         let guard = self.map.guard();
         self.map
             .iter(&guard)
-            .map(|(_, c)| c.tokens.load(Ordering::Relaxed))
+            .map(|(_, c)| c.claim.held(Ordering::Relaxed))
             .sum()
     }
 

@@ -20,8 +20,11 @@
 //! with their window.
 
 mod breaker;
+mod cell;
 mod claims;
 mod identifier;
+#[cfg(all(test, tollgate_loom))]
+mod loom_models;
 mod node;
 
 pub use breaker::CircuitState;
