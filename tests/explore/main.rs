@@ -10,6 +10,7 @@
 //!   (default 1) for `EXPLORE_SECONDS` (default 45).
 //! * `SEED=<n>`: replays seed `n`, printing it step by step.
 //! * `EXPLORE_FAULTS=cold,late,...`: only those adversary behaviours (default `all`).
+//! * `EXPLORE_SHAPES=1`: runs hand-written schedules of known shapes and prints their outcome.
 //!
 //! On a violation: the seed, the schedule shrunk by delta debugging, the replay command; the
 //! process exits with status 1.
