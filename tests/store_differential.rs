@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use claims::claim_seq;
 use redis::aio::ConnectionManager;
-use tollgate::store::{Claim, ClaimOutcome, KeyEncoder, Limits, ManualTime, MemoryStore, NodeId, RedisConfig, RedisStore, Store, StoreAlgorithm, StoreKey};
+use tollgate::store::{
+    Claim, ClaimOutcome, KeyEncoder, Limits, ManualTime, MemoryStore, NodeId, RedisConfig, RedisStore, Store,
+    StoreAlgorithm, StoreKey,
+};
 
 #[path = "common/redis_server.rs"]
 mod redis_server;
@@ -153,7 +156,11 @@ async fn run(seed: u64, redis: &RedisStore, raw: &mut ConnectionManager, started
         // Redis expires keys on its own clock, which a stalled test process cannot hold back:
         // a key within `NEAR_EXPIRY_MS` of its expiry is expired in both stores before a claim.
         for _ in 0..keys.len() {
-            let near = keys.iter().filter_map(|(k, _)| memory.pttl(k)).filter(|&p| p <= NEAR_EXPIRY_MS).max();
+            let near = keys
+                .iter()
+                .filter_map(|(k, _)| memory.pttl(k))
+                .filter(|&p| p <= NEAR_EXPIRY_MS)
+                .max();
             match near {
                 Some(p) => clock.set_us(clock.now_us() + (p + 1) * 1000),
                 None => break,
@@ -207,12 +214,26 @@ async fn run(seed: u64, redis: &RedisStore, raw: &mut ConnectionManager, started
                 }
                 let (h, w) = node.held[i];
                 let left = h - rng.next(h + 1);
-                let returned = if leaving { left } else if rng.one_in(3) { rng.next(left + 1) } else { 0 };
+                let returned = if leaving {
+                    left
+                } else if rng.one_in(3) {
+                    rng.next(left + 1)
+                } else {
+                    0
+                };
                 // Now and then a node keeps or returns more than it has, or names another window.
                 let extra = if rng.one_in(20) { rng.next(6) } else { 0 };
                 let window = if rng.one_in(30) { w + 1 } else { w };
                 let wanted = if leaving { 0 } else { rng.next(12) };
-                batch.push(claim_seq(key, *limits, left - returned + extra, returned, wanted, window, node.seq));
+                batch.push(claim_seq(
+                    key,
+                    *limits,
+                    left - returned + extra,
+                    returned,
+                    wanted,
+                    window,
+                    node.seq,
+                ));
                 if rng.one_in(25) {
                     // The same key again in the batch (same sync number: stale for a bucket).
                     batch.push(claim_seq(key, *limits, 0, 0, rng.next(3), window, node.seq));
@@ -235,7 +256,11 @@ async fn run(seed: u64, redis: &RedisStore, raw: &mut ConnectionManager, started
         };
         let a = memory.claim(node.id, &batch).await.unwrap();
         let b = redis.claim(node.id, &batch).await.unwrap();
-        assert_eq!(a, b, "seed {seed} step {step}: the stores disagree for node {} and {batch:?}", node.id);
+        assert_eq!(
+            a, b,
+            "seed {seed} step {step}: the stores disagree for node {} and {batch:?}",
+            node.id
+        );
         account(&mut seen, node, &keys, &batch, &a);
         if leaving {
             nodes.remove(n);

@@ -737,7 +737,11 @@ async fn departed_nodes_leave_a_state_bounded_by_live_records() {
     let started = Instant::now();
     for node in 1..=20_000u64 {
         if node % 5_000 == 1 {
-            let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut raw).await.unwrap();
+            let _: () = redis::cmd("CONFIG")
+                .arg("RESETSTAT")
+                .query_async(&mut raw)
+                .await
+                .unwrap();
         }
         if node % 250 == 0 {
             // The long-lived node syncs every 500 ms: its holding keeps counting.
@@ -784,13 +788,18 @@ async fn a_corrupt_value_fails_its_key_alone() {
     let inf = f64::INFINITY;
     let ep = (T0 / 1000 / 1000) as f64;
     let doubles = |vs: &[f64]| vs.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
-    // The token bucket: a version byte, e, cur, prev, ep, x; records of node id, nep, amt, seq.
-    let header = |vs: [f64; 5]| [vec![2u8], doubles(&vs)].concat();
-    let record = |id: NodeId, vs: [f64; 3]| [id.to_le_bytes().to_vec(), doubles(&vs)].concat();
+    // The token bucket: a version byte, x, ep, prev, e, cur; records of nep, amt, seq, node id.
+    // (Given here as e, cur, prev, ep, x.)
+    let header = |[e, cur, prev, ep, x]: [f64; 5]| [vec![2u8], doubles(&[x, ep, prev, e, cur])].concat();
+    let record = |id: NodeId, vs: [f64; 3]| [doubles(&vs), id.to_le_bytes().to_vec()].concat();
     let good = [0.0, 5.0, 0.0, ep, 1e12];
     let sliding = |w: f64| [w.to_le_bytes().to_vec(), vec![0; 8]].concat();
     let cases: Vec<(&str, Limits, Vec<u8>)> = vec![
-        ("tb: the review's all-NaN 64 bytes (older layout)", tb, [doubles(&[nan; 6]), vec![0; 8], doubles(&[nan])].concat()),
+        (
+            "tb: the review's all-NaN 64 bytes (older layout)",
+            tb,
+            [doubles(&[nan; 6]), vec![0; 8], doubles(&[nan])].concat(),
+        ),
         ("tb: 64 zero bytes (older layout)", tb, vec![0; 64]),
         ("tb: 136 bytes (older layout, 3 records)", tb, vec![0; 136]),
         ("tb: 63 bytes", tb, vec![0; 63]),
@@ -801,15 +810,31 @@ async fn a_corrupt_value_fails_its_key_alone() {
         ("tb: x infinite", tb, header([0.0, 0.0, 0.0, ep, inf])),
         ("tb: cur 2^53", tb, header([0.0, 9007199254740992.0, 0.0, ep, 0.0])),
         ("tb: lease end beyond 2^52 ms", tb, header([0.0, 0.0, 0.0, 4.6e12, 0.0])),
-        ("tb: version 1", tb, [vec![1u8], doubles(&good)].concat()),
-        ("tb: own record NaN amount", tb, [header(good), record(node, [ep, nan, 1.0])].concat()),
-        ("tb: own record negative seq", tb, [header(good), record(node, [ep, 5.0, -1.0])].concat()),
-        ("tb: own record fractional epoch", tb, [header(good), record(node, [ep - 0.5, 5.0, 1.0])].concat()),
+        ("tb: version 1", tb, [vec![1u8], header(good)[1..].to_vec()].concat()),
+        (
+            "tb: own record NaN amount",
+            tb,
+            [header(good), record(node, [ep, nan, 1.0])].concat(),
+        ),
+        (
+            "tb: own record negative seq",
+            tb,
+            [header(good), record(node, [ep, 5.0, -1.0])].concat(),
+        ),
+        (
+            "tb: own record fractional epoch",
+            tb,
+            [header(good), record(node, [ep - 0.5, 5.0, 1.0])].concat(),
+        ),
         // Another node's record is read when the epoch moves: the header's epoch is old.
         (
             "tb: other record NaN (epoch moves)",
             tb,
-            [header([0.0, 5.0, 0.0, ep - 5.0, 1e12]), record(99, [ep - 5.0, nan, 1.0])].concat(),
+            [
+                header([0.0, 5.0, 0.0, ep - 5.0, 1e12]),
+                record(99, [ep - 5.0, nan, 1.0]),
+            ]
+            .concat(),
         ),
         ("sw: window 1e300", sw, sliding(1e300)),
         ("sw: window inf", sw, sliding(inf)),
@@ -834,18 +859,34 @@ async fn a_corrupt_value_fails_its_key_alone() {
             enc.encode("corrupt", format!("before{i}").as_bytes()),
             enc.encode("corrupt", format!("after{i}").as_bytes()),
         );
-        let _: () = redis::cmd("SET").arg(key.as_bytes()).arg(&value).query_async(&mut raw).await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(key.as_bytes())
+            .arg(&value)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
         let batch = [
             claim(&before, limits, 0, 0, 3, 0),
             claim(&key, limits, 0, 0, 3, 0),
             claim(&after, limits, 0, 0, 4, 0),
         ];
-        let out = s.claim(node, &batch).await.unwrap_or_else(|e| panic!("{name}: the batch failed: {e}"));
+        let out = s
+            .claim(node, &batch)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: the batch failed: {e}"));
         assert_eq!(out[1], Err(KeyError::Corrupt), "{name}");
         assert_eq!(out[0].as_ref().map(|g| g.granted), Ok(3), "{name}");
         assert_eq!(out[2].as_ref().map(|g| g.granted), Ok(4), "{name}");
-        let stored: Vec<u8> = redis::cmd("GET").arg(key.as_bytes()).query_async(&mut raw).await.unwrap();
-        let pttl: i64 = redis::cmd("PTTL").arg(key.as_bytes()).query_async(&mut raw).await.unwrap();
+        let stored: Vec<u8> = redis::cmd("GET")
+            .arg(key.as_bytes())
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(key.as_bytes())
+            .query_async(&mut raw)
+            .await
+            .unwrap();
         assert_eq!((stored, pttl), (value, -1), "{name}: nothing is written");
     }
 }
@@ -861,14 +902,25 @@ async fn a_stale_claim_writes_nothing() {
     with_time(&s, &t, Duration::ZERO).await;
     let key = KeyEncoder::default().encode("stale", b"k");
     let l = tb(100, 10, 300);
-    assert_eq!(one(&s, 1, claims::claim_seq(&key, l, 0, 0, 60, 0, 10)).await.granted, 60);
+    assert_eq!(
+        one(&s, 1, claims::claim_seq(&key, l, 0, 0, 60, 0, 10)).await.granted,
+        60
+    );
     assert_eq!(one(&s, 2, claims::claim_seq(&key, l, 0, 0, 10, 0, 1)).await.granted, 10);
     let get = |raw: &mut ConnectionManager| {
         let mut raw = raw.clone();
         let key = key.clone();
         async move {
-            let v: Vec<u8> = redis::cmd("GET").arg(key.as_bytes()).query_async(&mut raw).await.unwrap();
-            let pttl: i64 = redis::cmd("PTTL").arg(key.as_bytes()).query_async(&mut raw).await.unwrap();
+            let v: Vec<u8> = redis::cmd("GET")
+                .arg(key.as_bytes())
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            let pttl: i64 = redis::cmd("PTTL")
+                .arg(key.as_bytes())
+                .query_async(&mut raw)
+                .await
+                .unwrap();
             (v, pttl)
         }
     };

@@ -429,7 +429,8 @@ fn token_bucket(node: NodeId, now: i64, l: &Limits, old: Option<(Bucket, i64)>, 
         None => {}
     }
     if moved || refresh || removed {
-        b.nodes.retain(|n| n.node == node || (n.amount > 0 && n.epoch >= ep - 1));
+        b.nodes
+            .retain(|n| n.node == node || (n.amount > 0 && n.epoch >= ep - 1));
     }
     let expires_ms = if refresh { b.x } else { old_expiry };
     (
