@@ -12,16 +12,18 @@
 --            returned, wanted, and the claim's sequence number (the node's sync number)
 --
 -- State: one string per key, a 41-byte header then 32 bytes per node record.
---   header   struct '<Bddddd' of the layout version (2), e, cur, prev, ep, x
+--   header   struct '<Bddddd' of the layout version (2), x, ep, prev, e, cur
+--     x      the absolute expiry (ms) last set on the key
+--     ep     the lease epoch (floor(now_ms / lease)) that cur belongs to
+--     prev   tokens held by nodes that synced in epoch ep - 1
 --     e      the "empty time" in microseconds: the bucket holds floor((now - e) / per) tokens,
 --            at most capacity (e is clamped to now - capacity * per)
 --     cur    tokens held by nodes that synced in epoch ep
---     prev   tokens held by nodes that synced in epoch ep - 1
---     ep     the lease epoch (floor(now_ms / lease)) that cur belongs to
---     x      the absolute expiry (ms) last set on the key
---   record   the node id (8 bytes), then struct '<ddd' nep, amt, seq: the epoch of that node's
+--   record   struct '<ddd' nep, amt, seq, then the node id (8 bytes): the epoch of that node's
 --            last applied claim, the tokens it holds since then (> 0), and that claim's
 --            sequence number
+-- (The fields a sync changes most, e and cur, and those of the first record follow each other,
+-- so that the node of the first record rewrites them with one short SETRANGE.)
 -- Every length is 41 + 32 k, which is odd. The layout before this one (a 64-byte header and
 -- 24-byte records, no sequence numbers) has only even lengths, and the other scripts' values
 -- have at most 16 bytes: no value of another layout or algorithm is read as this one, it
@@ -84,7 +86,7 @@ local function others(s, len, at, ep)
   local recs, n, dropped = {}, 0, false
   for j = 42, len, 32 do
     if j ~= at then
-      local rnep, ramt, rseq = sunpack('<ddd', s, j + 8)
+      local rnep, ramt, rseq = sunpack('<ddd', s, j)
       if bad(rnep) or bad(ramt) or bad(rseq) then return nil end
       if ramt > 0 and rnep >= ep - 1 then
         n = n + 1
@@ -106,7 +108,7 @@ for i = 1, #keys do
     tau = cap * per
     emin = now - tau
     ep0 = (now_ms - now_ms % lease) / lease
-    fresh = spack('<Bddddd', VERSION, emin, 0, 0, ep0, 0)
+    fresh = spack('<Bddddd', VERSION, 0, ep0, 0, emin, 0)
     lastp = p
   end
   local s, err = vals[i], nil
@@ -114,27 +116,40 @@ for i = 1, #keys do
   local exists = s
   if not s then s = fresh end
   local len = #s
-  local ver, e, cur, prev, sep, x
-  if len >= 41 and (len - 41) % 32 == 0 then ver, e, cur, prev, sep, x = sunpack('<Bddddd', s) end
-  -- This node's record: where it starts (at), its epoch, tokens and sequence number.
-  local at, nep, amt, rseq
-  if ver == VERSION and len > 41 then
-    local from = 42
-    while true do
-      local f = sfind(s, node, from, true)
-      if not f then break end
-      if (f - 42) % 32 == 0 then
-        at = f
-        nep, amt, rseq = sunpack('<ddd', s, f + 8)
-        break
+  -- The header and the first record with one unpack: the first record is this node's when it
+  -- syncs the key most (a value written anew puts it first).
+  local ver, x, sep, prev, e, cur, nep, amt, rseq, nid, at
+  if len == 41 then
+    ver, x, sep, prev, e, cur = sunpack('<Bddddd', s)
+  elseif len > 41 and (len - 41) % 32 == 0 then
+    ver, x, sep, prev, e, cur, nep, amt, rseq, nid = sunpack('<Bddddddddc8', s)
+    -- This node's record: where it starts (at), its epoch, tokens and sequence number.
+    if nid == node then
+      at = 42
+    else
+      -- Node ids of the further records are at 98, 130, ...
+      local from = 98
+      while true do
+        local f = sfind(s, node, from, true)
+        if not f then break end
+        if (f - 66) % 32 == 0 then
+          at = f - 24
+          nep, amt, rseq = sunpack('<ddd', s, at)
+          break
+        end
+        from = f + 1
       end
-      from = f + 1
     end
   end
   if err then
     fail(i, err)
-  elseif ver ~= VERSION or e ~= e or e <= -TWO53 or e >= TWO53 or e % 1 ~= 0 or bad(cur) or bad(prev)
-      or bad(sep) or bad(x) or (sep + 2) * lease >= TWO52 or (at and (bad(nep) or bad(amt) or bad(rseq))) then
+  elseif ver ~= VERSION or not (e > -TWO53 and e < TWO53 and e % 1 == 0 and cur >= 0 and prev >= 0
+      and x >= 0 and sep >= 0 and cur % 1 + prev % 1 + x % 1 + sep % 1 == 0 and cur < TWO53
+      and prev < TWO53 and x < TWO53 and (sep + 2) * lease < TWO52)
+      or (at and not (nep >= 0 and amt >= 0 and rseq >= 0 and nep % 1 + amt % 1 + rseq % 1 == 0
+      and nep < TWO53 and amt < TWO53 and rseq < TWO53)) then
+    -- (Every comparison with NaN is false; v % 1 of a finite v >= 0 is in [0, 1), and NaN for
+    -- an infinite one, so the sums are 0 exactly when each is.)
     fail(i, CORRUPT)
   elseif at and seq <= rseq then
     out[i] = STALE
@@ -221,9 +236,12 @@ for i = 1, #keys do
       -- now). The other records are read for that, and when the epoch moved (to drop those
       -- that no longer count).
       local anew = refresh or (at and held == 0)
-      local recs, dropped = {}, false
-      if anew or ep ~= sep then recs, dropped = others(s, len, at, ep) end
-      if not recs then
+      local recs, dropped, corrupt = nil, false, false
+      if anew or ep ~= sep then
+        recs, dropped = others(s, len, at, ep)
+        corrupt = not recs
+      end
+      if corrupt then
         fail(i, CORRUPT)
       elseif anew or dropped then
         -- This node's record first (if it holds tokens), then the others.
@@ -232,8 +250,8 @@ for i = 1, #keys do
           if head < 1000 then head = 1000 end
           x = need + head
         end
-        local v = spack('<Bddddd', VERSION, e, cur, prev, ep, x)
-        if held > 0 then v = v .. node .. spack('<ddd', ep, held, seq) end
+        local v = spack('<Bddddd', VERSION, x, ep, prev, e, cur)
+        if held > 0 then v = v .. spack('<ddd', ep, held, seq) .. node end
         v = v .. concat(recs)
         if refresh then
           rcall('SET', keys[i], v, 'PX', fmt('%d', x - now_ms))
@@ -243,22 +261,26 @@ for i = 1, #keys do
       else
         -- In place: the header fields that changed, then this node's record.
         if at == 42 then
-          rcall('SETRANGE', keys[i], '1', spack('<dddddc8ddd', e, cur, prev, ep, x, node, ep, held, seq))
+          if ep ~= sep or prev ~= prev0 then
+            rcall('SETRANGE', keys[i], '9', spack('<ddddddd', ep, prev, e, cur, ep, held, seq))
+          else
+            rcall('SETRANGE', keys[i], '25', spack('<ddddd', e, cur, ep, held, seq))
+          end
         else
           if ep ~= sep or prev ~= prev0 then
-            rcall('SETRANGE', keys[i], '1', spack('<dddd', e, cur, prev, ep))
+            rcall('SETRANGE', keys[i], '9', spack('<dddd', ep, prev, e, cur))
           elseif e ~= e0 or cur ~= cur0 then
-            rcall('SETRANGE', keys[i], '1', spack('<dd', e, cur))
+            rcall('SETRANGE', keys[i], '25', spack('<dd', e, cur))
           end
           if at then
             local o = offsets[at]
             if not o then
-              o = fmt('%d', at + 7)
+              o = fmt('%d', at - 1)
               offsets[at] = o
             end
             rcall('SETRANGE', keys[i], o, spack('<ddd', ep, held, seq))
           elseif held > 0 then
-            rcall('APPEND', keys[i], node .. spack('<ddd', ep, held, seq))
+            rcall('APPEND', keys[i], spack('<ddd', ep, held, seq) .. node)
           end
         end
       end

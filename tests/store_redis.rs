@@ -788,9 +788,10 @@ async fn a_corrupt_value_fails_its_key_alone() {
     let inf = f64::INFINITY;
     let ep = (T0 / 1000 / 1000) as f64;
     let doubles = |vs: &[f64]| vs.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
-    // The token bucket: a version byte, e, cur, prev, ep, x; records of node id, nep, amt, seq.
-    let header = |vs: [f64; 5]| [vec![2u8], doubles(&vs)].concat();
-    let record = |id: NodeId, vs: [f64; 3]| [id.to_le_bytes().to_vec(), doubles(&vs)].concat();
+    // The token bucket: a version byte, x, ep, prev, e, cur; records of nep, amt, seq, node id.
+    // (Given here as e, cur, prev, ep, x.)
+    let header = |[e, cur, prev, ep, x]: [f64; 5]| [vec![2u8], doubles(&[x, ep, prev, e, cur])].concat();
+    let record = |id: NodeId, vs: [f64; 3]| [doubles(&vs), id.to_le_bytes().to_vec()].concat();
     let good = [0.0, 5.0, 0.0, ep, 1e12];
     let sliding = |w: f64| [w.to_le_bytes().to_vec(), vec![0; 8]].concat();
     let cases: Vec<(&str, Limits, Vec<u8>)> = vec![
@@ -809,7 +810,7 @@ async fn a_corrupt_value_fails_its_key_alone() {
         ("tb: x infinite", tb, header([0.0, 0.0, 0.0, ep, inf])),
         ("tb: cur 2^53", tb, header([0.0, 9007199254740992.0, 0.0, ep, 0.0])),
         ("tb: lease end beyond 2^52 ms", tb, header([0.0, 0.0, 0.0, 4.6e12, 0.0])),
-        ("tb: version 1", tb, [vec![1u8], doubles(&good)].concat()),
+        ("tb: version 1", tb, [vec![1u8], header(good)[1..].to_vec()].concat()),
         (
             "tb: own record NaN amount",
             tb,
