@@ -161,6 +161,19 @@ for i = 1, #keys do
       if ep < sep then
         ep = sep
       else
+        -- Holdings stop counting at epoch ends (prev's at the end of sep, cur's at the end of
+        -- the next): the store takes them as spent then, so refill accrued before such an end
+        -- is capped by the holdings that still counted (see MemoryStore).
+        local r = cap - cur - prev
+        if r < 0 then r = 0 end
+        local floor = (sep + 1) * lease * 1000 - r * per
+        if e < floor then e = floor end
+        if ep >= sep + 2 then
+          r = cap - cur
+          if r < 0 then r = 0 end
+          floor = (sep + 2) * lease * 1000 - r * per
+          if e < floor then e = floor end
+        end
         if ep == sep + 1 then prev = cur else prev = 0 end
         cur = 0
       end
@@ -225,7 +238,18 @@ for i = 1, #keys do
     if holding == 0 and tokens >= cap then
       if exists then rcall('DEL', keys[i]) end
     else
-      local need = e + tau + 999
+      -- The key lives until its bucket is full again, the holdings counted as spent when their
+      -- count ends (prev's at the end of this epoch, cur's at the end of the next).
+      local need = e + tau
+      if holding > 0 then
+        local f = (ep + 1) * lease * 1000 + holding * per
+        if f > need then need = f end
+        if cur > 0 then
+          f = (ep + 2) * lease * 1000 + cur * per
+          if f > need then need = f end
+        end
+      end
+      need = need + 999
       need = (need - need % 1000) / 1000
       if holding > 0 then
         local lend = (ep + 2) * lease

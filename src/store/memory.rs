@@ -347,6 +347,18 @@ fn token_bucket(node: NodeId, now: i64, l: &Limits, old: Option<(Bucket, i64)>, 
     if ep < b.ep {
         ep = b.ep;
     } else if ep > b.ep {
+        // Holdings stop counting at epoch ends: those of epoch `b.ep - 1` (prev) at the end of
+        // `b.ep`, those of `b.ep` (cur) at the end of the next. The store never learns when a
+        // node that stopped syncing spent them, so it takes them as spent when their count
+        // ends: refill accrued before that end is capped by the holdings that still counted.
+        // (Without this, a node that spends its tokens late and then vanishes hands the store
+        // refill for the whole time it held them.)
+        let end1 = (b.ep + 1) * lease * 1000;
+        b.e = b.e.max(end1 - (cap - b.cur - b.prev).max(0) * per);
+        if ep >= b.ep + 2 {
+            let end2 = (b.ep + 2) * lease * 1000;
+            b.e = b.e.max(end2 - (cap - b.cur).max(0) * per);
+        }
         b.prev = if ep == b.ep + 1 { b.cur } else { 0 };
         b.cur = 0;
     }
@@ -405,7 +417,16 @@ fn token_bucket(node: NodeId, now: i64, l: &Limits, old: Option<(Bucket, i64)>, 
     if b.cur + b.prev == 0 && tokens >= cap {
         return (Ok(grant), None);
     }
-    let mut need = ceil_div(b.e + tau, 1000);
+    // The key lives until it is indistinguishable from a fresh one: its bucket full again,
+    // counting the holdings as spent when their count ends (prev's at the end of this epoch,
+    // cur's at the end of the next), as the next claim will.
+    let ends = [(ep + 1, b.cur + b.prev), (ep + 2, b.cur)];
+    let full_us = ends
+        .iter()
+        .filter(|&&(_, held)| held > 0)
+        .map(|&(end, held)| end * lease * 1000 + held * per)
+        .fold(b.e + tau, i64::max);
+    let mut need = ceil_div(full_us, 1000);
     if b.cur + b.prev > 0 {
         need = need.max((ep + 2) * lease);
     }

@@ -100,7 +100,7 @@ fn limits_validation() {
 fn token_bucket_grant_return_refill() {
     let (s, t) = setup();
     let k = StoreKey::from_raw("k");
-    let l = tb(10, 10); // 10 per second, 100 ms per token
+    let l = tb(10, 10); // 10 per second, 100 ms per token, 300 ms lease
     let g = one(&s, 1, claim(&k, l, 0, 0, 4, 0));
     assert_eq!(
         (g.granted, g.remaining, g.ms_to_next_token, g.ms_to_reset),
@@ -116,13 +116,34 @@ fn token_bucket_grant_return_refill() {
     // Node 2 still holds 9: the 2.5 tokens of refill cannot go beyond capacity - holdings.
     let g = one(&s, 3, claim(&k, l, 0, 0, 20, 0));
     assert_eq!((g.granted, g.remaining, g.ms_to_next_token), (1, 0, 100));
-    // Node 2 spent its 9: room again, and the refill continues from there.
+    // Node 2 did not sync within its lease: its 9 count until the end of the epoch after its
+    // claim (T0 + 400 ms here) and are taken as spent then; the refill runs from there.
     t.advance(Duration::from_millis(250));
     let g = one(&s, 2, claim(&k, l, 0, 0, 20, 0));
-    assert_eq!((g.granted, g.remaining, g.ms_to_next_token), (2, 0, 50));
+    assert_eq!((g.granted, g.remaining, g.ms_to_next_token), (1, 0, 100));
     // Partial progress towards the next token is kept across syncs.
     t.advance(Duration::from_millis(50));
-    assert_eq!(one(&s, 2, claim(&k, l, 2, 0, 1, 0)).granted, 1);
+    let g = one(&s, 2, claim(&k, l, 1, 0, 1, 0));
+    assert_eq!((g.granted, g.ms_to_next_token), (0, 50));
+    t.advance(Duration::from_millis(50));
+    assert_eq!(one(&s, 2, claim(&k, l, 1, 0, 1, 0)).granted, 1);
+}
+
+/// A node that stops syncing (a crash, a stalled call) may have spent its tokens at any time
+/// until the store stops counting them: the store takes them as spent then, so the refill it
+/// credits starts at the end of their count, not at the claim. (Crediting the time they were
+/// held let a node that spent late and vanished hand another node that refill on top.)
+#[test]
+fn a_holding_whose_count_ended_counts_as_spent_then() {
+    let (s, t) = setup();
+    let k = StoreKey::from_raw("k");
+    // 10 per second, 1 s lease; T0 starts a lease epoch, so the claim counts for 2 s.
+    let l = Limits::token_bucket(10, 10, Duration::from_secs(1), Duration::from_secs(1)).unwrap();
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 10, 0)).granted, 10);
+    t.advance(Duration::from_millis(2500));
+    // Node 1 never synced again: its 10 count until T0 + 2 s, refill from then on (5 tokens).
+    let g = one(&s, 2, claim(&k, l, 0, 0, 20, 0));
+    assert_eq!((g.granted, g.remaining), (5, 0), "{g:?}");
 }
 
 #[test]
@@ -393,7 +414,7 @@ fn a_replayed_or_older_claim_changes_nothing() {
         assert_eq!(s.pttl(&k), reference.pttl(&k));
     }
     // After the lease of node 1's claim ran out, its record still tells old claims apart.
-    let g = both(2, claim_seq(&k, l, 2, 0, 10, 2));
+    let g = both(2, claim_seq(&k, l, 0, 0, 10, 2));
     assert!(!g.stale && g.granted > 0, "{g:?}");
     assert!(!both(1, claim_seq(&k, l, 6, 0, 1, 6)).stale);
     assert_eq!(s.state_len(&k), reference.state_len(&k));
