@@ -300,6 +300,42 @@ fn peek_answers_like_acquire_without_writing() {
     assert_ne!(r.acquire(full, 30, 1).state, full);
 }
 
+#[test]
+fn a_block_from_the_latest_time_keeps_its_window_index() {
+    // Windows just short enough that the index of the latest window needs one more bit than
+    // the index at `MAX_TIME_NS` alone: a state that lost that bit would read as an old window,
+    // and the blocked key as fresh.
+    let latest = MAX_TIME_NS + crate::consts::MAX_DURATION.as_nanos() as u64;
+    for bits in 8..=42 {
+        let window_ns = latest >> bits;
+        for kind in [Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+            let r = Policy::new(1, Duration::from_nanos(window_ns))
+                .algorithm(kind)
+                .block_duration(crate::consts::MAX_DURATION)
+                .compile()
+                .unwrap();
+            let s = r.acquire(0, MAX_TIME_NS, 1).state;
+            let d = r.acquire(s, MAX_TIME_NS, 1);
+            assert!(!d.allowed);
+            assert!(!r.acquire(d.state, MAX_TIME_NS, 1).allowed, "{kind:?} window {window_ns} ns");
+            assert!(!r.is_fresh(d.state, u64::MAX), "{kind:?} window {window_ns} ns");
+        }
+    }
+}
+
+#[cfg(feature = "metrics")]
+#[test]
+fn near_limit_means_under_a_fifth_of_the_capacity_left() {
+    for alg in [Algorithm::TokenBucket, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+        let r = rule(alg, 10, S);
+        let eight = r.acquire(0, 10, 8).state;
+        assert!(!r.near_limit(eight, 10), "{alg:?}: 2 of 10 left is not under a fifth");
+        let nine = r.acquire(eight, 10, 1).state;
+        assert!(r.near_limit(nine, 10), "{alg:?}: 1 of 10 left");
+        assert!(!r.near_limit(0, 10), "{alg:?}: fresh");
+    }
+}
+
 // ---- property tests -------------------------------------------------------------------------
 
 #[derive(Clone, Debug)]
@@ -828,6 +864,8 @@ proptest! {
             max_t = max_t.max(now);
             let (remaining, reset) = (r.remaining(state, t), r.reset_after(state, t));
             prop_assert_eq!(r.is_fresh(state, t), remaining == r.capacity && reset == 0, "at t={}", t);
+            #[cfg(feature = "metrics")]
+            prop_assert_eq!(r.near_limit(state, t), remaining * 5 < r.capacity, "near_limit at t={}", t);
             if let Some(fresh_at) = now.checked_add(reset).filter(|&at| at <= MAX_TIME_NS && reset > 0) {
                 prop_assert!(r.is_fresh(state, fresh_at), "not fresh after reset_after {}", reset);
                 prop_assert!(!r.is_fresh(state, fresh_at - 1), "fresh before reset_after {}", reset);
