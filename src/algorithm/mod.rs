@@ -130,10 +130,11 @@ impl Rule {
         }
     }
 
-    /// What [`acquire`](Self::acquire) would answer, without starting a block.
+    /// What [`acquire`](Self::acquire) would answer, without starting a block (a denial
+    /// returns the state unchanged).
     #[inline]
     pub(crate) fn peek(&self, state: u64, now: u64, cost: u64) -> Step {
-        let step = Rule { block: 0, ..*self }.acquire(state, now, cost);
+        let step = self.acquire(state, now, cost);
         if step.allowed {
             step
         } else {
