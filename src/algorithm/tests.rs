@@ -158,7 +158,11 @@ fn fixed_window_refund_goes_back_into_a_later_window() {
     let back = r.refund(s, 5 * S + 20, 1, 5 * S + 10);
     assert_eq!(r.remaining(back, 5 * S + 20), 1);
     assert!(!r.acquire(back, 5 * S + 20, 2).allowed);
-    assert_eq!(r.refund(s, 6 * S, 1, 5 * S + 10), s, "nothing goes back into another window");
+    assert_eq!(
+        r.refund(s, 6 * S, 1, 5 * S + 10),
+        s,
+        "nothing goes back into another window"
+    );
 }
 
 #[test]
@@ -229,7 +233,10 @@ fn sliding_window_is_fresh_only_when_no_window_counts() {
     let s = r.acquire(0, 10, 1).state;
     assert!(!r.is_fresh(s, 10), "the current window counts");
     assert!(!r.is_fresh(s, S + 10), "the previous window still counts");
-    assert!(!r.is_fresh(s, 2 * S - 1), "the previous window counts until its weight is 0");
+    assert!(
+        !r.is_fresh(s, 2 * S - 1),
+        "the previous window counts until its weight is 0"
+    );
     assert!(r.is_fresh(s, 2 * S), "two windows later nothing counts");
     assert!(r.is_fresh(r.refund(s, 20, 1, 10), 20), "refunded back to nothing");
     let s = r.acquire(0, 5 * S + 10, 1).state;
@@ -246,8 +253,16 @@ fn sliding_window_reset_after_counts_to_the_end_of_the_window_that_weighs_last()
     assert_eq!(r.reset_after(s, 10), 2 * S - 10);
     assert_eq!(r.reset_after(s, S + 10), S - 10);
     let s = r.acquire(0, 5 * S + 10, 1).state;
-    assert_eq!(r.reset_after(s, 5 * S + 10), 2 * S - 10, "current window: to the end of the next one");
-    assert_eq!(r.reset_after(s, 6 * S + 10), S - 10, "previous window only: to the end of this one");
+    assert_eq!(
+        r.reset_after(s, 5 * S + 10),
+        2 * S - 10,
+        "current window: to the end of the next one"
+    );
+    assert_eq!(
+        r.reset_after(s, 6 * S + 10),
+        S - 10,
+        "previous window only: to the end of this one"
+    );
     assert_eq!(r.reset_after(s, 7 * S + 10), 0);
 }
 
@@ -283,7 +298,10 @@ fn shares_split_the_capacity_and_never_exceed_the_whole() {
     assert_eq!(bucket.share(11), None, "a share of nothing");
     let window = rule(Algorithm::SlidingWindow, 10, S);
     let share = window.share(4).unwrap();
-    assert_eq!((share.capacity, share.period, share.aux), (2, window.period, window.aux));
+    assert_eq!(
+        (share.capacity, share.period, share.aux),
+        (2, window.period, window.aux)
+    );
 }
 
 #[test]
@@ -296,7 +314,14 @@ fn peek_answers_like_acquire_without_writing() {
     let s = r.acquire(0, 10, 1).state;
     assert_eq!(r.peek(s, 20, 1), r.acquire(s, 20, 1));
     let full = r.acquire(s, 20, 1).state;
-    assert_eq!(r.peek(full, 30, 1), Step { allowed: false, state: full }, "no block started");
+    assert_eq!(
+        r.peek(full, 30, 1),
+        Step {
+            allowed: false,
+            state: full
+        },
+        "no block started"
+    );
     assert_ne!(r.acquire(full, 30, 1).state, full);
 }
 
@@ -317,7 +342,10 @@ fn a_block_from_the_latest_time_keeps_its_window_index() {
             let s = r.acquire(0, MAX_TIME_NS, 1).state;
             let d = r.acquire(s, MAX_TIME_NS, 1);
             assert!(!d.allowed);
-            assert!(!r.acquire(d.state, MAX_TIME_NS, 1).allowed, "{kind:?} window {window_ns} ns");
+            assert!(
+                !r.acquire(d.state, MAX_TIME_NS, 1).allowed,
+                "{kind:?} window {window_ns} ns"
+            );
             assert!(!r.is_fresh(d.state, u64::MAX), "{kind:?} window {window_ns} ns");
         }
     }
@@ -632,7 +660,11 @@ impl Model {
         match r.kind {
             Kind::TokenBucket => {
                 let tau = r.capacity as u128 * r.period as u128;
-                Model::Bucket { level: tau, tau, last: 0 }
+                Model::Bucket {
+                    level: tau,
+                    tau,
+                    last: 0,
+                }
             }
             kind => Model::Windows {
                 sliding: kind == Kind::SlidingWindow,

@@ -22,7 +22,10 @@ fn a_cell_keeps_what_it_granted() {
         let r = one_per_second(alg);
         let cell = Cell::default();
         assert!(cell.acquire(&r, 10, 1).unwrap().allowed, "{alg:?}");
-        assert!(!cell.acquire(&r, 20, 1).unwrap().allowed, "{alg:?}: the grant was written");
+        assert!(
+            !cell.acquire(&r, 20, 1).unwrap().allowed,
+            "{alg:?}: the grant was written"
+        );
         assert!(!cell.peek(&r, 20, 1).unwrap().allowed, "{alg:?}");
     }
 }
@@ -48,7 +51,10 @@ fn a_cell_retires_only_when_indistinguishable_from_fresh() {
         cell.acquire(&r, 10, 1).unwrap();
         assert!(!cell.retire_if_fresh(&r, 20), "{alg:?}: still counting");
         assert!(!cell.is_retired(), "{alg:?}");
-        assert!(cell.acquire(&r, 30, 0).is_ok(), "{alg:?}: a failed retirement leaves the cell usable");
+        assert!(
+            cell.acquire(&r, 30, 0).is_ok(),
+            "{alg:?}: a failed retirement leaves the cell usable"
+        );
         assert!(cell.retire_if_fresh(&r, 3 * S), "{alg:?}: fresh again");
         assert!(cell.is_retired(), "{alg:?}");
         assert!(!cell.retire_if_fresh(&r, 3 * S), "{alg:?}: retired once");
@@ -108,7 +114,10 @@ fn a_full_table_sweeps_fresh_keys_to_make_room() {
     assert_eq!(table.len(), 2);
     assert_eq!(table.evicted(), 1);
     assert!(table.get(&2, &guard).is_none());
-    assert!(!table.get(&1, &guard).unwrap().acquire(&r, 20, 1).unwrap().allowed, "key 1 kept");
+    assert!(
+        !table.get(&1, &guard).unwrap().acquire(&r, 20, 1).unwrap().allowed,
+        "key 1 kept"
+    );
 }
 
 #[test]
@@ -145,7 +154,11 @@ fn unforced_sweeps_run_at_most_once_per_interval() {
     assert_eq!(table.sweep(&r, t0 + MIN_SWEEP_INTERVAL_NS - 1, false), 0, "too soon");
     assert_eq!(table.sweep(&r, t0 + 1, true), 1, "a forced sweep runs");
     table.insert(&3, &guard, &r, t0).unwrap();
-    assert_eq!(table.sweep(&r, t0 + MIN_SWEEP_INTERVAL_NS, false), 0, "measured from the last sweep");
+    assert_eq!(
+        table.sweep(&r, t0 + MIN_SWEEP_INTERVAL_NS, false),
+        0,
+        "measured from the last sweep"
+    );
     assert_eq!(table.sweep(&r, t0 + 1 + MIN_SWEEP_INTERVAL_NS, false), 1);
     assert_eq!(table.evicted(), 3);
 }
@@ -155,7 +168,11 @@ fn unlink_removes_only_a_retired_cell() {
     let r = one_per_second(Algorithm::TokenBucket);
     let table = Table::<String>::new(10);
     let guard = table.guard();
-    table.insert("busy", &guard, &r, 10).unwrap().acquire(&r, 10, 1).unwrap();
+    table
+        .insert("busy", &guard, &r, 10)
+        .unwrap()
+        .acquire(&r, 10, 1)
+        .unwrap();
     table.insert("idle", &guard, &r, 10).unwrap();
     table.unlink_retired("busy", &guard);
     table.unlink_retired("idle", &guard);
