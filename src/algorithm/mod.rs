@@ -111,13 +111,11 @@ impl Rule {
         })
     }
 
-    /// Window algorithms pack counts into the bits the window index leaves free; the all-ones
-    /// count is never valid so that the retired marker (`u64::MAX`) is never a real state.
+    /// The largest capacity a window rule can hold: window algorithms pack counts into the bits
+    /// the window index leaves free; the all-ones count is never valid so that the retired
+    /// marker (`u64::MAX`) is never a real state. (Only asked of window rules.)
     pub(crate) fn max_window_capacity(&self) -> u64 {
-        match self.kind {
-            Kind::TokenBucket => u64::MAX,
-            _ => (1u64 << self.aux.min(63)) - 2,
-        }
+        (1u64 << self.aux.min(63)) - 2
     }
 
     /// Tries to take `cost` (which must be `<= capacity`). When denied, the returned state may
@@ -132,10 +130,11 @@ impl Rule {
         }
     }
 
-    /// What [`acquire`](Self::acquire) would answer, without starting a block.
+    /// What [`acquire`](Self::acquire) would answer, without starting a block (a denial
+    /// returns the state unchanged).
     #[inline]
     pub(crate) fn peek(&self, state: u64, now: u64, cost: u64) -> Step {
-        let step = Rule { block: 0, ..*self }.acquire(state, now, cost);
+        let step = self.acquire(state, now, cost);
         if step.allowed {
             step
         } else {

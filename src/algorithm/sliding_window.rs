@@ -29,34 +29,31 @@ fn view(r: &Rule, state: u64, now: u64) -> View {
     let (idx, prev, cur) = (state >> (2 * bits), (state >> bits) & mask, state & mask);
     let now_idx = now / r.period;
     let elapsed = now % r.period;
-    if now_idx == idx {
-        View {
+    match now_idx.checked_sub(idx) {
+        Some(0) => View {
             idx,
             prev,
             cur,
             elapsed,
-        }
-    } else if now_idx == idx + 1 {
-        View {
+        },
+        Some(1) => View {
             idx: now_idx,
             prev: cur,
             cur: 0,
             elapsed,
-        }
-    } else if now_idx > idx {
-        View {
+        },
+        Some(_) => View {
             idx: now_idx,
             prev: 0,
             cur: 0,
             elapsed,
-        }
-    } else {
-        View {
+        },
+        None => View {
             idx,
             prev,
             cur,
             elapsed: 0,
-        }
+        },
     }
 }
 
@@ -150,14 +147,14 @@ pub(super) fn retry_after(r: &Rule, state: u64, now: u64, cost: u64) -> u64 {
     }
     let w = r.period as u128;
     let start = v.idx * r.period;
-    // Later in this window, as the previous window's weight decays.
-    if v.cur + cost <= r.capacity && v.prev > 0 {
+    // Later in this window, as the previous window's weight decays. (`prev > 0` here: with
+    // `prev == 0` the estimate is `cur`, and the check above would have allowed. When the
+    // decay alone is not enough, `e == w`: the start of the next window, as below.)
+    if v.cur + cost <= r.capacity {
         let room = (r.capacity - v.cur - cost) as u128;
         let e = w - (room * w / v.prev as u128).min(w);
-        if e < w {
-            let at = start + (e as u64).max(v.elapsed);
-            return at.saturating_sub(now);
-        }
+        let at = start + (e as u64).max(v.elapsed);
+        return at.saturating_sub(now);
     }
     // In the next window, where this window's count becomes the decaying one.
     let room = (r.capacity - cost) as u128;

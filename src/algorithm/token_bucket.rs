@@ -9,22 +9,23 @@
 //! Time going backwards makes `now` smaller, so fewer tokens appear: it never refunds.
 
 use super::{Rule, Step};
-use crate::consts::RETIRED;
 
 #[inline]
 pub(super) fn acquire(r: &Rule, tat: u64, now: u64, cost: u64) -> Step {
-    let tau = r.aux;
-    let limit = now as u128 + tau as u128;
-    let new_tat = tat.max(now) as u128 + (cost as u128) * (r.period as u128);
-    if new_tat <= limit && new_tat < RETIRED as u128 {
+    // `Policy::compile` keeps `tau <= 2^62` and `now` is clamped to 2^62, so `limit <= 2^63` and a
+    // granted `tat` (at most `limit`) or a block's end (`limit` plus at most a year) never
+    // reaches `RETIRED`. Only a `tat` read from outside can be arbitrarily large: saturate.
+    let limit = now + r.aux;
+    let new_tat = tat.max(now).saturating_add(cost * r.period);
+    if new_tat <= limit {
         return Step {
             allowed: true,
-            state: new_tat as u64,
+            state: new_tat,
         };
     }
     // Denied. Start a block unless one is already running (tat beyond now + tau).
-    let state = if r.block > 0 && (tat as u128) <= limit {
-        (limit + r.block as u128).min(RETIRED as u128 - 1) as u64
+    let state = if r.block > 0 && tat <= limit {
+        limit + r.block
     } else {
         tat
     };
@@ -46,14 +47,8 @@ pub(super) fn refund(r: &Rule, tat: u64, now: u64, cost: u64) -> u64 {
 }
 
 pub(super) fn remaining(r: &Rule, tat: u64, now: u64) -> u64 {
-    // In u64 unless `now + tau` overflows (a bucket that refills over centuries).
-    match now.checked_add(r.aux) {
-        Some(limit) => (limit.saturating_sub(tat.max(now)) / r.period).min(r.capacity),
-        None => {
-            let free = (now as u128 + r.aux as u128).saturating_sub(tat.max(now) as u128);
-            ((free / r.period as u128) as u64).min(r.capacity)
-        }
-    }
+    // `now + tau <= 2^63`: see `acquire`.
+    ((now + r.aux).saturating_sub(tat.max(now)) / r.period).min(r.capacity)
 }
 
 pub(super) fn retry_after(r: &Rule, tat: u64, now: u64, cost: u64) -> u64 {

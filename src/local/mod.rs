@@ -8,3 +8,5 @@ pub(crate) mod table;
 
 #[cfg(all(test, tollgate_loom))]
 mod loom_models;
+#[cfg(all(test, not(tollgate_loom)))]
+mod tests;
