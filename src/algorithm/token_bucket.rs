@@ -34,8 +34,8 @@ pub(super) fn acquire(r: &Rule, tat: u64, now: u64, cost: u64) -> Step {
 
 /// Empty at `t0`: the bucket is full again one full refill (`tau`) after it.
 pub(super) fn empty_since(r: &Rule, tat: u64, t0: u64) -> u64 {
-    let empty = (t0 as u128 + r.aux as u128).min(RETIRED as u128 - 1) as u64;
-    tat.max(empty)
+    // `t0` is clamped to 2^62 and `tau <= 2^62` (as in `acquire`): no overflow, never `RETIRED`.
+    tat.max(t0 + r.aux)
 }
 
 pub(super) fn refund(r: &Rule, tat: u64, now: u64, cost: u64) -> u64 {
