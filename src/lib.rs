@@ -112,6 +112,11 @@ mod sync;
 #[cfg(feature = "metrics")]
 mod tally;
 
+/// The README's Rust examples, compiled as doc tests (the ones that need a Redis are `no_run`).
+#[cfg(all(doctest, feature = "http", feature = "redis-tls"))]
+#[doc = include_str!("../README.md")]
+mod readme {}
+
 pub use clock::{Clock, ManualClock};
 pub use consts::{DEFAULT_MAX_KEYS, MAX_CAPACITY, MAX_DURATION, MAX_RATE_PER_SEC, MAX_TIME_NS, MIN_DURATION};
 pub use decision::{Decision, InsufficientCapacity};
