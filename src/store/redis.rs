@@ -257,6 +257,22 @@ impl From<&String> for RedisConfig {
 }
 
 /// The claim protocol on a single Redis server (7.0 or later recommended; 6.2 works).
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use tollgate::store::{RedisConfig, RedisStore};
+/// use tollgate::{Limiter, Node, Policy};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::connect(RedisConfig::new("redis://127.0.0.1:6379")).await?;
+/// let node = Node::builder(Arc::new(store)).sync_interval(Duration::from_millis(100)).start()?;
+/// let per_user: Limiter = Limiter::builder(Policy::per_minute(1000)).name("user").node(&node).build()?;
+/// let d = per_user.check_async("alice").await;
+/// println!("allowed: {}", d.is_allowed());
+/// node.shutdown().await; // returns unused claims
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Arc<parking_lot::Mutex<ConnectionManager>>,
