@@ -886,6 +886,14 @@ impl Store for RedisStore {
     }
 }
 
+/// Decodes a claim script's reply given as RESP bytes for `n` keys: the number of outcomes, or
+/// the error; `None` when the bytes are not RESP. For the fuzz target; not part of the API.
+#[doc(hidden)]
+pub fn decode_reply_resp(resp: &[u8], n: usize) -> Option<Result<usize, StoreError>> {
+    let value = redis::parse_redis_value(resp).ok()?;
+    Some(decode_reply(value, n).map(|outcomes| outcomes.len()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
