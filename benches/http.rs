@@ -28,8 +28,8 @@
 //! Group `http_throughput`: every server runs in one runtime and has its own keep-alive client
 //! connections (32), loaded from this process over loopback, which send requests only while
 //! their server is the active one. Each sample loads the plain route, the variant and the
-//! plain route again, each for the same number of responses; criterion's figure is the
-//! variant's time per response, and a sample's ratio is the variant's throughput over the mean
+//! plain route again, each for the same number of responses (batches of 1000); criterion's
+//! figure is the variant's time per batch, and a sample's ratio is the variant's throughput over the mean
 //! of the two plain ones around it, so that slow drift in the machine's speed cancels. Each
 //! line gives the medians over the samples:
 //!
@@ -55,7 +55,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
-use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use paired::median;
 
 use axum::body::Body;
@@ -81,8 +81,11 @@ const STOP: usize = usize::MAX;
 const SETTLE: Duration = Duration::from_millis(20);
 /// How often the count of responses is read.
 const POLL: Duration = Duration::from_micros(500);
-/// Samples of fewer requests are not kept for the lines (the warm-up's first calls).
+/// Samples of fewer requests are not kept for the in-process lines (the warm-up's first calls).
 const MIN_KEPT_REQUESTS: u64 = 200;
+/// Responses per iteration of the throughput group: switching servers costs a settling time,
+/// so an iteration is a batch large enough to dwarf it.
+const BATCH: u64 = 1000;
 
 async fn serve(router: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -324,20 +327,23 @@ fn http(c: &mut Criterion) {
         clients
     });
     let mut group = c.benchmark_group("http_throughput");
-    group.throughput(Throughput::Elements(1));
-    // Every sample loads three servers in turn, each after a settling time.
-    group.sample_size(20);
+    group.throughput(Throughput::Elements(BATCH));
+    // Every sample loads three servers in turn, each after a settling time: few samples of the
+    // same size.
+    group.sample_size(10);
+    group.sampling_mode(SamplingMode::Flat);
     let mut without = Vec::new();
     let mut lines = Vec::new();
     for (i, (label, _)) in routers[..plain].iter().enumerate() {
         let (mut rps, mut ratios) = (Vec::new(), Vec::new());
         group.bench_function(function_name(label), |b| {
-            b.iter_custom(|n| {
+            b.iter_custom(|iters| {
+                let n = iters * BATCH;
                 rt.block_on(async {
                     let before = answer(&clients, plain, &active, n).await;
                     let t = answer(&clients, i, &active, n).await;
                     let after = answer(&clients, plain, &active, n).await;
-                    if n >= MIN_KEPT_REQUESTS {
+                    {
                         let rate = |d: Duration| n as f64 / d.as_secs_f64();
                         let around = (rate(before) + rate(after)) / 2.0;
                         rps.push(rate(t));
