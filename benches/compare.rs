@@ -142,8 +142,11 @@ fn direct(c: &mut Criterion) {
     );
 }
 
+/// One check on thread `t` (its `i`-th).
+type Check<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
 /// Time for `threads` threads to run `iters` checks each, from a common start.
-fn threads_time(threads: usize, iters: u64, f: &(dyn Fn(usize, usize) + Sync)) -> Duration {
+fn threads_time(threads: usize, iters: u64, f: Check<'_>) -> Duration {
     let barrier = Barrier::new(threads);
     let start = Instant::now();
     std::thread::scope(|s| {
@@ -179,7 +182,7 @@ fn scaling_2t(c: &mut Criterion) {
     let mut group = c.benchmark_group("scaling_2t_keyed_u64_10k");
     // Checks per second of each function, all threads together.
     let mut rates: [Vec<f64>; 4] = Default::default();
-    let cases: [(&str, usize, &(dyn Fn(usize, usize) + Sync)); 4] = [
+    let cases: [(&str, usize, Check<'_>); 4] = [
         ("tollgate_1t", 1, &ours_f),
         ("tollgate_2t", 2, &ours_f),
         ("governor_1t", 1, &theirs_f),
