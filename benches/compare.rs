@@ -1,23 +1,35 @@
-//! tollgate against governor 0.10 on the same quotas, in the same process.
+//! tollgate against governor 0.10 on the same quotas, in the same process, as criterion
+//! suites: one group per scenario (`keyed_u64_hot`, `keyed_u64_10k`, `keyed_u64_1m`,
+//! `keyed_string_10k`, `direct`), each with the functions `tollgate` and `governor`.
 //!
-//! Prints one line per scenario:
-//! `compare <scenario> tollgate_ns=<median> governor_ns=<median> ratio=<tollgate/governor>`.
-//! Each scenario alternates the two limiters over several rounds and reports medians, so that
-//! noise from the machine hits both alike. Also prints the floor (a bare papaya lookup plus one
-//! CAS) and the clocks, measured in the same run.
-//! The `metrics_*` lines compare the same check with and without decision counting (feature
-//! `metrics`): `metrics_on_ns`, `metrics_off_ns` and their ratio.
+//! The two functions of a scenario are measured in pairs (see `support/paired.rs`): every
+//! sample times both limiters over the same iterations back to back, so that noise from the
+//! machine hits both alike, and after the group the bench prints one line per scenario:
+//! `compare <scenario> tollgate_ns=<median> governor_ns=<median> ratio=<tollgate/governor>`
+//! (medians over the samples; the ratio is the median of the samples' ratios). It also
+//! measures two threads against one (`scaling_2t_keyed_u64_10k`), the floor (a bare papaya
+//! lookup plus one CAS) and the clocks in the same run. The `metrics_*` groups compare the
+//! same check with and without decision counting (feature `metrics`): `metrics_on_ns`,
+//! `metrics_off_ns` and their ratio.
+//!
+//! `cargo bench --bench compare -- <filter>` runs the groups whose names match;
+//! criterion's options (`--save-baseline`, `--baseline`, `--warm-up-time`,
+//! `--measurement-time`) apply as usual.
+
+#[path = "support/paired.rs"]
+mod paired;
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Barrier;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use governor::{Quota, RateLimiter};
+use paired::{median, pair, single, MIN_KEPT_ITERS};
 use tollgate::{Clock, DirectLimiter, Limiter, Policy};
 
-const ROUNDS: usize = 7;
 const RATE: u32 = 1_000_000_000;
 
 fn quota() -> Quota {
@@ -42,42 +54,21 @@ fn order(n: u64, len: usize, seed: u64) -> Vec<u64> {
         .collect()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-/// ns per call of `f(i)` over `iters` calls.
-fn time(iters: usize, mut f: impl FnMut(usize)) -> f64 {
-    let start = Instant::now();
-    for i in 0..iters {
-        f(i);
+/// The scenario's criterion group, its paired measurement and its `compare` line.
+fn compare(c: &mut Criterion, name: &str, ours: impl FnMut(usize), theirs: impl FnMut(usize)) {
+    let mut group = c.benchmark_group(name);
+    group.throughput(Throughput::Elements(1));
+    let m = pair(&mut group, "tollgate", "governor", ours, theirs);
+    group.finish();
+    if let Some(m) = m {
+        println!(
+            "compare {name} tollgate_ns={:.1} governor_ns={:.1} ratio={:.2}",
+            m.a_ns, m.b_ns, m.ratio
+        );
     }
-    start.elapsed().as_nanos() as f64 / iters as f64
 }
 
-/// Median ns per call of `a` and of `b`, alternated over `ROUNDS` rounds after a warm-up.
-fn medians(iters: usize, mut a: impl FnMut(usize), mut b: impl FnMut(usize)) -> (f64, f64) {
-    time(iters / 4, &mut a);
-    time(iters / 4, &mut b);
-    let (mut ta, mut tb) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        ta.push(time(iters, &mut a));
-        tb.push(time(iters, &mut b));
-    }
-    (median(ta), median(tb))
-}
-
-fn pair(name: &str, iters: usize, ours: impl FnMut(usize), theirs: impl FnMut(usize)) -> (f64, f64) {
-    let (a, b) = medians(iters, ours, theirs);
-    println!(
-        "compare {name} tollgate_ns={a:.1} governor_ns={b:.1} ratio={:.2}",
-        a / b
-    );
-    (a, b)
-}
-
-fn keyed_u64(name: &str, keys: u64, iters: usize) {
+fn keyed_u64(c: &mut Criterion, name: &str, keys: u64) {
     let seq = order(keys, 1 << 20, 7);
     let ours: Limiter<u64> = Limiter::builder(policy())
         .max_keys(keys as usize + 1)
@@ -90,9 +81,9 @@ fn keyed_u64(name: &str, keys: u64, iters: usize) {
         let _ = theirs.check_key(&k);
     }
     let mask = seq.len() - 1;
-    pair(
+    compare(
+        c,
         name,
-        iters,
         |i| {
             black_box(ours.check(&seq[i & mask]).is_allowed());
         },
@@ -102,7 +93,19 @@ fn keyed_u64(name: &str, keys: u64, iters: usize) {
     );
 }
 
-fn keyed_string_10k(iters: usize) {
+fn keyed_u64_hot(c: &mut Criterion) {
+    keyed_u64(c, "keyed_u64_hot", 1);
+}
+
+fn keyed_u64_10k(c: &mut Criterion) {
+    keyed_u64(c, "keyed_u64_10k", 10_000);
+}
+
+fn keyed_u64_1m(c: &mut Criterion) {
+    keyed_u64(c, "keyed_u64_1m", 1_000_000);
+}
+
+fn keyed_string_10k(c: &mut Criterion) {
     let keys: Vec<String> = (0..10_000).map(|i| format!("user-{i:08}")).collect();
     let seq = order(10_000, 1 << 16, 11);
     let ours: Limiter<String> = Limiter::builder(policy()).metrics(false).build().unwrap();
@@ -112,9 +115,9 @@ fn keyed_string_10k(iters: usize) {
         let _ = theirs.check_key(k);
     }
     let mask = seq.len() - 1;
-    pair(
+    compare(
+        c,
         "keyed_string_10k",
-        iters,
         |i| {
             black_box(ours.check(keys[seq[i & mask] as usize].as_str()).is_allowed());
         },
@@ -124,12 +127,12 @@ fn keyed_string_10k(iters: usize) {
     );
 }
 
-fn direct(iters: usize) {
+fn direct(c: &mut Criterion) {
     let ours = DirectLimiter::new(policy()).unwrap();
     let theirs = RateLimiter::direct(quota());
-    pair(
+    compare(
+        c,
         "direct",
-        iters,
         |_| {
             black_box(ours.check().is_allowed());
         },
@@ -139,8 +142,11 @@ fn direct(iters: usize) {
     );
 }
 
-/// Total checks per second of `threads` threads, each running `iters` checks.
-fn throughput(threads: usize, iters: usize, f: &(dyn Fn(usize, usize) + Sync)) -> f64 {
+/// One check on thread `t` (its `i`-th).
+type Check<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
+/// Time for `threads` threads to run `iters` checks each, from a common start.
+fn threads_time(threads: usize, iters: u64, f: Check<'_>) -> Duration {
     let barrier = Barrier::new(threads);
     let start = Instant::now();
     std::thread::scope(|s| {
@@ -148,16 +154,16 @@ fn throughput(threads: usize, iters: usize, f: &(dyn Fn(usize, usize) + Sync)) -
             let barrier = &barrier;
             s.spawn(move || {
                 barrier.wait();
-                for i in 0..iters {
+                for i in 0..iters as usize {
                     f(t, i);
                 }
             });
         }
     });
-    (threads * iters) as f64 / start.elapsed().as_secs_f64()
+    start.elapsed()
 }
 
-fn scaling_2t(iters: usize) {
+fn scaling_2t(c: &mut Criterion) {
     let seq = order(10_000, 1 << 16, 13);
     let mask = seq.len() - 1;
     let ours: Limiter<u64> = Limiter::builder(policy()).metrics(false).build().unwrap();
@@ -173,14 +179,33 @@ fn scaling_2t(iters: usize) {
     let theirs_f = |t: usize, i: usize| {
         black_box(theirs.check_key(&seq[(i + t * 32_768) & mask]).is_ok());
     };
-    let (mut o1, mut o2, mut g1, mut g2) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..ROUNDS {
-        o1.push(throughput(1, iters, &ours_f));
-        o2.push(throughput(2, iters, &ours_f));
-        g1.push(throughput(1, iters, &theirs_f));
-        g2.push(throughput(2, iters, &theirs_f));
+    let mut group = c.benchmark_group("scaling_2t_keyed_u64_10k");
+    // Checks per second of each function, all threads together.
+    let mut rates: [Vec<f64>; 4] = Default::default();
+    let cases: [(&str, usize, Check<'_>); 4] = [
+        ("tollgate_1t", 1, &ours_f),
+        ("tollgate_2t", 2, &ours_f),
+        ("governor_1t", 1, &theirs_f),
+        ("governor_2t", 2, &theirs_f),
+    ];
+    for ((name, threads, f), rates) in cases.into_iter().zip(&mut rates) {
+        // One iteration: one check on each thread.
+        group.throughput(Throughput::Elements(threads as u64));
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let t = threads_time(threads, iters, f);
+                if iters >= MIN_KEPT_ITERS {
+                    rates.push((threads as u64 * iters) as f64 / t.as_secs_f64());
+                }
+                t
+            })
+        });
     }
-    let (o1, o2, g1, g2) = (median(o1), median(o2), median(g1), median(g2));
+    group.finish();
+    if rates.iter().any(Vec::is_empty) {
+        return;
+    }
+    let [o1, o2, g1, g2] = rates.map(median);
     println!(
         "compare scaling_2t_keyed_u64_10k tollgate_scaling={:.2} governor_scaling={:.2} tollgate_2t_checks_per_s={:.1}M governor_2t_checks_per_s={:.1}M",
         o2 / o1,
@@ -190,7 +215,7 @@ fn scaling_2t(iters: usize) {
     );
 }
 
-fn floor(iters: usize) {
+fn floor(c: &mut Criterion) {
     // Built as the limiter builds its table.
     let map: papaya::HashMap<u64, AtomicU64, ahash::RandomState> = papaya::HashMap::builder()
         .hasher(ahash::RandomState::new())
@@ -202,55 +227,38 @@ fn floor(iters: usize) {
     }
     let seq = order(10_000, 1 << 20, 7);
     let mask = seq.len() - 1;
-    let mut v = Vec::new();
-    for _ in 0..ROUNDS {
-        v.push(time(iters, |i| {
-            let g = map.guard();
-            let cell = map.get(&seq[i & mask], &g).unwrap();
-            let cur = cell.load(Ordering::Relaxed);
-            black_box(
-                cell.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok(),
-            );
-        }));
-    }
     let cached = Clock::cached();
     let precise = Clock::precise();
-    let c = median(
-        (0..ROUNDS)
-            .map(|_| {
-                time(iters, |_| {
-                    black_box(cached.now_ns());
-                })
-            })
-            .collect(),
-    );
-    let p = median(
-        (0..ROUNDS)
-            .map(|_| {
-                time(iters, |_| {
-                    black_box(precise.now_ns());
-                })
-            })
-            .collect(),
-    );
-    let s = median(
-        (0..ROUNDS)
-            .map(|_| {
-                time(iters, |_| {
-                    black_box(Instant::now());
-                })
-            })
-            .collect(),
-    );
-    println!(
-        "compare floor map_get_plus_cas_10k_ns={:.1} clock_cached_ns={c:.1} clock_precise_ns={p:.1} instant_now_ns={s:.1}",
-        median(v)
-    );
+    let mut group = c.benchmark_group("floor");
+    group.throughput(Throughput::Elements(1));
+    let floor = single(&mut group, "map_get_plus_cas_10k", |i| {
+        let g = map.guard();
+        let cell = map.get(&seq[i & mask], &g).unwrap();
+        let cur = cell.load(Ordering::Relaxed);
+        black_box(
+            cell.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok(),
+        );
+    });
+    let c_ns = single(&mut group, "clock_cached", |_| {
+        black_box(cached.now_ns());
+    });
+    let p_ns = single(&mut group, "clock_precise", |_| {
+        black_box(precise.now_ns());
+    });
+    let s_ns = single(&mut group, "instant_now", |_| {
+        black_box(Instant::now());
+    });
+    group.finish();
+    if let (Some(floor), Some(c), Some(p), Some(s)) = (floor, c_ns, p_ns, s_ns) {
+        println!(
+            "compare floor map_get_plus_cas_10k_ns={floor:.1} clock_cached_ns={c:.1} clock_precise_ns={p:.1} instant_now_ns={s:.1}"
+        );
+    }
 }
 
 /// The cost of counting decisions for the metrics: the same check with and without it.
-fn metrics_on_vs_off(name: &str, keys: u64, iters: usize) {
+fn metrics_on_vs_off(c: &mut Criterion, name: &str, keys: u64) {
     let seq = order(keys, 1 << 20, 13);
     let on: Limiter<u64> = Limiter::builder(policy()).max_keys(keys as usize + 1).build().unwrap();
     let off: Limiter<u64> = Limiter::builder(policy())
@@ -263,8 +271,12 @@ fn metrics_on_vs_off(name: &str, keys: u64, iters: usize) {
         off.check(&k);
     }
     let mask = seq.len() - 1;
-    let (a, b) = medians(
-        iters,
+    let mut group = c.benchmark_group(name);
+    group.throughput(Throughput::Elements(1));
+    let m = pair(
+        &mut group,
+        "metrics_on",
+        "metrics_off",
         |i| {
             black_box(on.check(&seq[i & mask]).is_allowed());
         },
@@ -272,42 +284,33 @@ fn metrics_on_vs_off(name: &str, keys: u64, iters: usize) {
             black_box(off.check(&seq[i & mask]).is_allowed());
         },
     );
-    println!(
-        "compare {name} metrics_on_ns={a:.1} metrics_off_ns={b:.1} ratio={:.3}",
-        a / b
-    );
+    group.finish();
+    if let Some(m) = m {
+        println!(
+            "compare {name} metrics_on_ns={:.1} metrics_off_ns={:.1} ratio={:.3}",
+            m.a_ns, m.b_ns, m.ratio
+        );
+    }
 }
 
-fn main() {
-    // `cargo bench` passes `--bench`; a name filter may follow.
-    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let run = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
-    let n = 2_000_000;
-    if run("keyed_u64_hot") {
-        keyed_u64("keyed_u64_hot", 1, n);
-    }
-    if run("keyed_u64_10k") {
-        keyed_u64("keyed_u64_10k", 10_000, n);
-    }
-    if run("keyed_u64_1m") {
-        keyed_u64("keyed_u64_1m", 1_000_000, n / 4);
-    }
-    if run("keyed_string_10k") {
-        keyed_string_10k(n);
-    }
-    if run("direct") {
-        direct(n);
-    }
-    if run("scaling") {
-        scaling_2t(n);
-    }
-    if run("floor") {
-        floor(n);
-    }
-    if run("metrics_hot") {
-        metrics_on_vs_off("metrics_hot", 1, n);
-    }
-    if run("metrics_10k") {
-        metrics_on_vs_off("metrics_10k", 10_000, n);
-    }
+fn metrics_hot(c: &mut Criterion) {
+    metrics_on_vs_off(c, "metrics_hot", 1);
 }
+
+fn metrics_10k(c: &mut Criterion) {
+    metrics_on_vs_off(c, "metrics_10k", 10_000);
+}
+
+criterion_group!(
+    benches,
+    keyed_u64_hot,
+    keyed_u64_10k,
+    keyed_u64_1m,
+    keyed_string_10k,
+    direct,
+    scaling_2t,
+    floor,
+    metrics_hot,
+    metrics_10k
+);
+criterion_main!(benches);

@@ -1,13 +1,37 @@
-//! HTTP throughput of an axum hello-world route with and without `RateLimitLayer` (local mode,
-//! ip and user layers, limits never reached), loaded from this process over loopback, with
-//! `tower_governor` on the same route as the peer.
+//! HTTP cost of an axum hello-world route with and without `RateLimitLayer` (local mode, ip
+//! and user layers, limits never reached), with `tower_governor` on the same route as the
+//! peer, as criterion groups.
 //!
-//! Every server runs in one runtime and has its own keep-alive client connections, which send
-//! requests only while their server is the active one: the servers are loaded in turn, in
-//! short slices. Each round loads the plain route, then each variant followed by the plain
-//! route again (the order of the variants rotates from round to round); a variant's ratio in
-//! a round is its throughput over the mean of the two plain slices around it, so that slow
-//! drift in the machine's speed cancels. Each line gives the medians over the rounds:
+//! The variants, each a criterion function of both groups: `default` (`RateLimit-Policy` and
+//! `RateLimit` on every response), `policy_header=denials` (`RateLimit-Policy` with refusals
+//! only: `"response": {"policy_header": "denials"}`), `headers=none` (no rate-limit header on
+//! admissions), `one_limit headers=none` (the anonymous tier only, keyed by client address,
+//! no header on admissions: the work tower_governor does), `peer=tower_governor` (0.8, its
+//! defaults: no header on admissions, one governor key per peer IP),
+//! `peer=tower_governor+headers` (`use_headers()`: two `x-ratelimit-*` headers on admissions)
+//! and `reference=headers_only` (checks nothing and adds to every response the two headers the
+//! default configuration sends, byte for byte: what those headers cost on their own).
+//!
+//! Group `http_in_process`: the routers called in this thread without a connection (the
+//! request built, routed, answered and dropped). Each sample times the plain route, the
+//! variant and the plain route again over the same number of requests; criterion's figure is
+//! the variant's time per request, and the line gives what the variant adds to a request
+//! (its time minus the mean of the plain ones around it) and the plain route's time, medians
+//! over the samples, free of the network's noise:
+//!
+//! ```text
+//! http in_process added_ns_per_request=<ns> bare_ns_per_request=<ns>
+//! http in_process policy_header=denials added_ns_per_request=<ns> bare_ns_per_request=<ns>
+//! ...
+//! ```
+//!
+//! Group `http_throughput`: every server runs in one runtime and has its own keep-alive client
+//! connections (32), loaded from this process over loopback, which send requests only while
+//! their server is the active one. Each sample loads the plain route, the variant and the
+//! plain route again, each for the same number of responses (batches of 1000); criterion's
+//! figure is the variant's time per batch, and a sample's ratio is the variant's throughput over the mean
+//! of the two plain ones around it, so that slow drift in the machine's speed cancels. Each
+//! line gives the medians over the samples:
 //!
 //! ```text
 //! http throughput with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
@@ -18,30 +42,9 @@
 //! http throughput peer=tower_governor+headers with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! http throughput reference=headers_only with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! ```
-//!
-//! The first line is the default configuration (`RateLimit-Policy` and `RateLimit` on every
-//! response); the second sends `RateLimit-Policy` with refusals only (`"response":
-//! {"policy_header": "denials"}`); the third sends no rate-limit header on admissions
-//! (`"response": {"headers": "none"}`); the fourth checks one limit (the anonymous tier, keyed
-//! by client address) and sends no header on admissions, the work tower_governor does. The
-//! peer is `tower_governor` 0.8 with its defaults (no header on admissions, one governor key
-//! per peer IP), then with `use_headers()` (two `x-ratelimit-*` headers on admissions). The
-//! reference checks nothing and adds to every response the two headers the default
-//! configuration sends, byte for byte: what those headers cost on their own.
-//!
-//! Before the HTTP rounds, the same routers are called in this thread without a connection
-//! (the request built, routed, answered and dropped, 20,000 times a measurement), in rounds
-//! of the same shape, which gives what each variant adds to a request's cost, free of the
-//! network's noise (medians over the rounds):
-//!
-//! ```text
-//! http in_process added_ns_per_request=<ns> bare_ns_per_request=<ns>
-//! http in_process policy_header=denials added_ns_per_request=<ns> bare_ns_per_request=<ns>
-//! ...
-//! ```
-//!
-//! `HTTP_BENCH_MS` (default 500) sets the length of one slice, `HTTP_BENCH_ROUNDS` (default 9)
-//! the number of rounds of both parts.
+
+#[path = "support/paired.rs"]
+mod paired;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -50,6 +53,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, SamplingMode, Throughput};
+use paired::median;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
@@ -72,6 +79,13 @@ const CONNECTIONS: usize = 32;
 const STOP: usize = usize::MAX;
 /// Time for the requests in flight to the previous server to complete.
 const SETTLE: Duration = Duration::from_millis(20);
+/// How often the count of responses is read.
+const POLL: Duration = Duration::from_micros(500);
+/// Samples of fewer requests are not kept for the in-process lines (the warm-up's first calls).
+const MIN_KEPT_REQUESTS: u64 = 200;
+/// Responses per iteration of the throughput group: switching servers costs a settling time,
+/// so an iteration is a batch large enough to dwarf it.
+const BATCH: u64 = 1000;
 
 async fn serve(router: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -128,17 +142,22 @@ impl Clients {
     }
 }
 
-/// Requests per second of server `index` over `slice`, after a short settling time in which
-/// the previous server's requests in flight complete.
-async fn slice(clients: &[Clients], index: usize, active: &watch::Sender<usize>, slice: Duration) -> f64 {
+/// Time for server `index` to answer `n` requests (scaled from the responses counted, which
+/// may be a few more), after a short settling time in which the previous server's requests in
+/// flight complete.
+async fn answer(clients: &[Clients], index: usize, active: &watch::Sender<usize>, n: u64) -> Duration {
     active.send_replace(index);
     tokio::time::sleep(SETTLE).await;
     let count = &clients[index].count;
     let start_count = count.load(Ordering::Relaxed);
     let start = Instant::now();
-    tokio::time::sleep(slice).await;
-    let n = count.load(Ordering::Relaxed) - start_count;
-    n as f64 / start.elapsed().as_secs_f64()
+    loop {
+        tokio::time::sleep(POLL).await;
+        let done = count.load(Ordering::Relaxed) - start_count;
+        if done >= n {
+            return start.elapsed().mul_f64(n as f64 / done as f64);
+        }
+    }
 }
 
 /// One request through `router`, called in this thread without a connection, from the same
@@ -169,212 +188,183 @@ fn headers_sent(router: &mut Router) -> Vec<(HeaderName, HeaderValue)> {
     sent
 }
 
-/// Requests in one in-process measurement.
-const IN_PROCESS_REQUESTS: u32 = 20_000;
-
-/// Nanoseconds per request through `router` called in process (see [`call_in_process`]): the
+/// Time of `n` requests through `router` called in process (see [`call_in_process`]): the
 /// request is built, routed, answered and dropped.
-fn in_process_ns(router: &mut Router) -> f64 {
+fn in_process_time(router: &mut Router, n: u64) -> Duration {
     let start = Instant::now();
-    for _ in 0..IN_PROCESS_REQUESTS {
+    for _ in 0..n {
         assert_eq!(call_in_process(router).status(), 200, "a limit was reached");
     }
-    start.elapsed().as_nanos() as f64 / f64::from(IN_PROCESS_REQUESTS)
+    start.elapsed()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
+/// The variant's name on the output lines, and as a criterion function.
+fn function_name(label: &str) -> &str {
+    match label.trim() {
+        "" => "default",
+        l => l,
     }
 }
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// A server under test: its label on the output line and its address.
-struct Variant {
-    label: &'static str,
-    addr: SocketAddr,
-    /// Requests per second in each round.
-    runs: Vec<f64>,
-    /// Each round's ratio against the plain route.
-    ratios: Vec<f64>,
-}
-
-impl Variant {
-    fn name(&self) -> &'static str {
-        if self.label.is_empty() {
-            "default "
-        } else {
-            self.label
-        }
-    }
-}
-
-/// What each variant adds to a request's cost when the router is called in this thread
-/// (no connection, no other thread): in each round the bare route, then each variant followed
-/// by the bare route again; a variant's cost in a round is its time per request minus the
-/// mean of the bare ones around it. Prints the medians over the rounds.
-fn in_process(mut routers: Vec<(&'static str, Router)>, rounds: usize) {
-    let plain = routers.len() - 1;
-    let mut extra = vec![Vec::new(); plain];
+/// Group `http_in_process` (see the module doc). The last router is the plain route.
+fn in_process(group: &mut BenchmarkGroup<'_, WallTime>, routers: &mut [(&'static str, Router)]) {
+    let (variants, plain) = routers.split_at_mut(routers.len() - 1);
+    let plain = &mut plain[0].1;
     let mut bare = Vec::new();
-    // Warm-up.
-    for (_, router) in &mut routers {
-        in_process_ns(router);
-    }
-    for round in 0..rounds {
-        let mut before = in_process_ns(&mut routers[plain].1);
-        for k in 0..plain {
-            let i = (round + k) % plain;
-            let ns = in_process_ns(&mut routers[i].1);
-            let after = in_process_ns(&mut routers[plain].1);
-            let around = (before + after) / 2.0;
-            extra[i].push(ns - around);
-            bare.push(around);
-            before = after;
+    let mut lines = Vec::new();
+    for (label, router) in variants.iter_mut() {
+        let mut extra = Vec::new();
+        group.bench_function(function_name(label), |b| {
+            b.iter_custom(|n| {
+                let before = in_process_time(plain, n);
+                let t = in_process_time(router, n);
+                let after = in_process_time(plain, n);
+                if n >= MIN_KEPT_REQUESTS {
+                    let per = |d: Duration| d.as_nanos() as f64 / n as f64;
+                    let around = (per(before) + per(after)) / 2.0;
+                    extra.push(per(t) - around);
+                    bare.push(around);
+                }
+                t
+            })
+        });
+        if !extra.is_empty() {
+            lines.push((*label, median(extra)));
         }
     }
     let bare = median(bare);
-    for ((label, _), extra) in routers.iter().zip(extra) {
-        println!(
-            "http in_process {}added_ns_per_request={:.0} bare_ns_per_request={bare:.0}",
-            label,
-            median(extra)
-        );
+    for (label, extra) in lines {
+        println!("http in_process {label}added_ns_per_request={extra:.0} bare_ns_per_request={bare:.0}");
     }
 }
 
-fn main() {
-    let secs = Duration::from_millis(env("HTTP_BENCH_MS", 500).clamp(100, 30_000));
-    let rounds = env("HTTP_BENCH_ROUNDS", 9).clamp(1, 100) as usize;
+fn http(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
-        // Limits far above what loopback can reach: every request is checked and allowed.
-        const LIMITS: &str = r#""tiers": {"anonymous": {"points": 1000000000, "duration": 60}},
-                "layers": {"ip": {"points": 1000000000, "duration": 60}}"#;
-        let live = |extra: &str| LiveConfig::new(Config::from_json(&format!("{{{LIMITS}{extra}}}")).unwrap()).unwrap();
-        let hello = || Router::new().route("/", get(|| async { "Hello, World!" }));
-        // One token a nanosecond and a burst of a billion: never reached either.
-        let governor = || {
-            GovernorConfigBuilder::default()
-                .per_nanosecond(1)
-                .burst_size(1_000_000_000)
-                .finish()
-                .unwrap()
-        };
-        let governor_headers = || {
-            GovernorConfigBuilder::default()
-                .per_nanosecond(1)
-                .burst_size(1_000_000_000)
-                .use_headers()
-                .finish()
-                .unwrap()
-        };
-        // One limit per client address, no header on admissions: what tower_governor does.
-        let one_limit = LiveConfig::new(
-            Config::from_json(
-                r#"{"tiers": {"anonymous": {"points": 1000000000, "duration": 60}},
-                    "response": {"headers": "none"}}"#,
-            )
-            .unwrap(),
+    // Limits far above what loopback can reach: every request is checked and allowed.
+    const LIMITS: &str = r#""tiers": {"anonymous": {"points": 1000000000, "duration": 60}},
+            "layers": {"ip": {"points": 1000000000, "duration": 60}}"#;
+    let live = |extra: &str| LiveConfig::new(Config::from_json(&format!("{{{LIMITS}{extra}}}")).unwrap()).unwrap();
+    let hello = || Router::new().route("/", get(|| async { "Hello, World!" }));
+    // One token a nanosecond and a burst of a billion: never reached either.
+    let governor = || {
+        GovernorConfigBuilder::default()
+            .per_nanosecond(1)
+            .burst_size(1_000_000_000)
+            .finish()
+            .unwrap()
+    };
+    let governor_headers = || {
+        GovernorConfigBuilder::default()
+            .per_nanosecond(1)
+            .burst_size(1_000_000_000)
+            .use_headers()
+            .finish()
+            .unwrap()
+    };
+    // One limit per client address, no header on admissions: what tower_governor does.
+    let one_limit = LiveConfig::new(
+        Config::from_json(
+            r#"{"tiers": {"anonymous": {"points": 1000000000, "duration": 60}},
+                "response": {"headers": "none"}}"#,
         )
-        .unwrap();
-        let default = hello().layer(RateLimitLayer::new(live(""))).with_state::<()>(());
-        // The two headers the default configuration sends on an admission, as it sends them:
-        // the reference variant adds them to every response without checking anything.
-        let sent = headers_sent(&mut default.clone());
-        let routers = [
-            ("", default),
-            (
-                "policy_header=denials ",
-                hello().layer(RateLimitLayer::new(live(
-                    r#", "response": {"policy_header": "denials"}"#,
-                ))),
-            ),
-            (
-                "headers=none ",
-                hello().layer(RateLimitLayer::new(live(r#", "response": {"headers": "none"}"#))),
-            ),
-            ("one_limit headers=none ", hello().layer(RateLimitLayer::new(one_limit))),
-            ("peer=tower_governor ", hello().layer(GovernorLayer::new(governor()))),
-            (
-                "peer=tower_governor+headers ",
-                hello().layer(GovernorLayer::new(governor_headers())),
-            ),
-            (
-                "reference=headers_only ",
-                hello().layer(MapResponseLayer::new(move |mut r: axum::response::Response| {
-                    for (name, value) in &sent {
-                        r.headers_mut().insert(name.clone(), value.clone());
-                    }
-                    r
-                })),
-            ),
-            ("without", hello()),
-        ]
-        .map(|(label, router)| (label, router.with_state::<()>(())));
-        let plain = routers.len() - 1;
+        .unwrap(),
+    )
+    .unwrap();
+    // The routers need the runtime for the config's and tower_governor's background work.
+    let _guard = rt.enter();
+    let default = hello().layer(RateLimitLayer::new(live(""))).with_state::<()>(());
+    // The two headers the default configuration sends on an admission, as it sends them:
+    // the reference variant adds them to every response without checking anything.
+    let sent = headers_sent(&mut default.clone());
+    let mut routers = [
+        ("", default),
+        (
+            "policy_header=denials ",
+            hello().layer(RateLimitLayer::new(live(
+                r#", "response": {"policy_header": "denials"}"#,
+            ))),
+        ),
+        (
+            "headers=none ",
+            hello().layer(RateLimitLayer::new(live(r#", "response": {"headers": "none"}"#))),
+        ),
+        ("one_limit headers=none ", hello().layer(RateLimitLayer::new(one_limit))),
+        ("peer=tower_governor ", hello().layer(GovernorLayer::new(governor()))),
+        (
+            "peer=tower_governor+headers ",
+            hello().layer(GovernorLayer::new(governor_headers())),
+        ),
+        (
+            "reference=headers_only ",
+            hello().layer(MapResponseLayer::new(move |mut r: axum::response::Response| {
+                for (name, value) in &sent {
+                    r.headers_mut().insert(name.clone(), value.clone());
+                }
+                r
+            })),
+        ),
+        ("without", hello()),
+    ]
+    .map(|(label, router)| (label, router.with_state::<()>(())));
+    let plain = routers.len() - 1;
 
-        in_process(routers.to_vec(), rounds);
+    let mut group = c.benchmark_group("http_in_process");
+    group.throughput(Throughput::Elements(1));
+    in_process(&mut group, &mut routers);
+    group.finish();
 
-        let mut variants = Vec::new();
-        for (label, router) in routers {
-            variants.push(Variant {
-                label,
-                addr: serve(router).await,
-                runs: Vec::new(),
-                ratios: Vec::new(),
-            });
-        }
-        let n = variants.len();
-        let (active, receiver) = watch::channel(STOP - 1);
+    let (active, receiver) = watch::channel(STOP - 1);
+    let clients = rt.block_on(async {
         let mut clients = Vec::new();
-        for (i, v) in variants.iter().enumerate() {
-            clients.push(Clients::start(v.addr, i, &receiver).await);
+        for (i, (_, router)) in routers.iter().enumerate() {
+            let addr = serve(router.clone()).await;
+            clients.push(Clients::start(addr, i, &receiver).await);
         }
-        // Warm-up.
-        for i in 0..n {
-            slice(&clients, i, &active, Duration::from_millis(200)).await;
-        }
-        // Each round: the plain route, then each variant followed by the plain route again; a
-        // variant's ratio is against the mean of the plain slices on either side of it.
-        let mut without = Vec::new();
-        for round in 0..rounds {
-            let mut before = slice(&clients, plain, &active, secs).await;
-            let mut listed = Vec::new();
-            for k in 0..plain {
-                // The order of the variants rotates from round to round.
-                let i = (round + k) % plain;
-                let rps = slice(&clients, i, &active, secs).await;
-                let after = slice(&clients, plain, &active, secs).await;
-                let around = (before + after) / 2.0;
-                variants[i].runs.push(rps);
-                variants[i].ratios.push(rps / around);
-                without.push(around);
-                before = after;
-                listed.push(format!("{}{:.3}", variants[i].name(), rps / around));
-            }
-            eprintln!("round {round}: {}", listed.join(", "));
-        }
-        active.send_replace(STOP);
-        for v in &variants[..plain] {
-            println!(
-                "http throughput {}with_layer={:.0} without_layer={:.0} ratio={:.3}",
-                v.label,
-                median(v.runs.clone()),
-                median(without.clone()),
-                median(v.ratios.clone())
-            );
-        }
+        clients
     });
+    let mut group = c.benchmark_group("http_throughput");
+    group.throughput(Throughput::Elements(BATCH));
+    // Every sample loads three servers in turn, each after a settling time: few samples of the
+    // same size.
+    group.sample_size(10);
+    group.sampling_mode(SamplingMode::Flat);
+    let mut without = Vec::new();
+    let mut lines = Vec::new();
+    for (i, (label, _)) in routers[..plain].iter().enumerate() {
+        let (mut rps, mut ratios) = (Vec::new(), Vec::new());
+        group.bench_function(function_name(label), |b| {
+            b.iter_custom(|iters| {
+                let n = iters * BATCH;
+                rt.block_on(async {
+                    let before = answer(&clients, plain, &active, n).await;
+                    let t = answer(&clients, i, &active, n).await;
+                    let after = answer(&clients, plain, &active, n).await;
+                    {
+                        let rate = |d: Duration| n as f64 / d.as_secs_f64();
+                        let around = (rate(before) + rate(after)) / 2.0;
+                        rps.push(rate(t));
+                        ratios.push(rate(t) / around);
+                        without.push(around);
+                    }
+                    t
+                })
+            })
+        });
+        if !rps.is_empty() {
+            lines.push((*label, median(rps), median(ratios)));
+        }
+    }
+    group.finish();
+    active.send_replace(STOP);
+    let without = median(without);
+    for (label, rps, ratio) in lines {
+        println!("http throughput {label}with_layer={rps:.0} without_layer={without:.0} ratio={ratio:.3}");
+    }
 }
+
+criterion_group!(benches, http);
+criterion_main!(benches);

@@ -85,7 +85,8 @@
 //!
 //! | feature | default | what it adds | run-time cost |
 //! |---|---|---|---|
-//! | (none) | yes | local mode, distributed mode over [`store::MemoryStore`], the `tollgate` CLI | one 1 ms clock thread per process with the default clock |
+//! | (none) | yes | local mode, distributed mode over [`store::MemoryStore`] | one 1 ms clock thread per process with the default clock |
+//! | `cli` | yes | the `tollgate` command line (`tollgate tune`): clap, indicatif, serde_json | none: only the binary uses them |
 //! | `redis` | no | `store::RedisStore` (redis-rs, `redis://`), `store::RedisClusterStore` (Redis Cluster) | one multiplexed connection per store (per master on a cluster); a sync task per node |
 //! | `redis-tls` | no | `rediss://` through rustls | TLS on the store connection |
 //! | `metrics` | no | [`metrics`] (names, descriptions, a publisher) through the `metrics` facade | per check: one thread-local load and store; totals published by nodes after syncs and by a `metrics::Publisher` thread |
@@ -111,6 +112,11 @@ pub mod store;
 mod sync;
 #[cfg(feature = "metrics")]
 mod tally;
+
+/// The README's Rust examples, compiled as doc tests (the ones that need a Redis are `no_run`).
+#[cfg(all(doctest, feature = "http", feature = "redis-tls"))]
+#[doc = include_str!("../README.md")]
+mod readme {}
 
 pub use clock::{Clock, ManualClock};
 pub use consts::{DEFAULT_MAX_KEYS, MAX_CAPACITY, MAX_DURATION, MAX_RATE_PER_SEC, MAX_TIME_NS, MIN_DURATION};

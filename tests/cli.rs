@@ -44,34 +44,137 @@ fn tune_prints_a_table_per_interval_and_writes_the_plot() {
 }
 
 #[test]
+fn tune_json_prints_one_object_per_case_and_nothing_else_on_stdout() {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("tune.svg");
+    let out = tollgate(&[
+        "tune",
+        "--json",
+        "--intervals",
+        "50,250",
+        "--loads",
+        "1.5",
+        "--seconds",
+        "2",
+        "--nodes",
+        "3",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cases: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON object: {l}: {e}")))
+        .collect();
+    // Two intervals x one load x two shapes.
+    assert_eq!(cases.len(), 4, "{stdout}");
+    let mut seen = Vec::new();
+    for c in &cases {
+        assert_eq!(c["nodes"], 3, "{c}");
+        assert_eq!(c["load"], 1.5, "{c}");
+        let utilization = c["utilization"].as_f64().expect("utilization");
+        assert!(utilization > 0.0 && utilization <= 1.0 + 1e-9, "{c}");
+        assert!(c["admitted"].as_u64().unwrap() <= c["offered"].as_u64().unwrap(), "{c}");
+        assert!(c["round_trips_per_s"].as_f64().unwrap() > 0.0, "{c}");
+        seen.push((
+            c["sync_interval_ms"].as_u64().unwrap(),
+            c["shape"].as_str().unwrap().to_string(),
+        ));
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [(50, "80/20"), (50, "uniform"), (250, "80/20"), (250, "uniform")].map(|(i, s)| (i, s.to_string()))
+    );
+    // The plot is still written; its note goes to stderr, and no progress bar is drawn when
+    // stderr is not a terminal.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("plot written to"), "{stderr}");
+    assert!(!stderr.contains('['), "a progress bar on a pipe: {stderr}");
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        plot.contains("utilization loss") && plot.contains("round trips"),
+        "{plot}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn bad_arguments_get_a_clear_message_and_a_non_zero_exit() {
     for (args, want) in [
-        (&["tune", "--nodes", "0"][..], "--nodes: must be in 1..=1000"),
+        (&["tune", "--nodes", "2.7"][..], "invalid value '2.7' for '--nodes <N>'"),
+        (&["tune", "--nodes", "-3"][..], "-3 is not in 1..=1000"),
+        (&["tune", "--nodes", "0"][..], "0 is not in 1..=1000"),
         (
             &["tune", "--intervals", "10,x"][..],
-            "--intervals: expected a comma-separated list",
+            "invalid value 'x' for '--intervals <LIST>'",
         ),
-        (&["tune", "--algorithm", "leaky"][..], "unknown algorithm 'leaky'"),
-        (&["tune", "--points", "0"][..], "policy: points: must be > 0"),
-        (&["tune", "--frobnicate"][..], "unknown option '--frobnicate'"),
-        (&["tune", "--seconds"][..], "--seconds: missing value"),
-        (&["launch"][..], "unknown command 'launch'"),
-        (&[][..], "missing command"),
+        (&["tune", "--intervals", "10,-50"][..], "-50 is not in 1..=60000"),
+        (&["tune", "--loads", "1.5,-2"][..], "-2 is not in (0, 1000]"),
+        (&["tune", "--loads", "nan"][..], "NaN is not in (0, 1000]"),
+        (&["tune", "--seconds", "0"][..], "0 is not in (0, 3600]"),
+        (
+            &["tune", "--algorithm", "leaky"][..],
+            "possible values: token_bucket, sliding_window, fixed_window",
+        ),
+        (&["tune", "--points", "0"][..], "expected a whole number of at least 1"),
+        (
+            &["tune", "--points", "2.5"][..],
+            "expected a whole number of at least 1",
+        ),
+        (&["tune", "--burst", "-1"][..], "expected a whole number of at least 1"),
+        (&["tune", "--keys", "0"][..], "0 is not in 1..=1000000"),
+        (
+            &["tune", "--cold-start", "optimistic:x"][..],
+            "expected deny or optimistic:N",
+        ),
+        (
+            &["tune", "--points", "18446744073709551615", "--duration-s", "0.001"][..],
+            "policy: ",
+        ),
+        (
+            &["tune", "--redis", "redis://a", "--redis-cluster", "redis://b"][..],
+            "cannot be used with",
+        ),
+        (&["tune", "--frobnicate"][..], "unexpected argument '--frobnicate'"),
+        (&["tune", "--seconds"][..], "a value is required for '--seconds <S>'"),
+        (&["launch"][..], "unrecognized subcommand 'launch'"),
+        (&[][..], "Usage: tollgate <COMMAND>"),
     ] {
         let out = tollgate(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(want), "{args:?}: {stderr}");
-        assert!(
-            stderr.contains("usage: tollgate tune"),
-            "{args:?}: the usage follows the message"
-        );
+        assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
     }
+}
+
+#[test]
+fn each_subcommand_has_its_own_help() {
     let help = tollgate(&["tune", "--help"]);
     assert!(help.status.success());
     let usage = String::from_utf8_lossy(&help.stdout);
+    assert!(usage.contains("Usage: tollgate tune [OPTIONS]"), "{usage}");
+    for flag in [
+        "--nodes <N>",
+        "--intervals <LIST>",
+        "--json",
+        "--redis <URL>",
+        "needs the `redis` feature",
+    ] {
+        assert!(usage.contains(flag), "{flag} missing from:\n{usage}");
+    }
+    let top = tollgate(&["--help"]);
+    assert!(top.status.success());
+    let top = String::from_utf8_lossy(&top.stdout);
     assert!(
-        usage.starts_with("usage: tollgate tune") && usage.contains("--redis URL"),
-        "{usage}"
+        top.contains("tune") && top.contains("Usage: tollgate <COMMAND>"),
+        "{top}"
     );
 }

@@ -3,169 +3,233 @@
 //! `tollgate tune` measures how accurate distributed mode is for each sync interval: N nodes
 //! share one limit under uniform and skewed load, and an oracle compares what they admitted
 //! with what one exact limiter would have admitted.
+//!
+//! A subcommand is a variant of [`Command`] (its doc comment is its `--help` text) and an arm
+//! in [`main`].
 
-use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 use tollgate::sim::{run_virtual, Report, Scenario, Skew};
 use tollgate::{Algorithm, ColdStart, Policy};
 
-const USAGE: &str = "\
-usage: tollgate tune [options]
+#[path = "tollgate/plot.rs"]
+mod plot;
 
-Measures the accuracy of distributed mode against the sync interval: N nodes share one
-limit through a store, under uniform and 80/20-skewed load at each offered load.
+/// Tools around the tollgate rate limiter.
+#[derive(Parser)]
+#[command(name = "tollgate", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-options:
-  --nodes N            nodes sharing the limit (default 8)
-  --intervals LIST     sync intervals in ms, comma-separated (default 10,50,100,250,1000)
-  --loads LIST         offered load as multiples of the limit (default 1.5,10)
-  --points N           points per duration of the shared policy (default 1000)
-  --duration-s S       the policy's duration in seconds (default 1)
-  --burst N            token-bucket capacity (default 2 x points: the sizing rule
-                       capacity >= 2 x rate x sync_interval holds up to 1 s)
-  --algorithm A        token_bucket | sliding_window | fixed_window (default token_bucket)
-  --cold-start C       deny | optimistic:N (default deny)
-  --seconds S          length of each run (default 30 on virtual time, 5 against Redis)
-  --seed N             seed of the arrival process (default 1)
-  --keys N             keys the load is spread over, each with the policy (default 1)
-  --svg PATH           where to write the plot (default tune.svg)
-  --redis URL          run on the wall clock against this Redis (needs the `redis` feature);
-                       without it the run uses the in-process store on virtual time
-  --redis-cluster URLS the same against a Redis Cluster: seed URLs, comma-separated
-";
+#[derive(Subcommand)]
+enum Command {
+    /// Measures the accuracy of distributed mode against the sync interval: N nodes share one
+    /// limit through a store, under uniform and 80/20-skewed load at each offered load.
+    #[command(allow_negative_numbers = true)]
+    Tune(TuneArgs),
+}
 
-struct Args {
-    nodes: usize,
-    intervals: Vec<u64>,
+/// The arguments of `tollgate tune`.
+#[derive(clap::Args)]
+struct TuneArgs {
+    /// Nodes sharing the limit.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    nodes: u16,
+    /// Sync intervals in ms, comma-separated.
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "10,50,100,250,1000",
+        value_parser = clap::value_parser!(u16).range(1..=60_000)
+    )]
+    intervals: Vec<u16>,
+    /// Offered load as multiples of the limit, comma-separated, each in (0, 1000].
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1.5,10", value_parser = load)]
     loads: Vec<f64>,
-    policy: Policy,
+    /// Points per duration of the shared policy.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = whole)]
+    points: u64,
+    /// The policy's duration in seconds.
+    #[arg(long = "duration-s", value_name = "S", default_value_t = 1.0, value_parser = positive_seconds)]
+    duration_s: f64,
+    /// Token-bucket capacity [default: 2 x points: the sizing rule capacity >= 2 x rate x
+    /// sync_interval holds up to 1 s].
+    #[arg(long, value_name = "N", value_parser = whole)]
+    burst: Option<u64>,
+    /// The algorithm of the shared policy.
+    #[arg(long, value_name = "A", value_enum, default_value_t = AlgorithmArg::TokenBucket)]
+    algorithm: AlgorithmArg,
+    /// What a node admits for a key before its first claim arrives: deny | optimistic:N.
+    #[arg(long = "cold-start", value_name = "C", default_value = "deny", value_parser = cold_start)]
     cold_start: ColdStart,
+    /// Length of each run in seconds, in (0, 3600] [default: 30 on virtual time, 5 against
+    /// Redis].
+    #[arg(long, value_name = "S", value_parser = run_seconds)]
     seconds: Option<f64>,
+    /// Seed of the arrival process.
+    #[arg(long, value_name = "N", default_value_t = 1)]
     seed: u64,
-    keys: usize,
-    svg: String,
+    /// Keys the load is spread over, each with the policy.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    keys: u32,
+    /// Where to write the plot (utilization loss and store round trips against the interval).
+    #[arg(long, value_name = "PATH", default_value = "tune.svg")]
+    svg: PathBuf,
+    /// One JSON object per case per line on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Run on the wall clock against this Redis (needs the `redis` feature); without it the
+    /// run uses the in-process store on virtual time.
+    #[arg(long, value_name = "URL", conflicts_with = "redis_cluster")]
     redis: Option<String>,
-    cluster: bool,
+    /// The same against a Redis Cluster: seed URLs, comma-separated (needs the `redis`
+    /// feature).
+    #[arg(long = "redis-cluster", value_name = "URLS")]
+    redis_cluster: Option<String>,
 }
 
-fn parse_list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>, String> {
-    let items: Result<Vec<T>, _> = v.split(',').map(|s| s.trim().parse::<T>()).collect();
-    match items {
-        Ok(items) if !items.is_empty() => Ok(items),
-        _ => Err(format!("{flag}: expected a comma-separated list of numbers, got '{v}'")),
+/// The algorithms, by the names of the configuration vocabulary.
+#[derive(Clone, Copy, ValueEnum)]
+#[value(rename_all = "snake_case")]
+enum AlgorithmArg {
+    TokenBucket,
+    SlidingWindow,
+    FixedWindow,
+}
+
+impl From<AlgorithmArg> for Algorithm {
+    fn from(a: AlgorithmArg) -> Algorithm {
+        match a {
+            AlgorithmArg::TokenBucket => Algorithm::TokenBucket,
+            AlgorithmArg::SlidingWindow => Algorithm::SlidingWindow,
+            AlgorithmArg::FixedWindow => Algorithm::FixedWindow,
+        }
     }
 }
 
-fn parse(args: &[String]) -> Result<Args, String> {
-    let mut a = Args {
-        nodes: 8,
-        intervals: vec![10, 50, 100, 250, 1000],
-        loads: vec![1.5, 10.0],
-        policy: Policy::per_second(1000),
-        cold_start: ColdStart::Deny,
-        seconds: None,
-        seed: 1,
-        keys: 1,
-        svg: "tune.svg".into(),
-        redis: None,
-        cluster: false,
-    };
-    let (mut points, mut duration_s, mut burst, mut algorithm) = (1000u64, 1.0f64, None, Algorithm::TokenBucket);
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().cloned().ok_or_else(|| format!("{flag}: missing value"));
-        let num = |v: String| {
-            v.parse::<f64>()
-                .map_err(|_| format!("{flag}: expected a number, got '{v}'"))
-        };
-        match flag.as_str() {
-            "--nodes" => a.nodes = num(value()?)? as usize,
-            "--intervals" => a.intervals = parse_list(flag, &value()?)?,
-            "--loads" => a.loads = parse_list(flag, &value()?)?,
-            "--points" => points = num(value()?)? as u64,
-            "--duration-s" => duration_s = num(value()?)?,
-            "--burst" => burst = Some(num(value()?)? as u64),
-            "--seconds" => a.seconds = Some(num(value()?)?),
-            "--seed" => a.seed = num(value()?)? as u64,
-            "--keys" => a.keys = (num(value()?)? as usize).max(1),
-            "--svg" => a.svg = value()?,
-            "--redis" => a.redis = Some(value()?),
-            "--redis-cluster" => {
-                a.redis = Some(value()?);
-                a.cluster = true;
-            }
-            "--algorithm" => {
-                algorithm = match value()?.as_str() {
-                    "token_bucket" => Algorithm::TokenBucket,
-                    "sliding_window" => Algorithm::SlidingWindow,
-                    "fixed_window" => Algorithm::FixedWindow,
-                    other => return Err(format!("--algorithm: unknown algorithm '{other}'")),
-                }
-            }
-            "--cold-start" => {
-                let v = value()?;
-                a.cold_start = match v.split_once(':') {
-                    None if v == "deny" => ColdStart::Deny,
-                    Some(("optimistic", n)) => {
-                        ColdStart::Optimistic(n.parse().map_err(|_| format!("--cold-start: bad allowance in '{v}'"))?)
-                    }
-                    _ => return Err(format!("--cold-start: expected deny or optimistic:N, got '{v}'")),
-                }
-            }
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown option '{other}'")),
+/// Why a value given on the command line was refused.
+#[derive(Debug, thiserror::Error)]
+enum ValueError {
+    #[error("expected a number")]
+    NotANumber,
+    #[error("{0} is not in {1}")]
+    OutOfRange(f64, &'static str),
+    #[error("expected a whole number of at least 1")]
+    NotWhole,
+    #[error("expected deny or optimistic:N (N a whole number of units)")]
+    ColdStart,
+}
+
+fn number_in(s: &str, ok: impl Fn(f64) -> bool, range: &'static str) -> Result<f64, ValueError> {
+    let v: f64 = s.trim().parse().map_err(|_| ValueError::NotANumber)?;
+    if v.is_finite() && ok(v) {
+        Ok(v)
+    } else {
+        Err(ValueError::OutOfRange(v, range))
+    }
+}
+
+fn whole(s: &str) -> Result<u64, ValueError> {
+    match s.trim().parse::<u64>() {
+        Ok(v) if v >= 1 => Ok(v),
+        _ => Err(ValueError::NotWhole),
+    }
+}
+
+fn load(s: &str) -> Result<f64, ValueError> {
+    number_in(s, |v| v > 0.0 && v <= 1000.0, "(0, 1000]")
+}
+
+fn positive_seconds(s: &str) -> Result<f64, ValueError> {
+    number_in(s, |v| v > 0.0 && v <= 1e9, "(0, 1e9]")
+}
+
+fn run_seconds(s: &str) -> Result<f64, ValueError> {
+    number_in(s, |v| v > 0.0 && v <= 3600.0, "(0, 3600]")
+}
+
+fn cold_start(s: &str) -> Result<ColdStart, ValueError> {
+    match s.split_once(':') {
+        None if s == "deny" => Ok(ColdStart::Deny),
+        Some(("optimistic", n)) => n.parse().map(ColdStart::Optimistic).map_err(|_| ValueError::ColdStart),
+        _ => Err(ValueError::ColdStart),
+    }
+}
+
+/// The run's settings, checked.
+struct Tune {
+    args: TuneArgs,
+    policy: Policy,
+}
+
+impl Tune {
+    /// The store the run uses, for the headline.
+    fn store(&self) -> &'static str {
+        if self.args.redis_cluster.is_some() {
+            "Redis Cluster, wall clock"
+        } else if self.args.redis.is_some() {
+            "Redis, wall clock"
+        } else {
+            "in-process store, virtual time"
         }
     }
-    if a.nodes == 0 || a.nodes > 1000 {
-        return Err("--nodes: must be in 1..=1000".into());
+
+    fn wall_clock(&self) -> bool {
+        self.args.redis.is_some() || self.args.redis_cluster.is_some()
     }
-    if a.intervals.iter().any(|&i| i == 0 || i > 60_000) {
-        return Err("--intervals: each must be in 1..=60000 ms".into());
-    }
-    if a.loads.iter().any(|&l| !(l > 0.0 && l <= 1000.0)) {
-        return Err("--loads: each must be in (0, 1000]".into());
-    }
-    if let Some(s) = a.seconds {
-        if !(s > 0.0 && s <= 3600.0) {
-            return Err("--seconds: must be in (0, 3600]".into());
-        }
-    }
-    if !(duration_s.is_finite() && duration_s > 0.0) {
-        return Err("--duration-s: must be a positive number".into());
-    }
-    let mut p = Policy::new(points, Duration::from_secs_f64(duration_s)).algorithm(algorithm);
+}
+
+/// The shared policy of the arguments, or clap's usage error (exit code 2) naming what is wrong.
+fn policy(args: &TuneArgs) -> Result<Policy, clap::Error> {
+    let algorithm = Algorithm::from(args.algorithm);
+    let mut p = Policy::new(args.points, Duration::from_secs_f64(args.duration_s)).algorithm(algorithm);
     if algorithm == Algorithm::TokenBucket {
-        p = p.burst(burst.unwrap_or(points.saturating_mul(2)));
+        p = p.burst(args.burst.unwrap_or(args.points.saturating_mul(2)));
     }
-    p.validate().map_err(|e| format!("policy: {e}"))?;
-    a.policy = p;
-    Ok(a)
+    p.validate().map_err(|e| {
+        let mut cmd = Cli::command();
+        let tune = cmd.find_subcommand_mut("tune").expect("the tune subcommand").clone();
+        tune.bin_name("tollgate tune")
+            .error(clap::error::ErrorKind::ValueValidation, format!("policy: {e}"))
+    })?;
+    Ok(p)
 }
 
+/// One case's result.
 struct Row {
-    interval: u64,
+    interval: u16,
     load: f64,
     skew: Skew,
     report: Report,
 }
 
-fn progress(done: usize, total: usize, what: &str) {
-    let width = 30;
-    let filled = done * width / total.max(1);
-    eprint!(
-        "\r[{}{}] {done}/{total} {what:<40}",
-        "=".repeat(filled),
-        " ".repeat(width - filled)
-    );
-    let _ = std::io::stderr().flush();
-    if done == total {
-        eprintln!();
+fn shape(skew: Skew) -> &'static str {
+    match skew {
+        Skew::Uniform => "uniform",
+        Skew::Skewed => "80/20",
     }
 }
 
-fn run(args: &Args) -> Result<Vec<Row>, String> {
+fn progress_bar(len: usize) -> ProgressBar {
+    // Drawn on stderr, and only when it is a terminal.
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("[{bar:30}] {pos}/{len} {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+fn run(tune: &Tune) -> Result<Vec<Row>, String> {
+    let args = &tune.args;
     let mut cases = Vec::new();
     for &interval in &args.intervals {
         for &load in &args.loads {
@@ -175,44 +239,47 @@ fn run(args: &Args) -> Result<Vec<Row>, String> {
         }
     }
     #[cfg(feature = "redis")]
-    let (runtime, store) = match &args.redis {
-        Some(url) => {
-            let rt = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start a runtime: {e}"))?;
-            let store: std::sync::Arc<dyn tollgate::store::Store> = if args.cluster {
-                let seeds: Vec<&str> = url.split(',').map(str::trim).collect();
+    let (runtime, store) = if tune.wall_clock() {
+        let rt = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start a runtime: {e}"))?;
+        let store: std::sync::Arc<dyn tollgate::store::Store> = match (&args.redis, &args.redis_cluster) {
+            (_, Some(urls)) => {
+                let seeds: Vec<&str> = urls.split(',').map(str::trim).collect();
                 std::sync::Arc::new(
                     rt.block_on(tollgate::store::RedisClusterStore::connect(seeds))
-                        .map_err(|e| format!("--redis-cluster {url}: {e}"))?,
+                        .map_err(|e| format!("--redis-cluster {urls}: {e}"))?,
                 )
-            } else {
-                std::sync::Arc::new(
-                    rt.block_on(tollgate::store::RedisStore::connect(url))
-                        .map_err(|e| format!("--redis {url}: {e}"))?,
-                )
-            };
-            (Some(rt), Some(store))
-        }
-        None => (None, None),
+            }
+            (Some(url), None) => std::sync::Arc::new(
+                rt.block_on(tollgate::store::RedisStore::connect(url.as_str()))
+                    .map_err(|e| format!("--redis {url}: {e}"))?,
+            ),
+            (None, None) => unreachable!("a wall-clock run has a Redis"),
+        };
+        (Some(rt), Some(store))
+    } else {
+        (None, None)
     };
     #[cfg(not(feature = "redis"))]
-    if args.redis.is_some() {
+    if tune.wall_clock() {
         return Err(
             "--redis needs the `redis` feature: cargo run --release --features redis -- tune --redis URL".into(),
         );
     }
+    let bar = progress_bar(cases.len());
+    let seconds = args.seconds.unwrap_or(if tune.wall_clock() { 5.0 } else { 30.0 });
     let mut rows = Vec::new();
     for (n, &(interval, load, skew)) in cases.iter().enumerate() {
-        progress(n, cases.len(), &format!("sync {interval} ms, load {load}x, {skew:?}"));
+        bar.set_message(format!("sync {interval} ms, load {load}x, {}", shape(skew)));
         let scenario = Scenario {
-            nodes: args.nodes,
-            sync_interval: Duration::from_millis(interval),
+            nodes: usize::from(args.nodes),
+            sync_interval: Duration::from_millis(u64::from(interval)),
             load,
             skew,
-            duration: Duration::from_secs_f64(args.seconds.unwrap_or(if args.redis.is_some() { 5.0 } else { 30.0 })),
+            duration: Duration::from_secs_f64(seconds),
             cold_start: args.cold_start,
             seed: args.seed.wrapping_add(n as u64),
-            keys: args.keys,
-            ..Scenario::new(args.policy.clone())
+            keys: args.keys as usize,
+            ..Scenario::new(tune.policy.clone())
         };
         #[cfg(feature = "redis")]
         let report = match (&runtime, &store) {
@@ -227,24 +294,20 @@ fn run(args: &Args) -> Result<Vec<Row>, String> {
             skew,
             report,
         });
+        bar.inc(1);
     }
-    progress(cases.len(), cases.len(), "done");
+    bar.finish_and_clear();
     Ok(rows)
 }
 
-fn print(args: &Args, rows: &[Row]) {
+fn print_table(tune: &Tune, rows: &[Row]) {
+    let args = &tune.args;
     println!(
         "tollgate tune: {} nodes sharing {} on each of {} key(s) ({}), cold start {:?}",
         args.nodes,
-        args.policy,
+        tune.policy,
         args.keys,
-        if args.cluster {
-            "Redis Cluster, wall clock"
-        } else if args.redis.is_some() {
-            "Redis, wall clock"
-        } else {
-            "in-process store, virtual time"
-        },
+        tune.store(),
         args.cold_start
     );
     for &interval in &args.intervals {
@@ -258,10 +321,7 @@ fn print(args: &Args, rows: &[Row]) {
             println!(
                 "  {:<6} {:<8} {:>10} {:>10} {:>14} {:>11.2}% {:>16.1} {:>11} ns",
                 format!("{}x", r.load),
-                match r.skew {
-                    Skew::Uniform => "uniform",
-                    Skew::Skewed => "80/20",
-                },
+                shape(r.skew),
                 rep.admitted,
                 rep.ideal,
                 rep.over_admitted,
@@ -273,123 +333,77 @@ fn print(args: &Args, rows: &[Row]) {
     }
 }
 
-/// A line plot of the worst utilization and the worst over-admission (as % of capacity) per
-/// interval, on a log scale of intervals.
-fn svg(args: &Args, rows: &[Row]) -> String {
-    let (w, h, m) = (640.0, 400.0, 60.0);
-    let xs: Vec<f64> = args.intervals.iter().map(|&i| (i as f64).ln()).collect();
-    let (x0, x1) = xs.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
-    let span = if x1 > x0 { x1 - x0 } else { 1.0 };
-    let x = |v: f64| m + (v - x0) / span * (w - 2.0 * m);
-    let y = |pct: f64| h - m - pct.clamp(0.0, 110.0) / 110.0 * (h - 2.0 * m);
-    let cap = args.policy.capacity() as f64;
-    let worst = |f: &dyn Fn(&Report) -> f64, min: bool| -> Vec<(f64, f64)> {
-        args.intervals
-            .iter()
-            .zip(&xs)
-            .map(|(&i, &lx)| {
-                let vals = rows.iter().filter(|r| r.interval == i).map(|r| f(&r.report));
-                let v = if min {
-                    vals.fold(f64::MAX, f64::min)
-                } else {
-                    vals.fold(0.0, f64::max)
-                };
-                (x(lx), y(v))
-            })
-            .collect()
-    };
-    let util = worst(&|r| r.utilization * 100.0, true);
-    let over = worst(&|r| r.over_admitted as f64 / cap * 100.0, false);
-    let line = |pts: &[(f64, f64)], color: &str| {
-        let p: Vec<String> = pts.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
-        let dots: String = pts
-            .iter()
-            .map(|(a, b)| format!("<circle cx=\"{a:.1}\" cy=\"{b:.1}\" r=\"3\" fill=\"{color}\"/>"))
-            .collect();
-        format!(
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>{dots}",
-            p.join(" ")
-        )
-    };
-    let mut out = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
-         <text x=\"{m}\" y=\"24\" font-size=\"14\">tollgate tune: {} nodes, {}</text>",
-        args.nodes, args.policy
-    );
-    for pct in [0.0, 25.0, 50.0, 75.0, 100.0] {
-        out += &format!(
-            "<line x1=\"{m}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{pct}%</text>",
-            w - m,
-            m - 6.0,
-            y(pct) + 4.0,
-            y = y(pct)
-        );
+/// One JSON object per case, one per line.
+fn print_json(tune: &Tune, rows: &[Row]) {
+    for r in rows {
+        let rep = &r.report;
+        let line = serde_json::json!({
+            "sync_interval_ms": r.interval,
+            "load": r.load,
+            "shape": shape(r.skew),
+            "nodes": tune.args.nodes,
+            "keys": tune.args.keys,
+            "policy": tune.policy.to_string(),
+            "store": tune.store(),
+            "offered": rep.offered,
+            "admitted": rep.admitted,
+            "ideal": rep.ideal,
+            "over_admitted": rep.over_admitted,
+            "utilization": rep.utilization,
+            "round_trips_per_s": rep.round_trips_per_s,
+            "check_p99_ns": rep.check_p99_ns,
+            "checks": rep.checks,
+        });
+        println!("{line}");
     }
-    for (&i, &lx) in args.intervals.iter().zip(&xs) {
-        out += &format!(
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{i} ms</text>",
-            x(lx),
-            h - m + 18.0
-        );
-    }
-    out += &format!(
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">sync interval (log scale)</text>",
-        w / 2.0,
-        h - 16.0
-    );
-    out += &line(&util, "#1f77b4");
-    out += &line(&over, "#d62728");
-    out += &format!(
-        "<text x=\"{}\" y=\"44\" fill=\"#1f77b4\">worst utilization (admitted / ideal)</text>\
-         <text x=\"{}\" y=\"60\" fill=\"#d62728\">worst over-admission (% of capacity)</text></svg>\n",
-        m, m
-    );
-    out
 }
 
-fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    match argv.first().map(String::as_str) {
-        Some("tune") => {}
-        Some("-h" | "--help" | "help") => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Some(other) => {
-            eprintln!("tollgate: unknown command '{other}'\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-        None => {
-            eprintln!("tollgate: missing command\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    }
-    let args = match parse(&argv[1..]) {
-        Ok(a) => a,
-        Err(e) if e.is_empty() => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("tollgate tune: {e}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
+fn tune(args: TuneArgs) -> ExitCode {
+    let policy = match policy(&args) {
+        Ok(p) => p,
+        Err(e) => e.exit(),
     };
-    let rows = match run(&args) {
+    let tune = Tune { args, policy };
+    let rows = match run(&tune) {
         Ok(rows) => rows,
         Err(e) => {
             eprintln!("tollgate tune: {e}");
             return ExitCode::FAILURE;
         }
     };
-    print(&args, &rows);
-    match std::fs::write(&args.svg, svg(&args, &rows)) {
-        Ok(()) => println!("\nplot written to {}", args.svg),
+    if tune.args.json {
+        print_json(&tune, &rows);
+    } else {
+        print_table(&tune, &rows);
+    }
+    let cases: Vec<plot::Case> = rows
+        .iter()
+        .map(|r| plot::Case {
+            interval_ms: r.interval,
+            shape: format!("{}x {}", r.load, shape(r.skew)),
+            report: &r.report,
+        })
+        .collect();
+    let title = format!(
+        "tollgate tune: {} nodes, {} ({})",
+        tune.args.nodes,
+        tune.policy,
+        tune.store()
+    );
+    let svg = plot::svg(&title, tune.policy.capacity(), &cases);
+    match std::fs::write(&tune.args.svg, svg) {
+        Ok(()) if tune.args.json => eprintln!("plot written to {}", tune.args.svg.display()),
+        Ok(()) => println!("\nplot written to {}", tune.args.svg.display()),
         Err(e) => {
-            eprintln!("tollgate tune: cannot write {}: {e}", args.svg);
+            eprintln!("tollgate tune: cannot write {}: {e}", tune.args.svg.display());
             return ExitCode::FAILURE;
         }
     }
     ExitCode::SUCCESS
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Tune(args) => tune(args),
+    }
 }

@@ -71,6 +71,9 @@ mod redis;
 #[cfg(feature = "redis")]
 pub use self::cluster::{key_slot, ClusterStats, RedisClusterStore};
 #[cfg(feature = "redis")]
+#[doc(hidden)]
+pub use self::redis::decode_reply_resp;
+#[cfg(feature = "redis")]
 pub use self::redis::{RedisConfig, RedisStore};
 pub use keys::{KeyConfigError, KeyEncoder, StoreKey};
 pub use memory::{ManualTime, MemoryStore, TimeSource};

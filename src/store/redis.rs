@@ -253,6 +253,22 @@ impl From<&String> for RedisConfig {
 }
 
 /// The claim protocol on a single Redis server (7.0 or later recommended; 6.2 works).
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use tollgate::store::{RedisConfig, RedisStore};
+/// use tollgate::{Limiter, Node, Policy};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::connect(RedisConfig::new("redis://127.0.0.1:6379")).await?;
+/// let node = Node::builder(Arc::new(store)).sync_interval(Duration::from_millis(100)).start()?;
+/// let per_user: Limiter = Limiter::builder(Policy::per_minute(1000)).name("user").node(&node).build()?;
+/// let d = per_user.check_async("alice").await;
+/// println!("allowed: {}", d.is_allowed());
+/// node.shutdown().await; // returns unused claims
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Arc<parking_lot::Mutex<ConnectionManager>>,
@@ -868,6 +884,14 @@ impl Store for RedisStore {
             Err(e) => tracing::warn!(error = %classify(&e), "tollgate: could not replace the Redis connection"),
         }
     }
+}
+
+/// Decodes a claim script's reply given as RESP bytes for `n` keys: the number of outcomes, or
+/// the error; `None` when the bytes are not RESP. For the fuzz target; not part of the API.
+#[doc(hidden)]
+pub fn decode_reply_resp(resp: &[u8], n: usize) -> Option<Result<usize, StoreError>> {
+    let value = redis::parse_redis_value(resp).ok()?;
+    Some(decode_reply(value, n).map(|outcomes| outcomes.len()))
 }
 
 #[cfg(test)]
