@@ -466,9 +466,12 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// True when a request with this method and path belongs to the endpoint.
+    /// True when a request with this method and path belongs to the endpoint. A `GET`
+    /// endpoint includes `HEAD`: servers (axum's `get`, hyper) answer `HEAD` by running the
+    /// `GET` handler.
     pub fn matches(&self, method: &str, path: &str) -> bool {
-        if self.method != "*" && self.method != method {
+        let same = self.method == method || (self.method == "GET" && method == "HEAD");
+        if self.method != "*" && !same {
             return false;
         }
         let mut parts = path.strip_prefix('/').unwrap_or(path).split('/');
@@ -1586,6 +1589,8 @@ mod tests {
         let e = &c.endpoints;
         assert!(e[0].matches("POST", "/api/ai/generate"));
         assert!(!e[0].matches("GET", "/api/ai/generate"));
+        assert!(!e[0].matches("HEAD", "/api/ai/generate"));
+        assert!(e[2].matches("HEAD", "/files/a"), "a GET endpoint includes HEAD");
         assert!(!e[0].matches("POST", "/api/ai/generate/"));
         assert!(!e[0].matches("POST", "/api/ai"));
         assert!(e[1].matches("PUT", "/items/42/edit"));

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tollgate::config::{Config, LiveConfig};
-use tollgate::http::{RateLimitLayer, ShadowVerdict};
+use tollgate::http::{RateLimitLayer, ShadowVerdict, Verified};
 use tollgate::store::MemoryStore;
 use tollgate::{ManualClock, Node};
 
@@ -269,7 +270,7 @@ async fn the_policy_header_only_with_refusals_when_asked() {
 }
 
 #[tokio::test]
-async fn tiers_come_from_the_resolver_and_unknown_tiers_fall_back() {
+async fn tiers_come_from_the_resolver_and_unknown_tiers_fall_back_and_are_counted() {
     let s = start(BASE).await;
     let c = client();
     let r = get_(&c, &s, &[("x-user", "p"), ("x-tier", "premium")]).await;
@@ -278,11 +279,14 @@ async fn tiers_come_from_the_resolver_and_unknown_tiers_fall_back() {
         Some(r#""ip";q=50;w=60, "user:premium";q=100;w=60"#)
     );
     assert_eq!(r.header("ratelimit"), Some(r#""ip";r=49;t=2"#));
-    let r = get_(&c, &s, &[("x-user", "g"), ("x-tier", "gold")]).await;
-    assert_eq!(
-        r.header("ratelimit-policy"),
-        Some(r#""ip";q=50;w=60, "user:free";q=5;w=60"#)
-    );
+    for _ in 0..3 {
+        let r = get_(&c, &s, &[("x-user", "g"), ("x-tier", "gold")]).await;
+        assert_eq!(
+            r.header("ratelimit-policy"),
+            Some(r#""ip";q=50;w=60, "user:free";q=5;w=60"#)
+        );
+    }
+    assert_eq!(s.layer.stats().unknown_tiers, 3, "every request with an unknown tier is counted");
 }
 
 #[tokio::test]
@@ -483,25 +487,123 @@ async fn allow_list_skips_limits_and_deny_list_answers_403() {
     assert_eq!(get_(&c, &s, &[]).await.status, 403);
 }
 
+/// A router whose handlers count their runs: `GET /api/export/large` and
+/// `POST /api/ai/generate`.
+fn counting_app(layer: RateLimitLayer, runs: Arc<AtomicU64>) -> Router {
+    let (a, b) = (runs.clone(), runs);
+    Router::new()
+        .route(
+            "/api/export/large",
+            get(move || async move {
+                a.fetch_add(1, Ordering::Relaxed);
+                "exported"
+            }),
+        )
+        .route(
+            "/api/ai/generate",
+            post(move || async move {
+                b.fetch_add(1, Ordering::Relaxed);
+                "generated"
+            }),
+        )
+        .layer(layer)
+}
+
 #[tokio::test]
-async fn api_keys_are_identities() {
-    let s = start(&with(json!({"api_key": {"header": "x-api-key"}}))).await;
+async fn head_requests_count_against_get_endpoint_limits() {
+    let json = with(json!({
+        "tiers": {"anonymous": {"points": 1000, "duration": 60}},
+        "layers": {},
+        "endpoints": [{"method": "GET", "path": "/api/export/large", "policy": {"points": 2, "duration": 3600}}]
+    }));
+    let live = LiveConfig::new(Config::from_json(&json).unwrap()).unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let addr = serve_router(counting_app(RateLimitLayer::new(live), runs.clone()), true).await;
     let c = client();
-    let mut allowed = 0;
-    for _ in 0..7 {
-        allowed += usize::from(get_(&c, &s, &[("x-api-key", "sk_live_one")]).await.status == 200);
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(send(&c, addr, "HEAD", "/api/export/large", &[]).await.status.as_u16());
     }
+    assert_eq!(statuses, [200, 200, 429, 429, 429], "HEAD is limited like GET");
+    assert_eq!(runs.load(Ordering::Relaxed), 2, "the GET handler ran twice");
+    let r = send(&c, addr, "GET", "/api/export/large", &[]).await;
+    assert_eq!(r.status, 429, "HEAD and GET share the endpoint's bucket");
+    assert_eq!(runs.load(Ordering::Relaxed), 2);
+}
+
+const GENERATE_WITH_KEYS: &str = r#"{
+    "tiers": {"anonymous": {"points": 1000, "duration": 60}, "free": {"points": 1000, "duration": 60}},
+    "endpoints": [{"method": "POST", "path": "/api/ai/generate", "policy": {"points": 2, "duration": 3600}}],
+    "api_key": {"header": "x-api-key"}
+}"#;
+
+#[tokio::test]
+async fn made_up_api_keys_get_no_buckets_of_their_own() {
+    let live = LiveConfig::new(Config::from_json(GENERATE_WITH_KEYS).unwrap()).unwrap();
+    let layer = RateLimitLayer::new(live);
+    let runs = Arc::new(AtomicU64::new(0));
+    let addr = serve_router(counting_app(layer.clone(), runs.clone()), true).await;
+    let c = client();
+    let mut admitted = 0;
+    for i in 0..10 {
+        let key = format!("made-up-{i}");
+        let r = send(&c, addr, "POST", "/api/ai/generate", &[("x-api-key", &key)]).await;
+        admitted += usize::from(r.status == 200);
+    }
+    assert_eq!(admitted, 2, "unverified keys share the client's anonymous endpoint bucket");
+    assert_eq!(runs.load(Ordering::Relaxed), 2);
+    assert_eq!(layer.stats().unverified_keys, 10);
+}
+
+#[tokio::test]
+async fn api_keys_are_identities_when_the_validator_accepts_them() {
+    let live = LiveConfig::new(Config::from_json(GENERATE_WITH_KEYS).unwrap()).unwrap();
+    let layer = RateLimitLayer::builder(live)
+        .api_key_validator(|key| match key {
+            "sk_live_one" => Some(Verified::key()),
+            "sk_live_alice_1" | "sk_live_alice_2" => Some(Verified::user("alice")),
+            _ => None,
+        })
+        .build();
+    let runs = Arc::new(AtomicU64::new(0));
+    let addr = serve_router(counting_app(layer.clone(), runs.clone()), true).await;
+    let c = client();
+    let admitted = |key: &'static str, n: usize| {
+        let c = c.clone();
+        async move {
+            let mut ok = 0;
+            for _ in 0..n {
+                let r = send(&c, addr, "POST", "/api/ai/generate", &[("x-api-key", key)]).await;
+                ok += usize::from(r.status == 200);
+            }
+            ok
+        }
+    };
+    assert_eq!(admitted("sk_live_one", 3).await, 2, "a verified key has its own buckets");
     assert_eq!(
-        allowed, 5,
-        "an API key is an identified client: the default tier (free)"
+        admitted("sk_live_alice_1", 1).await + admitted("sk_live_alice_2", 2).await,
+        2,
+        "two keys of one user share the user's buckets"
     );
-    let r = get_(&c, &s, &[("x-api-key", "sk_live_two")]).await;
-    assert_eq!(r.header("ratelimit"), Some(r#""user:free";r=4;t=12"#));
-    let free = s.live.rules().tier_limiter("free").unwrap().clone();
+    assert_eq!(admitted("made-up", 3).await, 2, "an unknown key is anonymous");
+    assert_eq!(layer.stats().unverified_keys, 3);
+    let free = layer.live().rules().endpoint_limiter("POST", "/api/ai/generate").unwrap().1.clone();
+    assert_eq!(free.peek("u:alice", 1).unwrap().remaining(), 0);
+    assert_eq!(free.peek("sk_live_one", 1).unwrap().remaining(), 1, "the raw key is not a key: fresh");
+}
+
+#[tokio::test]
+async fn a_verified_key_brings_its_tier() {
+    let json = with(json!({"api_key": {"header": "x-api-key"}}));
+    let live = LiveConfig::new(Config::from_json(&json).unwrap()).unwrap();
+    let layer = RateLimitLayer::builder(live)
+        .api_key_validator(|key| (key == "sk_live_pro").then(|| Verified::user("pro").tier("premium")))
+        .build();
+    let addr = serve_router(app(layer), true).await;
+    let r = send(&client(), addr, "GET", "/", &[("x-api-key", "sk_live_pro")]).await;
     assert_eq!(
-        free.peek("sk_live_one", 1).unwrap().remaining(),
-        4,
-        "the raw key is not a key"
+        r.header("ratelimit-policy"),
+        Some(r#""ip";q=50;w=60, "user:premium";q=100;w=60"#)
     );
 }
 

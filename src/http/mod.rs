@@ -56,7 +56,7 @@
 //! | [`PeerAddr`] extension, else axum `ConnectInfo<SocketAddr>` | always (it is the TCP peer) | the client address |
 //! | `X-Forwarded-For`, `Forwarded` or `X-Real-IP` (one, configured) | the peer is in `client_ip.trusted_proxies` | the client address: the rightmost hop that is not a trusted proxy ([`client_ip`]) |
 //! | [`UserId`] extension (or a user resolver) | always: set it from your authentication | the user key |
-//! | the `api_key.header` | always | the user key, after a keyed SipHash-1-3 (128 bits): the raw key is never stored |
+//! | the `api_key.header` | only when the application's API-key validator accepts the key ([`RateLimitLayerBuilder::api_key_validator`]) | the user the validator names, else the key after a keyed SipHash-1-3 (128 bits): the raw key is never stored. A key nobody verified counts as anonymous |
 //! | [`Tier`] extension (or a tier resolver) | always | the user layer's policy |
 //!
 //! IPv6 clients are counted per /64 by default (`client_ip.ipv6_prefix`), IPv4 per address;
@@ -76,7 +76,8 @@ pub use self::headers::{
 };
 pub use self::key::client_ip;
 pub use self::layer::{
-    RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseBody, ResponseFuture, Stats, TierResolver, UserResolver,
+    ApiKeyValidator, RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseBody, ResponseFuture, Stats, TierResolver,
+    UserResolver,
 };
 
 /// The TCP peer of a request, for servers that do not use axum's `ConnectInfo`: insert it
@@ -92,6 +93,49 @@ pub struct UserId(pub Cow<'static, str>);
 /// The tier of a request (a key of the configuration's `tiers`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tier(pub Cow<'static, str>);
+
+/// What the application's API-key validator knows about a key it accepted
+/// ([`RateLimitLayerBuilder::api_key_validator`]).
+///
+/// ```
+/// use tollgate::http::Verified;
+///
+/// // Counted under the key itself (hashed), in the tier the other resolvers give.
+/// let _ = Verified::key();
+/// // Counted under its owner (every key of alice shares her buckets), on the premium tier.
+/// let owner = Verified::user("alice").tier("premium");
+/// assert_eq!(owner.tier.as_deref(), Some("premium"));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Verified {
+    /// The user the key belongs to; `None`: the key is its own identity.
+    pub user: Option<Cow<'static, str>>,
+    /// The key's tier; `None`: the tier resolver (or the [`Tier`] extension) decides, else
+    /// `default_tier`.
+    pub tier: Option<Cow<'static, str>>,
+}
+
+impl Verified {
+    /// A valid key, counted under itself (after hashing).
+    pub fn key() -> Self {
+        Verified::default()
+    }
+
+    /// A valid key of `user`, counted under the user's id.
+    pub fn user(user: impl Into<Cow<'static, str>>) -> Self {
+        Verified {
+            user: Some(user.into()),
+            tier: None,
+        }
+    }
+
+    /// The key's tier (a key of the configuration's `tiers`).
+    pub fn tier(mut self, tier: impl Into<Cow<'static, str>>) -> Self {
+        self.tier = Some(tier.into());
+        self
+    }
+}
 
 /// Shadow mode: what the layer would have done to a request it let through. Found in the
 /// request's extensions (for the inner service) and the response's.
