@@ -273,12 +273,15 @@ async fn the_policy_header_only_with_refusals_when_asked() {
 async fn tiers_come_from_the_resolver_and_unknown_tiers_fall_back_and_are_counted() {
     let s = start(BASE).await;
     let c = client();
-    let r = get_(&c, &s, &[("x-user", "p"), ("x-tier", "premium")]).await;
+    let r = get_(&c, &s, &[("x-user", "p"), ("x-tier", "free")]).await;
     assert_eq!(
         r.header("ratelimit-policy"),
-        Some(r#""ip";q=50;w=60, "user:premium";q=100;w=60"#)
+        Some(r#""ip";q=50;w=60, "user:free";q=5;w=60"#)
     );
-    assert_eq!(r.header("ratelimit"), Some(r#""ip";r=49;t=2"#));
+    // Premium (100 per minute) is above the ip layer's 50: by default not counted there.
+    let r = get_(&c, &s, &[("x-user", "p"), ("x-tier", "premium")]).await;
+    assert_eq!(r.header("ratelimit-policy"), Some(r#""user:premium";q=100;w=60"#));
+    assert_eq!(r.header("ratelimit"), Some(r#""user:premium";r=99;t=1"#));
     for _ in 0..3 {
         let r = get_(&c, &s, &[("x-user", "g"), ("x-tier", "gold")]).await;
         assert_eq!(
@@ -601,10 +604,7 @@ async fn a_verified_key_brings_its_tier() {
         .build();
     let addr = serve_router(app(layer), true).await;
     let r = send(&client(), addr, "GET", "/", &[("x-api-key", "sk_live_pro")]).await;
-    assert_eq!(
-        r.header("ratelimit-policy"),
-        Some(r#""ip";q=50;w=60, "user:premium";q=100;w=60"#)
-    );
+    assert_eq!(r.header("ratelimit-policy"), Some(r#""user:premium";q=100;w=60"#));
 }
 
 #[tokio::test]
@@ -700,6 +700,108 @@ async fn reload_rejects_a_broken_file_and_keeps_state_of_unchanged_policies() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// The seed's `rate-limit-tiers.json`, as users bring it.
+const SEED_FLAT: &str = r#"{
+  "anonymous": { "points": 20, "duration": 60 },
+  "free": { "points": 100, "duration": 60 },
+  "premium": { "points": 1000, "duration": 60 },
+  "enterprise": { "points": 10000, "duration": 60 }
+}"#;
+
+#[tokio::test]
+async fn the_seeds_flat_tiers_file_is_served_as_it_is() {
+    let path = temp_file("flat");
+    // With a byte-order mark, as some editors save it.
+    std::fs::write(&path, format!("\u{feff}{SEED_FLAT}")).unwrap();
+    let clock = ManualClock::new();
+    let live = LiveConfig::builder().file(&path).clock(clock.clock()).build().unwrap();
+    let s = start_live(live, clock).await;
+    let c = client();
+    let mut anonymous = 0;
+    for _ in 0..25 {
+        anonymous += usize::from(get_(&c, &s, &[]).await.status == 200);
+    }
+    assert_eq!(anonymous, 20, "anonymous: 20 per minute");
+    let r = get_(&c, &s, &[("x-user", "alice")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("ratelimit-policy"), Some(r#""user:free";q=100;w=60"#));
+    let r = get_(&c, &s, &[("x-user", "ent"), ("x-tier", "enterprise")]).await;
+    assert_eq!(r.header("ratelimit-policy"), Some(r#""user:enterprise";q=10000;w=60"#));
+    let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test]
+async fn trailing_data_is_refused_at_start_and_on_reload() {
+    let path = temp_file("trailing");
+    std::fs::write(&path, format!("{BASE} xyz")).unwrap();
+    let err = LiveConfig::open(&path).unwrap_err();
+    assert!(err.to_string().starts_with("data after the JSON document"), "{err}");
+
+    std::fs::write(&path, BASE).unwrap();
+    let clock = ManualClock::new();
+    let live = LiveConfig::builder().file(&path).clock(clock.clock()).build().unwrap();
+    let s = start_live(live.clone(), clock).await;
+    let c = client();
+    for trailing in [format!("{BASE} xyz"), format!("{BASE}{BASE}")] {
+        std::fs::write(&path, trailing.replace(r#""points": 3"#, r#""points": 1"#)).unwrap();
+        let err = live.reload().unwrap_err();
+        assert!(err.to_string().starts_with("data after the JSON document"), "{err}");
+    }
+    assert_eq!(live.generation(), 0);
+    let mut allowed = 0;
+    for _ in 0..5 {
+        allowed += usize::from(get_(&c, &s, &[]).await.status == 200);
+    }
+    assert_eq!(allowed, 3, "the rules in force (anonymous: 3) keep serving");
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Tiers around an ip layer of 5 per minute.
+const IP_SCOPE: &str = r#"{
+    "tiers": {
+        "anonymous": {"points": 3, "duration": 60},
+        "free": {"points": 5, "duration": 60},
+        "enterprise": {"points": 100, "duration": 60}
+    },
+    "layers": {"ip": {"points": 5, "duration": 60}}
+}"#;
+
+async fn admitted(s: &Server, headers: &[(&str, &str)], n: usize) -> usize {
+    let c = client();
+    let mut ok = 0;
+    for _ in 0..n {
+        ok += usize::from(get_(&c, s, headers).await.status == 200);
+    }
+    ok
+}
+
+#[tokio::test]
+async fn the_ip_layer_by_default_does_not_cap_tiers_above_it() {
+    let s = start(IP_SCOPE).await;
+    let ent = [("x-user", "big"), ("x-tier", "enterprise")];
+    assert_eq!(admitted(&s, &ent, 20).await, 20, "enterprise is not capped at 5");
+    assert_eq!(admitted(&s, &[("x-user", "a")], 7).await, 5, "free is counted by the ip layer");
+    assert_eq!(
+        admitted(&s, &[("x-user", "b")], 3).await,
+        0,
+        "the address's 5 are spent by free users"
+    );
+    let rules = s.live.rules();
+    assert_eq!(
+        rules.config().layers.ip_applies_to,
+        tollgate::config::IpScope::Tiers(["anonymous".to_string(), "free".to_string()].into())
+    );
+
+    let all = r#""layers": {"ip": {"points": 5, "duration": 60, "applies_to": "all"}}"#;
+    let s = start(&IP_SCOPE.replace(r#""layers": {"ip": {"points": 5, "duration": 60}}"#, all)).await;
+    assert_eq!(admitted(&s, &ent, 20).await, 5, "applies_to all: every tier is capped");
+
+    let listed = r#""layers": {"ip": {"points": 5, "duration": 60, "applies_to": ["anonymous"]}}"#;
+    let s = start(&IP_SCOPE.replace(r#""layers": {"ip": {"points": 5, "duration": 60}}"#, listed)).await;
+    assert_eq!(admitted(&s, &[("x-user", "a")], 7).await, 5, "free: its own 5");
+    assert_eq!(admitted(&s, &[("x-user", "b")], 7).await, 5, "free users are not counted per address");
+}
+
 #[test]
 fn every_invalid_value_is_reported_with_its_json_path() {
     let tier = |extra: Value| {
@@ -753,7 +855,72 @@ fn every_invalid_value_is_reported_with_its_json_path() {
             json!({"tiers": {"bad name": policy}}).to_string(),
             "tiers.bad name: a tier name",
         ),
-        (json!({"shadow": false}).to_string(), "missing field `tiers`"),
+        (
+            json!({"shadow": false}).to_string(),
+            "tiers: missing (a map of tier names to policies)",
+        ),
+        (
+            json!({"tiers": {"free": {"duration": 60}}}).to_string(),
+            "tiers.free.points: missing",
+        ),
+        (
+            r#"{"tiers": {"free": {"points": 1, "points": 2, "duration": 60}}}"#.to_string(),
+            "tiers.free.points: is listed twice",
+        ),
+        (
+            r#"{"tiers": {"free": {"points": 1, "duration": 60}}, "tiers": {}}"#.to_string(),
+            "tiers: is listed twice",
+        ),
+        (
+            r#"{"tiers": {"free": {"points": 1, "duration": "#.to_string(),
+            "tiers.free.duration: EOF while parsing a value",
+        ),
+        (
+            r#"{"tiers": {"free": {"points": 1"#.to_string(),
+            "tiers.free: EOF while parsing an object",
+        ),
+        (
+            "[1, 2]".to_string(),
+            "the document must be a JSON object",
+        ),
+        (
+            tier(json!({"points": u64::MAX})),
+            "tiers.free.points: must be <= 4294967295 (got 18446744073709551615)",
+        ),
+        (
+            r#"{"tiers": {"free": {"points": 10, "duration": 5e-324}}}"#.to_string(),
+            "tiers.free.duration: must be >= 0.001 s (got 5e-324)",
+        ),
+        (
+            r#"{"tiers": {"free": 5}}"#.to_string(),
+            "tiers.free: invalid type: integer `5`, expected a policy object",
+        ),
+        (
+            doc(json!({"endpoints": [{"policy": policy}]})),
+            "endpoints[0].path: missing",
+        ),
+        (doc(json!({"api_key": {}})), "api_key.header: missing"),
+        (doc(json!({"redis": {}})), "redis.url: missing"),
+        (
+            doc(json!({"layers": {"ip": {"points": 1, "duration": 1, "applies_to": "some"}}})),
+            "layers.ip.applies_to: must be \"all\" or a list of tier names",
+        ),
+        (
+            doc(json!({"layers": {"ip": {"points": 1, "duration": 1, "applies_to": ["gold"]}}})),
+            "layers.ip.applies_to[0]: no tier named \"gold\"",
+        ),
+        (
+            tier(json!({"applies_to": "all"})),
+            "tiers.free.applies_to: only the ip layer",
+        ),
+        (
+            doc(json!({"block_duration": 5e-324})),
+            "block_duration: must be a number of seconds in [0.001, 31622400] (got 5e-324)",
+        ),
+        (
+            r#"{"free": {"points": 0, "duration": 60}}"#.to_string(),
+            "free.points: must be > 0 (got 0)",
+        ),
         (
             doc(json!({"default_tier": "gold"})),
             "default_tier: no tier named \"gold\"",
@@ -788,7 +955,7 @@ fn every_invalid_value_is_reported_with_its_json_path() {
             endpoint(json!({"path": "/x", "policy": {"points": 1, "duration": -1}})),
             "endpoints[0].policy.duration: must be > 0",
         ),
-        (endpoint(json!({"path": "/x"})), "endpoints[0]: missing field `policy`"),
+        (endpoint(json!({"path": "/x"})), "endpoints[0].policy: missing"),
         (
             doc(json!({"endpoints": [{"path": "/x", "policy": policy}, {"path": "/x", "policy": policy}]})),
             "endpoints[1].path: * /x is listed twice",
@@ -875,6 +1042,14 @@ fn every_invalid_value_is_reported_with_its_json_path() {
         (doc(json!({"max_keys": -1})), "max_keys: invalid value"),
         (doc(json!({"tiers2": {}})), "tiers2: unknown field"),
         ("{\"tiers\": ".to_string(), "tiers: EOF while parsing"),
+        (
+            format!("{} xyz", doc(json!({}))),
+            "data after the JSON document (trailing characters at line 1 column",
+        ),
+        (
+            format!("{}{}", doc(json!({})), doc(json!({}))),
+            "data after the JSON document",
+        ),
     ];
     for (json, want) in &cases {
         let err = Config::from_json(json).expect_err(json).to_string();

@@ -581,12 +581,12 @@ impl Shared {
         let endpoint = rules
             .endpoint_index(head.method().as_str(), head.path())
             .and_then(|i| rules.endpoints.get(i).map(|l| (i, l)));
-        if rules.ip.is_none() && tier.is_none() && endpoint.is_none() {
+        if rules.ip_for(tier).is_none() && tier.is_none() && endpoint.is_none() {
             return Prepared::Skip;
         }
         Prepared::Check(Plan {
             keys,
-            ip: rules.ip.as_ref(),
+            ip: rules.ip_for(tier),
             tier,
             endpoint,
         })
@@ -637,7 +637,7 @@ impl Shared {
         let applied = &applied[..layers.len()];
         let policy = match config.response.policy_header {
             PolicyHeader::Denials if d.is_allowed() => None,
-            _ => rules.policy_value(plan.tier, plan.endpoint.map(|(i, _)| i)),
+            _ => rules.policy_value(plan.ip.is_some(), plan.tier, plan.endpoint.map(|(i, _)| i)),
         };
         let attach = Attach::new(config.response.headers, policy, applied, &d);
         if d.is_allowed() {
