@@ -1062,6 +1062,19 @@ fn every_invalid_value_is_reported_with_its_json_path() {
             "client_ip": {"ipv6_prefix": 200}, "max_keys": 0}"#,
     )
     .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "tiers.free.points: must be > 0 (got -1)\n\
+         tiers.pro.duration: must be > 0 (got 0)\n\
+         client_ip.ipv6_prefix: must be in 1..=128 (got 200)\n\
+         max_keys: must be > 0",
+        "one `path: reason` line per problem"
+    );
+    // A tier that is invalid is still a tier name: no second problem for referring to it.
+    let invalid_tier =
+        Config::from_json(r#"{"tiers": {"free": {"points": 0, "duration": 60}}, "default_tier": "free"}"#)
+            .unwrap_err();
+    assert_eq!(invalid_tier.to_string(), "tiers.free.points: must be > 0 (got 0)");
     let paths: Vec<&str> = err.problems().iter().map(|i| i.path.as_str()).collect();
     assert_eq!(
         paths,

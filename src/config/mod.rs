@@ -13,7 +13,7 @@
 //!   },
 //!   "default_tier": "free",
 //!   "anonymous_tier": "anonymous",
-//!   "layers": { "ip": { "points": 1000, "duration": 60 }, "user": true, "endpoint": true },
+//!   "layers": { "ip": { "points": 1000, "duration": 60, "applies_to": ["anonymous", "free"] }, "user": true, "endpoint": true },
 //!   "endpoints": [
 //!     { "method": "POST", "path": "/api/ai/generate", "policy": { "points": 10, "duration": 3600 } }
 //!   ],
@@ -30,9 +30,13 @@
 //! }
 //! ```
 //!
-//! Only `tiers` is required. Every policy uses the [`Policy`] vocabulary (`points`, `duration`
-//! in seconds, `algorithm`, `burst`, `block_duration`). Unknown fields are rejected, and every
-//! invalid value is reported with its path:
+//! Only `tiers` is required; the seed's flat file, tier names mapped to policies
+//! (`{"anonymous": {"points": 20, "duration": 60}, "free": ...}`), is read as the `tiers` of a
+//! file with the defaults for everything else. Every policy uses the [`Policy`] vocabulary
+//! (`points`, `duration` in seconds, `algorithm`, `burst`, `block_duration`). Unknown fields,
+//! keys listed twice and data after the document are rejected, and every problem is reported
+//! with its path, one `path: reason` line each (a value of the wrong type, or broken JSON, stops
+//! at the first; range checks report every bad value):
 //!
 //! ```
 //! use tollgate::config::Config;
@@ -50,8 +54,8 @@
 //!
 //! | layer | policy | counted per |
 //! |---|---|---|
-//! | `ip` (`layers.ip`, off when absent) | one policy | client address (IPv6 by prefix) |
-//! | `user` (`layers.user`, on by default) | the request's tier | user id, else hashed API key, else client address |
+//! | `ip` (`layers.ip`, off when absent) | one policy, for the tiers in `layers.ip.applies_to` ([`IpScope`]: by default those whose rate is at most the ip layer's) | client address (IPv6 by prefix) |
+//! | `user` (`layers.user`, on by default) | the request's tier | user id, else a verified API key (hashed), else client address |
 //! | `endpoint` (`layers.endpoint`, on by default) | the first matching entry of `endpoints` | the same identity as `user`, per endpoint |
 //!
 //! # Hot reload
@@ -128,11 +132,12 @@ impl ConfigError {
     }
 }
 
+/// One `path: reason` line per problem.
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, problem) in self.problems.iter().enumerate() {
             if i > 0 {
-                f.write_str("; ")?;
+                f.write_str("\n")?;
             }
             write!(f, "{problem}")?;
         }
@@ -911,7 +916,13 @@ fn rate_at_most(a: &Policy, b: &Policy) -> bool {
 
 /// `layers.ip.applies_to`: `"all"` or a list of tier names; absent, the tiers whose rate is at
 /// most the ip layer's.
-fn ip_scope(p: &mut Problems, spec: Option<Value>, ip: Option<&Policy>, tiers: &BTreeMap<String, Policy>) -> IpScope {
+fn ip_scope(
+    p: &mut Problems,
+    spec: Option<Value>,
+    ip: Option<&Policy>,
+    tiers: &BTreeMap<String, Policy>,
+    named: &BTreeSet<String>,
+) -> IpScope {
     const PATH: &str = "layers.ip.applies_to";
     match spec {
         None => match ip {
@@ -929,7 +940,7 @@ fn ip_scope(p: &mut Problems, spec: Option<Value>, ip: Option<&Policy>, tiers: &
             let mut out = BTreeSet::new();
             for (i, name) in names.into_iter().enumerate() {
                 match name {
-                    Value::String(n) if tiers.contains_key(&n) || tiers.is_empty() => {
+                    Value::String(n) if named.contains(&n) || named.is_empty() => {
                         out.insert(n);
                     }
                     Value::String(n) => p.add(format!("{PATH}[{i}]"), format!("no tier named {n:?}")),
@@ -970,6 +981,9 @@ impl ConfigSpec {
         if tier_specs.is_empty() && !tiers_missing {
             p.add("tiers", "must name at least one tier");
         }
+        // Every tier the file names, valid or not: a reference to an invalid one is not a
+        // second problem.
+        let named: BTreeSet<String> = tier_specs.keys().cloned().collect();
         let mut tiers = BTreeMap::new();
         for (name, spec) in tier_specs {
             let path = join(tiers_path, &name);
@@ -980,14 +994,14 @@ impl ConfigSpec {
                 tiers.insert(name, policy);
             }
         }
-        let tier_names = |p: &mut Problems, field: &str, name: &str, known: &BTreeMap<String, Policy>| {
-            if !known.is_empty() && !known.contains_key(name) {
+        let tier_names = |p: &mut Problems, field: &str, name: &str, known: &BTreeSet<String>| {
+            if !known.is_empty() && !known.contains(name) {
                 p.add(field, format!("no tier named {name:?}"));
             }
         };
         let default_tier = match self.default_tier {
             Some(t) => {
-                tier_names(&mut p, "default_tier", &t, &tiers);
+                tier_names(&mut p, "default_tier", &t, &named);
                 t
             }
             None if tiers.contains_key("free") => "free".into(),
@@ -995,7 +1009,7 @@ impl ConfigSpec {
         };
         let anonymous_tier = match self.anonymous_tier {
             Some(t) => {
-                tier_names(&mut p, "anonymous_tier", &t, &tiers);
+                tier_names(&mut p, "anonymous_tier", &t, &named);
                 t
             }
             None if tiers.contains_key("anonymous") => "anonymous".into(),
@@ -1010,7 +1024,7 @@ impl ConfigSpec {
             None => (None, None),
         };
         let layers = Layers {
-            ip_applies_to: ip_scope(&mut p, applies_to, ip.as_ref(), &tiers),
+            ip_applies_to: ip_scope(&mut p, applies_to, ip.as_ref(), &tiers, &named),
             ip,
             user: self.layers.user,
             endpoint: self.layers.endpoint,
