@@ -67,6 +67,7 @@
 //! time on a background thread.
 
 mod document;
+mod report;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -83,6 +84,8 @@ use serde_json::{Number, Value};
 
 use crate::consts::{DEFAULT_MAX_KEYS, MAX_CAPACITY, MAX_DURATION, MIN_DURATION};
 use crate::{Algorithm, Clock, Limiter, Node, Policy};
+
+pub use self::report::{check, Report};
 
 // ------------------------------------------------------------------------------------------
 // Errors
