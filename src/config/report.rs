@@ -41,7 +41,7 @@ impl Report {
 /// let report = check(r#"{"anonymous": {"points": 20, "duration": 60},
 ///                        "free": {"points": 100, "duration": 60}}"#).unwrap();
 /// let text = report.to_string();
-/// assert!(text.contains("free: user 100 per 60 s (token_bucket) per identity"), "{text}");
+/// assert!(text.contains("  free (identified requests without a known tier): user 100 per 60 s"), "{text}");
 ///
 /// let problems = check(r#"{"tiers": {"free": {"points": 0, "duration": 60}}, "shadw": true}"#)
 ///     .unwrap_err();
