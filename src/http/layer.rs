@@ -18,6 +18,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::grpc::{self, Refused};
 use super::headers::{self, Attach};
 use super::key::{self, Keys};
 use super::{PeerAddr, ShadowVerdict, Tier, UserId, Verified};
@@ -407,11 +408,28 @@ impl Detached {
     }
 }
 
+/// A refusal: the HTTP response, and why (a gRPC request is answered in gRPC's terms).
+struct Refusal {
+    http: Response<Bytes>,
+    why: Refused,
+}
+
+impl Refusal {
+    /// The answer to `req`: the HTTP refusal, or for a gRPC request its gRPC form.
+    fn answer<B>(self, req: &Request<B>) -> Response<Bytes> {
+        if grpc::is_grpc(req.headers()) {
+            grpc::response(self.why, self.http)
+        } else {
+            self.http
+        }
+    }
+}
+
 enum Prepared<'r> {
     /// Allow-listed, or nothing to check.
     Skip,
     /// Refused before any limit (key error, deny list).
-    Respond(Box<Response<Bytes>>),
+    Respond(Box<Refusal>),
     /// Refusal waived by shadow mode.
     Shadow(ShadowVerdict),
     Check(Plan<'r>),
@@ -421,7 +439,7 @@ enum Prepared<'r> {
 /// refused (boxed: rare, and large).
 enum Action {
     Pass(Finish),
-    Refuse(Box<Response<Bytes>>),
+    Refuse(Box<Refusal>),
 }
 
 fn peer(extensions: &Extensions) -> Option<IpAddr> {
@@ -447,7 +465,11 @@ impl Shared {
         if config.shadow {
             return Prepared::Skip;
         }
-        Prepared::Respond(Box::new(headers::key_error(config.response.key_error_status)))
+        let status = config.response.key_error_status;
+        Prepared::Respond(Box::new(Refusal {
+            http: headers::key_error(status),
+            why: Refused::NoClient { status },
+        }))
     }
 
     /// The deny list (403) and the allow list (no limit), when the rules have lists; `None`
@@ -473,7 +495,10 @@ impl Shared {
                     retry_after: None,
                 }));
             }
-            return Some(Prepared::Respond(Box::new(headers::forbidden(config.response.body))));
+            return Some(Prepared::Respond(Box::new(Refusal {
+                http: headers::forbidden(config.response.body),
+                why: Refused::Denied,
+            })));
         }
         if allow && config.allow.matches(Some(client), user) {
             bump(&self.counters.allow_listed);
@@ -667,17 +692,21 @@ impl Shared {
             ));
         }
         bump(&self.counters.denied);
-        Action::Refuse(Box::new(headers::too_many_requests(
-            config.response.body,
-            layer,
-            d,
-            attach,
-        )))
+        Action::Refuse(Box::new(Refusal {
+            http: headers::too_many_requests(config.response.body, layer, d, attach),
+            why: Refused::Limit {
+                policy: d.policy(),
+                retry_after: d.retry_after(),
+            },
+        }))
     }
 }
 
+/// A response of the layer's own; an empty body ends the stream with the headers.
 fn full<B>(r: Response<Bytes>) -> Response<ResponseBody<B>> {
-    r.map(|b| ResponseBody::Full { data: Some(b) })
+    r.map(|b| ResponseBody::Full {
+        data: Some(b).filter(|b| !b.is_empty()),
+    })
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
@@ -712,14 +741,14 @@ where
         // moved as little as possible.
         let finish = match prepared {
             Prepared::Skip => Finish::default(),
-            Prepared::Respond(r) => return ResponseFuture::ready(full(*r)),
+            Prepared::Respond(r) => return ResponseFuture::ready(full(r.answer(&req))),
             Prepared::Shadow(v) => Finish::new(Attach::default(), Some(v)),
             Prepared::Check(plan) if rules.is_distributed() => {
                 let plan = plan.detach();
                 return self.distributed(req, plan, Arc::clone(&rules));
             }
             Prepared::Check(plan) => match self.shared.decide(&rules, &plan) {
-                Action::Refuse(r) => return ResponseFuture::ready(full(*r)),
+                Action::Refuse(r) => return ResponseFuture::ready(full(r.answer(&req))),
                 Action::Pass(finish) => finish,
             },
         };
@@ -752,7 +781,7 @@ impl<S> RateLimit<S> {
         ResponseFuture::boxed(Box::pin(async move {
             let plan = plan.attach(&rules);
             match shared.decide_async(&rules, &plan).await {
-                Action::Refuse(r) => Ok(full(*r)),
+                Action::Refuse(r) => Ok(full(r.answer(&req))),
                 Action::Pass(finish) => {
                     finish.mark(&mut req);
                     let response = inner.call(req).await?;

@@ -49,6 +49,24 @@
 //! a 403; a request whose client address is unknown gets `response.key_error_status` (500 by
 //! default, see [`RateLimit`]).
 //!
+//! # gRPC
+//!
+//! A gRPC client does not read HTTP statuses. A request with `content-type: application/grpc`
+//! (or `application/grpc+proto`, ...) that the layer refuses is answered as a gRPC server
+//! does, with a trailers-only response: HTTP 200, no body, and the headers
+//!
+//! ```text
+//! grpc-status: 8
+//! grpc-message: rate limit exceeded (user:free); retry after 30 s
+//! grpc-retry-pushback-ms: 29400
+//! ```
+//!
+//! (`8` is `RESOURCE_EXHAUSTED`; the deny list answers `7`, `PERMISSION_DENIED`, and an
+//! unknown client address `13`, `INTERNAL`, or `14`, `UNAVAILABLE`, when
+//! `response.key_error_status` is 503), with `Retry-After` and the rate-limit headers as for
+//! HTTP. A tonic client sees `Status::resource_exhausted`. Admitted gRPC requests get the
+//! rate-limit headers among their response headers.
+//!
 //! # Identity
 //!
 //! | input | trusted when | used as |
@@ -62,6 +80,7 @@
 //! IPv6 clients are counted per /64 by default (`client_ip.ipv6_prefix`), IPv4 per address;
 //! IPv4-mapped IPv6 addresses count as IPv4.
 
+mod grpc;
 pub(crate) mod headers;
 mod key;
 mod layer;
@@ -74,6 +93,7 @@ pub use self::headers::{
     ceil_secs, retry_after_secs, QUOTA_EXCEEDED, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT, X_RATELIMIT_REMAINING,
     X_RATELIMIT_RESET,
 };
+pub use self::grpc::{GRPC_MESSAGE, GRPC_RETRY_PUSHBACK_MS, GRPC_STATUS};
 pub use self::key::client_ip;
 pub use self::layer::{
     ApiKeyValidator, RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseBody, ResponseFuture, Stats, TierResolver,
