@@ -1137,3 +1137,96 @@ async fn distributed_mode_serves_the_same_limits() {
     );
     node.shutdown().await;
 }
+
+/// A gRPC handler's body: one empty message, then the trailers with `grpc-status: 0`.
+struct GrpcOk {
+    step: u8,
+}
+
+impl http_body::Body for GrpcOk {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.step += 1;
+        std::task::Poll::Ready(match self.step {
+            // Not compressed, length 0.
+            1 => Some(Ok(http_body::Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0])))),
+            2 => {
+                let mut t = HeaderMap::new();
+                t.insert("grpc-status", "0".parse().unwrap());
+                Some(Ok(http_body::Frame::trailers(t)))
+            }
+            _ => None,
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_refused_grpc_call_gets_resource_exhausted_over_http2() {
+    let json = r#"{"tiers": {"anonymous": {"points": 2, "duration": 60}}}"#;
+    let clock = ManualClock::new();
+    let live = LiveConfig::builder()
+        .config(Config::from_json(json).unwrap())
+        .clock(clock.clock())
+        .build()
+        .unwrap();
+    let router = Router::new()
+        .route(
+            "/demo.Greeter/SayHello",
+            post(|| async {
+                axum::http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(axum::body::Body::new(GrpcOk { step: 0 }))
+                    .unwrap()
+            }),
+        )
+        .layer(RateLimitLayer::new(live));
+    let addr = serve_router(router, true).await;
+    // HTTP/2 over cleartext, with prior knowledge: what gRPC clients speak.
+    let c: HttpClient = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
+    let call = || {
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}/demo.Greeter/SayHello"))
+            .header("content-type", "application/grpc+proto")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+            .unwrap();
+        let c = c.clone();
+        async move {
+            let resp = c.request(req).await.unwrap();
+            assert_eq!(resp.version(), hyper::Version::HTTP_2);
+            let (parts, body) = resp.into_parts();
+            let collected = body.collect().await.unwrap();
+            (parts.status, parts.headers, collected.trailers().cloned(), collected.to_bytes())
+        }
+    };
+    for _ in 0..2 {
+        let (status, headers, trailers, body) = call().await;
+        assert_eq!(status, 200);
+        assert_eq!(trailers.unwrap()["grpc-status"], "0", "admitted: the service's own trailers");
+        assert_eq!(body.len(), 5);
+        assert!(headers.contains_key("ratelimit"));
+    }
+    let (status, headers, trailers, body) = call().await;
+    assert_eq!(status, 200, "gRPC answers over HTTP 200");
+    // Trailers-only: the status is in the one header block that ends the stream.
+    assert!(trailers.is_none() && body.is_empty());
+    assert_eq!(headers["content-type"], "application/grpc");
+    assert_eq!(headers["grpc-status"], "8", "RESOURCE_EXHAUSTED");
+    assert_eq!(
+        headers["grpc-message"],
+        "rate limit exceeded (user:anonymous); retry after 30 s"
+    );
+    assert_eq!(headers["grpc-retry-pushback-ms"], "30000");
+    assert_eq!(headers["retry-after"], "30");
+
+    // The same route called as plain HTTP is refused as HTTP.
+    let r = send(&client(), addr, "POST", "/demo.Greeter/SayHello", &[]).await;
+    assert_eq!(r.status, 429);
+    assert!(!r.headers.contains_key("grpc-status"));
+}
