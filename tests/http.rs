@@ -289,7 +289,11 @@ async fn tiers_come_from_the_resolver_and_unknown_tiers_fall_back_and_are_counte
             Some(r#""ip";q=50;w=60, "user:free";q=5;w=60"#)
         );
     }
-    assert_eq!(s.layer.stats().unknown_tiers, 3, "every request with an unknown tier is counted");
+    assert_eq!(
+        s.layer.stats().unknown_tiers,
+        3,
+        "every request with an unknown tier is counted"
+    );
 }
 
 #[tokio::test]
@@ -553,7 +557,10 @@ async fn made_up_api_keys_get_no_buckets_of_their_own() {
         let r = send(&c, addr, "POST", "/api/ai/generate", &[("x-api-key", &key)]).await;
         admitted += usize::from(r.status == 200);
     }
-    assert_eq!(admitted, 2, "unverified keys share the client's anonymous endpoint bucket");
+    assert_eq!(
+        admitted, 2,
+        "unverified keys share the client's anonymous endpoint bucket"
+    );
     assert_eq!(runs.load(Ordering::Relaxed), 2);
     assert_eq!(layer.stats().unverified_keys, 10);
 }
@@ -582,7 +589,11 @@ async fn api_keys_are_identities_when_the_validator_accepts_them() {
             ok
         }
     };
-    assert_eq!(admitted("sk_live_one", 3).await, 2, "a verified key has its own buckets");
+    assert_eq!(
+        admitted("sk_live_one", 3).await,
+        2,
+        "a verified key has its own buckets"
+    );
     assert_eq!(
         admitted("sk_live_alice_1", 1).await + admitted("sk_live_alice_2", 2).await,
         2,
@@ -590,9 +601,19 @@ async fn api_keys_are_identities_when_the_validator_accepts_them() {
     );
     assert_eq!(admitted("made-up", 3).await, 2, "an unknown key is anonymous");
     assert_eq!(layer.stats().unverified_keys, 3);
-    let free = layer.live().rules().endpoint_limiter("POST", "/api/ai/generate").unwrap().1.clone();
+    let free = layer
+        .live()
+        .rules()
+        .endpoint_limiter("POST", "/api/ai/generate")
+        .unwrap()
+        .1
+        .clone();
     assert_eq!(free.peek("u:alice", 1).unwrap().remaining(), 0);
-    assert_eq!(free.peek("sk_live_one", 1).unwrap().remaining(), 1, "the raw key is not a key: fresh");
+    assert_eq!(
+        free.peek("sk_live_one", 1).unwrap().remaining(),
+        1,
+        "the raw key is not a key: fresh"
+    );
 }
 
 #[tokio::test]
@@ -780,7 +801,11 @@ async fn the_ip_layer_by_default_does_not_cap_tiers_above_it() {
     let s = start(IP_SCOPE).await;
     let ent = [("x-user", "big"), ("x-tier", "enterprise")];
     assert_eq!(admitted(&s, &ent, 20).await, 20, "enterprise is not capped at 5");
-    assert_eq!(admitted(&s, &[("x-user", "a")], 7).await, 5, "free is counted by the ip layer");
+    assert_eq!(
+        admitted(&s, &[("x-user", "a")], 7).await,
+        5,
+        "free is counted by the ip layer"
+    );
     assert_eq!(
         admitted(&s, &[("x-user", "b")], 3).await,
         0,
@@ -799,7 +824,11 @@ async fn the_ip_layer_by_default_does_not_cap_tiers_above_it() {
     let listed = r#""layers": {"ip": {"points": 5, "duration": 60, "applies_to": ["anonymous"]}}"#;
     let s = start(&IP_SCOPE.replace(r#""layers": {"ip": {"points": 5, "duration": 60}}"#, listed)).await;
     assert_eq!(admitted(&s, &[("x-user", "a")], 7).await, 5, "free: its own 5");
-    assert_eq!(admitted(&s, &[("x-user", "b")], 7).await, 5, "free users are not counted per address");
+    assert_eq!(
+        admitted(&s, &[("x-user", "b")], 7).await,
+        5,
+        "free users are not counted per address"
+    );
 }
 
 #[test]
@@ -879,10 +908,7 @@ fn every_invalid_value_is_reported_with_its_json_path() {
             r#"{"tiers": {"free": {"points": 1"#.to_string(),
             "tiers.free: EOF while parsing an object",
         ),
-        (
-            "[1, 2]".to_string(),
-            "the document must be a JSON object",
-        ),
+        ("[1, 2]".to_string(), "the document must be a JSON object"),
         (
             tier(json!({"points": u64::MAX})),
             "tiers.free.points: must be <= 4294967295 (got 18446744073709551615)",
@@ -1072,8 +1098,7 @@ fn every_invalid_value_is_reported_with_its_json_path() {
     );
     // A tier that is invalid is still a tier name: no second problem for referring to it.
     let invalid_tier =
-        Config::from_json(r#"{"tiers": {"free": {"points": 0, "duration": 60}}, "default_tier": "free"}"#)
-            .unwrap_err();
+        Config::from_json(r#"{"tiers": {"free": {"points": 0, "duration": 60}}, "default_tier": "free"}"#).unwrap_err();
     assert_eq!(invalid_tier.to_string(), "tiers.free.points: must be > 0 (got 0)");
     let paths: Vec<&str> = err.problems().iter().map(|i| i.path.as_str()).collect();
     assert_eq!(
@@ -1202,13 +1227,22 @@ async fn a_refused_grpc_call_gets_resource_exhausted_over_http2() {
             assert_eq!(resp.version(), hyper::Version::HTTP_2);
             let (parts, body) = resp.into_parts();
             let collected = body.collect().await.unwrap();
-            (parts.status, parts.headers, collected.trailers().cloned(), collected.to_bytes())
+            (
+                parts.status,
+                parts.headers,
+                collected.trailers().cloned(),
+                collected.to_bytes(),
+            )
         }
     };
     for _ in 0..2 {
         let (status, headers, trailers, body) = call().await;
         assert_eq!(status, 200);
-        assert_eq!(trailers.unwrap()["grpc-status"], "0", "admitted: the service's own trailers");
+        assert_eq!(
+            trailers.unwrap()["grpc-status"],
+            "0",
+            "admitted: the service's own trailers"
+        );
         assert_eq!(body.len(), 5);
         assert!(headers.contains_key("ratelimit"));
     }

@@ -188,7 +188,7 @@ impl Problems {
     /// not.
     fn seconds(&mut self, path: String, n: &Number) -> Option<Duration> {
         let v = n.as_f64().unwrap_or(f64::NAN);
-        let reason = if !(v > 0.0) {
+        let reason = if v.is_nan() || v <= 0.0 {
             format!("must be > 0 (got {n})")
         } else if v > MAX_DURATION.as_secs_f64() {
             format!("must be <= {} s (one year; got {n})", MAX_DURATION.as_secs())
@@ -210,7 +210,9 @@ impl Problems {
         let points = points.and_then(|n| self.whole(join(path, "points"), &n));
         let duration = duration.and_then(|n| self.seconds(join(path, "duration"), &n));
         let burst = spec.burst.map(|n| self.whole(join(path, "burst"), &n));
-        let block = spec.block_duration.map(|n| self.seconds(join(path, "block_duration"), &n));
+        let block = spec
+            .block_duration
+            .map(|n| self.seconds(join(path, "block_duration"), &n));
         let mut p = Policy::new(points?, duration?).algorithm(spec.algorithm);
         if let Some(b) = burst {
             p = p.burst(b?);
@@ -953,10 +955,7 @@ fn ip_scope(
             IpScope::Tiers(out)
         }
         Some(other) => {
-            p.add(
-                PATH,
-                format!("must be \"all\" or a list of tier names (got {other})"),
-            );
+            p.add(PATH, format!("must be \"all\" or a list of tier names (got {other})"));
             IpScope::All
         }
     }
@@ -1163,7 +1162,10 @@ impl ConfigSpec {
             let url = p.required("redis", "url", r.url, "a redis:// or rediss:// URL")?;
             let mut ok = true;
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) || url.len() <= "redis://".len() {
-                p.add("redis.url", format!("must be a redis:// or rediss:// URL (got {url:?})"));
+                p.add(
+                    "redis.url",
+                    format!("must be a redis:// or rediss:// URL (got {url:?})"),
+                );
                 ok = false;
             }
             let key_prefix = r.key_prefix.unwrap_or_else(|| "tollgate".into());
@@ -1537,7 +1539,12 @@ impl Rules {
         endpoint: Option<usize>,
     ) -> Option<&http::HeaderValue> {
         let stride = self.endpoints.len() + 1;
-        let i = policy_index(stride, with_ip && self.ip.is_some(), tier, endpoint.map_or(0, |i| i + 1));
+        let i = policy_index(
+            stride,
+            with_ip && self.ip.is_some(),
+            tier,
+            endpoint.map_or(0, |i| i + 1),
+        );
         self.policy_values.get(i)?.as_ref()
     }
 

@@ -77,7 +77,11 @@ impl fmt::Display for Report {
             "valid: {} tiers, {} endpoints{}",
             c.tiers.len(),
             c.endpoints.len(),
-            if c.shadow { "; shadow mode: nothing is refused" } else { "" }
+            if c.shadow {
+                "; shadow mode: nothing is refused"
+            } else {
+                ""
+            }
         )?;
         writeln!(f, "limits per request, by tier (every layer must admit it):")?;
         for (name, p) in &c.tiers {
@@ -128,7 +132,11 @@ impl fmt::Display for Report {
                 writeln!(f)?;
             }
         } else if !c.endpoints.is_empty() {
-            writeln!(f, "endpoint layer off: {} endpoints listed, not limited", c.endpoints.len())?;
+            writeln!(
+                f,
+                "endpoint layer off: {} endpoints listed, not limited",
+                c.endpoints.len()
+            )?;
         }
         match &c.api_key {
             Some(a) => writeln!(

@@ -105,10 +105,20 @@ mod tests {
             m.insert(CONTENT_TYPE, HeaderValue::from_static(v));
             m
         };
-        for yes in ["application/grpc", "application/grpc+proto", "Application/GRPC+json", "application/grpc;x=1"] {
+        for yes in [
+            "application/grpc",
+            "application/grpc+proto",
+            "Application/GRPC+json",
+            "application/grpc;x=1",
+        ] {
             assert!(is_grpc(&h(yes)), "{yes}");
         }
-        for no in ["application/json", "application/grpc-web", "application/grpcx", "text/plain"] {
+        for no in [
+            "application/json",
+            "application/grpc-web",
+            "application/grpcx",
+            "text/plain",
+        ] {
             assert!(!is_grpc(&h(no)), "{no}");
         }
         assert!(!is_grpc(&HeaderMap::new()));

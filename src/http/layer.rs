@@ -526,7 +526,12 @@ impl Shared {
     #[inline(never)]
     fn unknown_tier(&self, name: &str) {
         bump(&self.counters.unknown_tiers);
-        if self.logged_tiers.read().unwrap_or_else(|e| e.into_inner()).contains(name) {
+        if self
+            .logged_tiers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
+        {
             return;
         }
         let mut logged = self.logged_tiers.write().unwrap_or_else(|e| e.into_inner());

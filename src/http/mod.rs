@@ -89,15 +89,15 @@ use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use self::grpc::{GRPC_MESSAGE, GRPC_RETRY_PUSHBACK_MS, GRPC_STATUS};
 pub use self::headers::{
     ceil_secs, retry_after_secs, QUOTA_EXCEEDED, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT, X_RATELIMIT_REMAINING,
     X_RATELIMIT_RESET,
 };
-pub use self::grpc::{GRPC_MESSAGE, GRPC_RETRY_PUSHBACK_MS, GRPC_STATUS};
 pub use self::key::client_ip;
 pub use self::layer::{
-    ApiKeyValidator, RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseBody, ResponseFuture, Stats, TierResolver,
-    UserResolver,
+    ApiKeyValidator, RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseBody, ResponseFuture, Stats,
+    TierResolver, UserResolver,
 };
 
 /// The TCP peer of a request, for servers that do not use axum's `ConnectInfo`: insert it
