@@ -961,3 +961,63 @@ impl<B> fmt::Debug for ResponseBody<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Collects what the `tracing` subscriber writes.
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Log {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn unknown_tiers_are_counted_every_time_and_logged_once_per_name() {
+        let layer = RateLimitLayer::new(LiveConfig::new(Config::seed()).unwrap());
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..3 {
+                layer.shared.unknown_tier("gold");
+            }
+            layer.shared.unknown_tier("platinum");
+            for i in 0..2 * MAX_LOGGED_UNKNOWN_TIERS {
+                layer.shared.unknown_tier(&format!("made-up-{i}"));
+            }
+        });
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines.iter().filter(|l| l.contains("tier=\"gold\"")).count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(lines.iter().filter(|l| l.contains("tier=\"platinum\"")).count(), 1);
+        let named = lines.iter().filter(|l| l.contains("unknown tier name;")).count();
+        assert_eq!(named, MAX_LOGGED_UNKNOWN_TIERS, "at most this many names are logged");
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.contains("further unknown tier names"))
+                .count(),
+            1
+        );
+        assert_eq!(layer.stats().unknown_tiers, 4 + 2 * MAX_LOGGED_UNKNOWN_TIERS as u64);
+    }
+}
