@@ -17,9 +17,15 @@
 //!   through a Redis Cluster of which it is a seed when the file says
 //!   `"redis": {"cluster": true, ...}`; local mode without it.
 //!
+//!
+//! The log (standard output, `info` and above) shows reloads and rejected files, and in
+//! distributed mode the store's circuit opening and closing and lost state.
+//!
 //! The demo authentication trusts the `x-demo-user` and `x-demo-tier` headers: a real service
-//! sets [`UserId`] and [`Tier`] from a verified token instead.
+//! sets [`UserId`] and [`Tier`] from a verified token instead. API keys (`x-api-key`) are
+//! checked against a demo table (`sk_demo_premium`, premium); other keys count as anonymous.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -29,7 +35,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use tollgate::config::{Config, LiveConfig};
-use tollgate::http::{RateLimitLayer, Tier, UserId};
+use tollgate::http::{RateLimitLayer, Tier, UserId, Verified};
 
 /// Demo authentication: the user and tier come from headers.
 async fn demo_auth(mut req: Request, next: Next) -> Response {
@@ -53,7 +59,7 @@ async fn live_config(
 ) -> Result<(LiveConfig, Option<tollgate::Node>), Box<dyn std::error::Error>> {
     let builder = LiveConfig::builder().config(config.clone()).file(path);
     let Ok(url) = std::env::var("REDIS_URL") else {
-        println!("local mode");
+        tracing::info!("local mode");
         return Ok((builder.build()?, None));
     };
     #[cfg(feature = "redis")]
@@ -71,34 +77,58 @@ async fn live_config(
             )),
         };
         let node = node.start()?;
-        println!("distributed mode through {url}");
+        tracing::info!("distributed mode through {url}");
         Ok((builder.node(&node).build()?, Some(node)))
     }
     #[cfg(not(feature = "redis"))]
     {
-        eprintln!("REDIS_URL={url} is set, but this build has no `redis` feature: local mode");
+        tracing::warn!("REDIS_URL={url} is set, but this build has no `redis` feature: local mode");
         Ok((builder.build()?, None))
     }
 }
 
+/// Demo API keys: a real service looks keys up in its own store.
+fn demo_keys(key: &str) -> Option<Verified> {
+    (key == "sk_demo_premium").then(|| Verified::user("demo-premium").tier("premium"))
+}
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_target(false)
+        .with_ansi(std::io::stdout().is_terminal())
+        .init();
     let path = std::env::var("TIERS_FILE")
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/rate-limit-tiers.json").to_string());
-    let config = Config::from_file(&path)?;
-    let (live, node) = live_config(&path, config).await?;
+    // One `path: reason` line per problem.
+    let config = match Config::from_file(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{path} is not a valid tiers file:\n{e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = serve(&path, config).await {
+        eprintln!("axum_server: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn serve(path: &str, config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let (live, node) = live_config(path, config).await?;
     let _watcher = live.watch(Duration::from_secs(2))?;
 
     let app = Router::new()
         .route("/", get(|| async { "hello\n" }))
         .route("/api/ai/generate", post(|| async { "an expensive answer\n" }))
-        .layer(RateLimitLayer::new(live))
+        .layer(RateLimitLayer::builder(live).api_key_validator(demo_keys).build())
         // Outermost: authentication runs before the rate limit.
         .layer(middleware::from_fn(demo_auth));
 
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:3000".into());
     let listener = tokio::net::TcpListener::bind(&bind).await?;
-    println!("listening on http://{}", listener.local_addr()?);
+    tracing::info!("listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

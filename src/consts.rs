@@ -64,3 +64,7 @@ pub(crate) const CLUSTER_MIN_REFRESH: Duration = Duration::from_millis(500);
 /// Distributed mode: a node's demand estimate per key counts in 1/256 units, so that a slow
 /// key's estimate decays smoothly over many syncs.
 pub(crate) const DEMAND_ONE: u64 = 256;
+
+/// HTTP layer: the most distinct unknown tier names logged (each once); more are only counted.
+#[cfg(feature = "http")]
+pub(crate) const MAX_LOGGED_UNKNOWN_TIERS: usize = 64;

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tollgate::config::{Config, LiveConfig};
-use tollgate::http::{RateLimitLayer, ShadowVerdict};
+use tollgate::http::{RateLimitLayer, ShadowVerdict, Verified};
 use tollgate::store::MemoryStore;
 use tollgate::{ManualClock, Node};
 
@@ -269,19 +270,29 @@ async fn the_policy_header_only_with_refusals_when_asked() {
 }
 
 #[tokio::test]
-async fn tiers_come_from_the_resolver_and_unknown_tiers_fall_back() {
+async fn tiers_come_from_the_resolver_and_unknown_tiers_fall_back_and_are_counted() {
     let s = start(BASE).await;
     let c = client();
-    let r = get_(&c, &s, &[("x-user", "p"), ("x-tier", "premium")]).await;
-    assert_eq!(
-        r.header("ratelimit-policy"),
-        Some(r#""ip";q=50;w=60, "user:premium";q=100;w=60"#)
-    );
-    assert_eq!(r.header("ratelimit"), Some(r#""ip";r=49;t=2"#));
-    let r = get_(&c, &s, &[("x-user", "g"), ("x-tier", "gold")]).await;
+    let r = get_(&c, &s, &[("x-user", "p"), ("x-tier", "free")]).await;
     assert_eq!(
         r.header("ratelimit-policy"),
         Some(r#""ip";q=50;w=60, "user:free";q=5;w=60"#)
+    );
+    // Premium (100 per minute) is above the ip layer's 50: by default not counted there.
+    let r = get_(&c, &s, &[("x-user", "p"), ("x-tier", "premium")]).await;
+    assert_eq!(r.header("ratelimit-policy"), Some(r#""user:premium";q=100;w=60"#));
+    assert_eq!(r.header("ratelimit"), Some(r#""user:premium";r=99;t=1"#));
+    for _ in 0..3 {
+        let r = get_(&c, &s, &[("x-user", "g"), ("x-tier", "gold")]).await;
+        assert_eq!(
+            r.header("ratelimit-policy"),
+            Some(r#""ip";q=50;w=60, "user:free";q=5;w=60"#)
+        );
+    }
+    assert_eq!(
+        s.layer.stats().unknown_tiers,
+        3,
+        "every request with an unknown tier is counted"
     );
 }
 
@@ -483,26 +494,138 @@ async fn allow_list_skips_limits_and_deny_list_answers_403() {
     assert_eq!(get_(&c, &s, &[]).await.status, 403);
 }
 
+/// A router whose handlers count their runs: `GET /api/export/large` and
+/// `POST /api/ai/generate`.
+fn counting_app(layer: RateLimitLayer, runs: Arc<AtomicU64>) -> Router {
+    let (a, b) = (runs.clone(), runs);
+    Router::new()
+        .route(
+            "/api/export/large",
+            get(move || async move {
+                a.fetch_add(1, Ordering::Relaxed);
+                "exported"
+            }),
+        )
+        .route(
+            "/api/ai/generate",
+            post(move || async move {
+                b.fetch_add(1, Ordering::Relaxed);
+                "generated"
+            }),
+        )
+        .layer(layer)
+}
+
 #[tokio::test]
-async fn api_keys_are_identities() {
-    let s = start(&with(json!({"api_key": {"header": "x-api-key"}}))).await;
+async fn head_requests_count_against_get_endpoint_limits() {
+    let json = with(json!({
+        "tiers": {"anonymous": {"points": 1000, "duration": 60}},
+        "layers": {},
+        "endpoints": [{"method": "GET", "path": "/api/export/large", "policy": {"points": 2, "duration": 3600}}]
+    }));
+    let live = LiveConfig::new(Config::from_json(&json).unwrap()).unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let addr = serve_router(counting_app(RateLimitLayer::new(live), runs.clone()), true).await;
     let c = client();
-    let mut allowed = 0;
-    for _ in 0..7 {
-        allowed += usize::from(get_(&c, &s, &[("x-api-key", "sk_live_one")]).await.status == 200);
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(send(&c, addr, "HEAD", "/api/export/large", &[]).await.status.as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429, 429, 429], "HEAD is limited like GET");
+    assert_eq!(runs.load(Ordering::Relaxed), 2, "the GET handler ran twice");
+    let r = send(&c, addr, "GET", "/api/export/large", &[]).await;
+    assert_eq!(r.status, 429, "HEAD and GET share the endpoint's bucket");
+    assert_eq!(runs.load(Ordering::Relaxed), 2);
+}
+
+const GENERATE_WITH_KEYS: &str = r#"{
+    "tiers": {"anonymous": {"points": 1000, "duration": 60}, "free": {"points": 1000, "duration": 60}},
+    "endpoints": [{"method": "POST", "path": "/api/ai/generate", "policy": {"points": 2, "duration": 3600}}],
+    "api_key": {"header": "x-api-key"}
+}"#;
+
+#[tokio::test]
+async fn made_up_api_keys_get_no_buckets_of_their_own() {
+    let live = LiveConfig::new(Config::from_json(GENERATE_WITH_KEYS).unwrap()).unwrap();
+    let layer = RateLimitLayer::new(live);
+    let runs = Arc::new(AtomicU64::new(0));
+    let addr = serve_router(counting_app(layer.clone(), runs.clone()), true).await;
+    let c = client();
+    let mut admitted = 0;
+    for i in 0..10 {
+        let key = format!("made-up-{i}");
+        let r = send(&c, addr, "POST", "/api/ai/generate", &[("x-api-key", &key)]).await;
+        admitted += usize::from(r.status == 200);
     }
     assert_eq!(
-        allowed, 5,
-        "an API key is an identified client: the default tier (free)"
+        admitted, 2,
+        "unverified keys share the client's anonymous endpoint bucket"
     );
-    let r = get_(&c, &s, &[("x-api-key", "sk_live_two")]).await;
-    assert_eq!(r.header("ratelimit"), Some(r#""user:free";r=4;t=12"#));
-    let free = s.live.rules().tier_limiter("free").unwrap().clone();
+    assert_eq!(runs.load(Ordering::Relaxed), 2);
+    assert_eq!(layer.stats().unverified_keys, 10);
+}
+
+#[tokio::test]
+async fn api_keys_are_identities_when_the_validator_accepts_them() {
+    let live = LiveConfig::new(Config::from_json(GENERATE_WITH_KEYS).unwrap()).unwrap();
+    let layer = RateLimitLayer::builder(live)
+        .api_key_validator(|key| match key {
+            "sk_live_one" => Some(Verified::key()),
+            "sk_live_alice_1" | "sk_live_alice_2" => Some(Verified::user("alice")),
+            _ => None,
+        })
+        .build();
+    let runs = Arc::new(AtomicU64::new(0));
+    let addr = serve_router(counting_app(layer.clone(), runs.clone()), true).await;
+    let c = client();
+    let admitted = |key: &'static str, n: usize| {
+        let c = c.clone();
+        async move {
+            let mut ok = 0;
+            for _ in 0..n {
+                let r = send(&c, addr, "POST", "/api/ai/generate", &[("x-api-key", key)]).await;
+                ok += usize::from(r.status == 200);
+            }
+            ok
+        }
+    };
+    assert_eq!(
+        admitted("sk_live_one", 3).await,
+        2,
+        "a verified key has its own buckets"
+    );
+    assert_eq!(
+        admitted("sk_live_alice_1", 1).await + admitted("sk_live_alice_2", 2).await,
+        2,
+        "two keys of one user share the user's buckets"
+    );
+    assert_eq!(admitted("made-up", 3).await, 2, "an unknown key is anonymous");
+    assert_eq!(layer.stats().unverified_keys, 3);
+    let free = layer
+        .live()
+        .rules()
+        .endpoint_limiter("POST", "/api/ai/generate")
+        .unwrap()
+        .1
+        .clone();
+    assert_eq!(free.peek("u:alice", 1).unwrap().remaining(), 0);
     assert_eq!(
         free.peek("sk_live_one", 1).unwrap().remaining(),
-        4,
-        "the raw key is not a key"
+        1,
+        "the raw key is not a key: fresh"
     );
+}
+
+#[tokio::test]
+async fn a_verified_key_brings_its_tier() {
+    let json = with(json!({"api_key": {"header": "x-api-key"}}));
+    let live = LiveConfig::new(Config::from_json(&json).unwrap()).unwrap();
+    let layer = RateLimitLayer::builder(live)
+        .api_key_validator(|key| (key == "sk_live_pro").then(|| Verified::user("pro").tier("premium")))
+        .build();
+    let addr = serve_router(app(layer), true).await;
+    let r = send(&client(), addr, "GET", "/", &[("x-api-key", "sk_live_pro")]).await;
+    assert_eq!(r.header("ratelimit-policy"), Some(r#""user:premium";q=100;w=60"#));
 }
 
 #[tokio::test]
@@ -598,6 +721,116 @@ async fn reload_rejects_a_broken_file_and_keeps_state_of_unchanged_policies() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// The seed's `rate-limit-tiers.json`, as users bring it.
+const SEED_FLAT: &str = r#"{
+  "anonymous": { "points": 20, "duration": 60 },
+  "free": { "points": 100, "duration": 60 },
+  "premium": { "points": 1000, "duration": 60 },
+  "enterprise": { "points": 10000, "duration": 60 }
+}"#;
+
+#[tokio::test]
+async fn the_seeds_flat_tiers_file_is_served_as_it_is() {
+    let path = temp_file("flat");
+    // With a byte-order mark, as some editors save it.
+    std::fs::write(&path, format!("\u{feff}{SEED_FLAT}")).unwrap();
+    let clock = ManualClock::new();
+    let live = LiveConfig::builder().file(&path).clock(clock.clock()).build().unwrap();
+    let s = start_live(live, clock).await;
+    let c = client();
+    let mut anonymous = 0;
+    for _ in 0..25 {
+        anonymous += usize::from(get_(&c, &s, &[]).await.status == 200);
+    }
+    assert_eq!(anonymous, 20, "anonymous: 20 per minute");
+    let r = get_(&c, &s, &[("x-user", "alice")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("ratelimit-policy"), Some(r#""user:free";q=100;w=60"#));
+    let r = get_(&c, &s, &[("x-user", "ent"), ("x-tier", "enterprise")]).await;
+    assert_eq!(r.header("ratelimit-policy"), Some(r#""user:enterprise";q=10000;w=60"#));
+    let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test]
+async fn trailing_data_is_refused_at_start_and_on_reload() {
+    let path = temp_file("trailing");
+    std::fs::write(&path, format!("{BASE} xyz")).unwrap();
+    let err = LiveConfig::open(&path).unwrap_err();
+    assert!(err.to_string().starts_with("data after the JSON document"), "{err}");
+
+    std::fs::write(&path, BASE).unwrap();
+    let clock = ManualClock::new();
+    let live = LiveConfig::builder().file(&path).clock(clock.clock()).build().unwrap();
+    let s = start_live(live.clone(), clock).await;
+    let c = client();
+    for trailing in [format!("{BASE} xyz"), format!("{BASE}{BASE}")] {
+        std::fs::write(&path, trailing.replace(r#""points": 3"#, r#""points": 1"#)).unwrap();
+        let err = live.reload().unwrap_err();
+        assert!(err.to_string().starts_with("data after the JSON document"), "{err}");
+    }
+    assert_eq!(live.generation(), 0);
+    let mut allowed = 0;
+    for _ in 0..5 {
+        allowed += usize::from(get_(&c, &s, &[]).await.status == 200);
+    }
+    assert_eq!(allowed, 3, "the rules in force (anonymous: 3) keep serving");
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Tiers around an ip layer of 5 per minute.
+const IP_SCOPE: &str = r#"{
+    "tiers": {
+        "anonymous": {"points": 3, "duration": 60},
+        "free": {"points": 5, "duration": 60},
+        "enterprise": {"points": 100, "duration": 60}
+    },
+    "layers": {"ip": {"points": 5, "duration": 60}}
+}"#;
+
+async fn admitted(s: &Server, headers: &[(&str, &str)], n: usize) -> usize {
+    let c = client();
+    let mut ok = 0;
+    for _ in 0..n {
+        ok += usize::from(get_(&c, s, headers).await.status == 200);
+    }
+    ok
+}
+
+#[tokio::test]
+async fn the_ip_layer_by_default_does_not_cap_tiers_above_it() {
+    let s = start(IP_SCOPE).await;
+    let ent = [("x-user", "big"), ("x-tier", "enterprise")];
+    assert_eq!(admitted(&s, &ent, 20).await, 20, "enterprise is not capped at 5");
+    assert_eq!(
+        admitted(&s, &[("x-user", "a")], 7).await,
+        5,
+        "free is counted by the ip layer"
+    );
+    assert_eq!(
+        admitted(&s, &[("x-user", "b")], 3).await,
+        0,
+        "the address's 5 are spent by free users"
+    );
+    let rules = s.live.rules();
+    assert_eq!(
+        rules.config().layers.ip_applies_to,
+        tollgate::config::IpScope::Tiers(["anonymous".to_string(), "free".to_string()].into())
+    );
+
+    let all = r#""layers": {"ip": {"points": 5, "duration": 60, "applies_to": "all"}}"#;
+    let s = start(&IP_SCOPE.replace(r#""layers": {"ip": {"points": 5, "duration": 60}}"#, all)).await;
+    assert_eq!(admitted(&s, &ent, 20).await, 5, "applies_to all: every tier is capped");
+
+    let listed = r#""layers": {"ip": {"points": 5, "duration": 60, "applies_to": ["anonymous"]}}"#;
+    let s = start(&IP_SCOPE.replace(r#""layers": {"ip": {"points": 5, "duration": 60}}"#, listed)).await;
+    assert_eq!(admitted(&s, &[("x-user", "a")], 7).await, 5, "free: its own 5");
+    assert_eq!(
+        admitted(&s, &[("x-user", "b")], 7).await,
+        5,
+        "free users are not counted per address"
+    );
+}
+
 #[test]
 fn every_invalid_value_is_reported_with_its_json_path() {
     let tier = |extra: Value| {
@@ -651,7 +884,69 @@ fn every_invalid_value_is_reported_with_its_json_path() {
             json!({"tiers": {"bad name": policy}}).to_string(),
             "tiers.bad name: a tier name",
         ),
-        (json!({"shadow": false}).to_string(), "missing field `tiers`"),
+        (
+            json!({"shadow": false}).to_string(),
+            "tiers: missing (a map of tier names to policies)",
+        ),
+        (
+            json!({"tiers": {"free": {"duration": 60}}}).to_string(),
+            "tiers.free.points: missing",
+        ),
+        (
+            r#"{"tiers": {"free": {"points": 1, "points": 2, "duration": 60}}}"#.to_string(),
+            "tiers.free.points: is listed twice",
+        ),
+        (
+            r#"{"tiers": {"free": {"points": 1, "duration": 60}}, "tiers": {}}"#.to_string(),
+            "tiers: is listed twice",
+        ),
+        (
+            r#"{"tiers": {"free": {"points": 1, "duration": "#.to_string(),
+            "tiers.free.duration: EOF while parsing a value",
+        ),
+        (
+            r#"{"tiers": {"free": {"points": 1"#.to_string(),
+            "tiers.free: EOF while parsing an object",
+        ),
+        ("[1, 2]".to_string(), "the document must be a JSON object"),
+        (
+            tier(json!({"points": u64::MAX})),
+            "tiers.free.points: must be <= 4294967295 (got 18446744073709551615)",
+        ),
+        (
+            r#"{"tiers": {"free": {"points": 10, "duration": 5e-324}}}"#.to_string(),
+            "tiers.free.duration: must be >= 0.001 s (got 5e-324)",
+        ),
+        (
+            r#"{"tiers": {"free": 5}}"#.to_string(),
+            "tiers.free: invalid type: integer `5`, expected a policy object",
+        ),
+        (
+            doc(json!({"endpoints": [{"policy": policy}]})),
+            "endpoints[0].path: missing",
+        ),
+        (doc(json!({"api_key": {}})), "api_key.header: missing"),
+        (doc(json!({"redis": {}})), "redis.url: missing"),
+        (
+            doc(json!({"layers": {"ip": {"points": 1, "duration": 1, "applies_to": "some"}}})),
+            "layers.ip.applies_to: must be \"all\" or a list of tier names",
+        ),
+        (
+            doc(json!({"layers": {"ip": {"points": 1, "duration": 1, "applies_to": ["gold"]}}})),
+            "layers.ip.applies_to[0]: no tier named \"gold\"",
+        ),
+        (
+            tier(json!({"applies_to": "all"})),
+            "tiers.free.applies_to: only the ip layer",
+        ),
+        (
+            doc(json!({"block_duration": 5e-324})),
+            "block_duration: must be a number of seconds in [0.001, 31622400] (got 5e-324)",
+        ),
+        (
+            r#"{"free": {"points": 0, "duration": 60}}"#.to_string(),
+            "free.points: must be > 0 (got 0)",
+        ),
         (
             doc(json!({"default_tier": "gold"})),
             "default_tier: no tier named \"gold\"",
@@ -686,7 +981,7 @@ fn every_invalid_value_is_reported_with_its_json_path() {
             endpoint(json!({"path": "/x", "policy": {"points": 1, "duration": -1}})),
             "endpoints[0].policy.duration: must be > 0",
         ),
-        (endpoint(json!({"path": "/x"})), "endpoints[0]: missing field `policy`"),
+        (endpoint(json!({"path": "/x"})), "endpoints[0].policy: missing"),
         (
             doc(json!({"endpoints": [{"path": "/x", "policy": policy}, {"path": "/x", "policy": policy}]})),
             "endpoints[1].path: * /x is listed twice",
@@ -773,6 +1068,14 @@ fn every_invalid_value_is_reported_with_its_json_path() {
         (doc(json!({"max_keys": -1})), "max_keys: invalid value"),
         (doc(json!({"tiers2": {}})), "tiers2: unknown field"),
         ("{\"tiers\": ".to_string(), "tiers: EOF while parsing"),
+        (
+            format!("{} xyz", doc(json!({}))),
+            "data after the JSON document (trailing characters at line 1 column",
+        ),
+        (
+            format!("{}{}", doc(json!({})), doc(json!({}))),
+            "data after the JSON document",
+        ),
     ];
     for (json, want) in &cases {
         let err = Config::from_json(json).expect_err(json).to_string();
@@ -785,6 +1088,18 @@ fn every_invalid_value_is_reported_with_its_json_path() {
             "client_ip": {"ipv6_prefix": 200}, "max_keys": 0}"#,
     )
     .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "tiers.free.points: must be > 0 (got -1)\n\
+         tiers.pro.duration: must be > 0 (got 0)\n\
+         client_ip.ipv6_prefix: must be in 1..=128 (got 200)\n\
+         max_keys: must be > 0",
+        "one `path: reason` line per problem"
+    );
+    // A tier that is invalid is still a tier name: no second problem for referring to it.
+    let invalid_tier =
+        Config::from_json(r#"{"tiers": {"free": {"points": 0, "duration": 60}}, "default_tier": "free"}"#).unwrap_err();
+    assert_eq!(invalid_tier.to_string(), "tiers.free.points: must be > 0 (got 0)");
     let paths: Vec<&str> = err.problems().iter().map(|i| i.path.as_str()).collect();
     assert_eq!(
         paths,
@@ -846,4 +1161,106 @@ async fn distributed_mode_serves_the_same_limits() {
         Some(r#""ip";q=50;w=60, "user:anonymous";q=3;w=60"#)
     );
     node.shutdown().await;
+}
+
+/// A gRPC handler's body: one empty message, then the trailers with `grpc-status: 0`.
+struct GrpcOk {
+    step: u8,
+}
+
+impl http_body::Body for GrpcOk {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.step += 1;
+        std::task::Poll::Ready(match self.step {
+            // Not compressed, length 0.
+            1 => Some(Ok(http_body::Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0])))),
+            2 => {
+                let mut t = HeaderMap::new();
+                t.insert("grpc-status", "0".parse().unwrap());
+                Some(Ok(http_body::Frame::trailers(t)))
+            }
+            _ => None,
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_refused_grpc_call_gets_resource_exhausted_over_http2() {
+    let json = r#"{"tiers": {"anonymous": {"points": 2, "duration": 60}}}"#;
+    let clock = ManualClock::new();
+    let live = LiveConfig::builder()
+        .config(Config::from_json(json).unwrap())
+        .clock(clock.clock())
+        .build()
+        .unwrap();
+    let router = Router::new()
+        .route(
+            "/demo.Greeter/SayHello",
+            post(|| async {
+                axum::http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(axum::body::Body::new(GrpcOk { step: 0 }))
+                    .unwrap()
+            }),
+        )
+        .layer(RateLimitLayer::new(live));
+    let addr = serve_router(router, true).await;
+    // HTTP/2 over cleartext, with prior knowledge: what gRPC clients speak.
+    let c: HttpClient = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
+    let call = || {
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}/demo.Greeter/SayHello"))
+            .header("content-type", "application/grpc+proto")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+            .unwrap();
+        let c = c.clone();
+        async move {
+            let resp = c.request(req).await.unwrap();
+            assert_eq!(resp.version(), hyper::Version::HTTP_2);
+            let (parts, body) = resp.into_parts();
+            let collected = body.collect().await.unwrap();
+            (
+                parts.status,
+                parts.headers,
+                collected.trailers().cloned(),
+                collected.to_bytes(),
+            )
+        }
+    };
+    for _ in 0..2 {
+        let (status, headers, trailers, body) = call().await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            trailers.unwrap()["grpc-status"],
+            "0",
+            "admitted: the service's own trailers"
+        );
+        assert_eq!(body.len(), 5);
+        assert!(headers.contains_key("ratelimit"));
+    }
+    let (status, headers, trailers, body) = call().await;
+    assert_eq!(status, 200, "gRPC answers over HTTP 200");
+    // Trailers-only: the status is in the one header block that ends the stream.
+    assert!(trailers.is_none() && body.is_empty());
+    assert_eq!(headers["content-type"], "application/grpc");
+    assert_eq!(headers["grpc-status"], "8", "RESOURCE_EXHAUSTED");
+    assert_eq!(
+        headers["grpc-message"],
+        "rate limit exceeded (user:anonymous); retry after 30 s"
+    );
+    assert_eq!(headers["grpc-retry-pushback-ms"], "30000");
+    assert_eq!(headers["retry-after"], "30");
+
+    // The same route called as plain HTTP is refused as HTTP.
+    let r = send(&client(), addr, "POST", "/demo.Greeter/SayHello", &[]).await;
+    assert_eq!(r.status, 429);
+    assert!(!r.headers.contains_key("grpc-status"));
 }

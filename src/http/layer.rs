@@ -1,12 +1,13 @@
 //! The tower `Layer`, its `Service` and response future.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{ready, Context, Poll};
 
 use ::http::request::Parts;
@@ -17,10 +18,12 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::grpc::{self, Refused};
 use super::headers::{self, Attach};
 use super::key::{self, Keys};
-use super::{PeerAddr, ShadowVerdict, Tier, UserId};
+use super::{PeerAddr, ShadowVerdict, Tier, UserId, Verified};
 use crate::config::{Config, HeaderStyle, Limit, LiveConfig, PolicyHeader, Rules};
+use crate::consts::MAX_LOGGED_UNKNOWN_TIERS;
 use crate::{check_all_async, Decision};
 
 /// Reads a tier name from a request.
@@ -28,6 +31,10 @@ pub type TierResolver = Arc<dyn Fn(&Parts) -> Option<Cow<'static, str>> + Send +
 
 /// Reads a user id from a request.
 pub type UserResolver = Arc<dyn Fn(&Parts) -> Option<Cow<'static, str>> + Send + Sync>;
+
+/// Decides whether an API key is valid, and whose it is: `None` for a key the application does
+/// not know.
+pub type ApiKeyValidator = Arc<dyn Fn(&str) -> Option<Verified> + Send + Sync>;
 
 /// Counts of what the layer did, other than plain admissions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -43,6 +50,10 @@ pub struct Stats {
     pub allow_listed: u64,
     /// Requests whose client address could not be determined.
     pub key_errors: u64,
+    /// Requests with an API key that no validator accepted, counted as anonymous.
+    pub unverified_keys: u64,
+    /// Requests whose tier name is not in the configuration, counted under the fallback tier.
+    pub unknown_tiers: u64,
 }
 
 #[derive(Default)]
@@ -52,6 +63,8 @@ struct Counters {
     forbidden: AtomicU64,
     allow_listed: AtomicU64,
     key_errors: AtomicU64,
+    unverified_keys: AtomicU64,
+    unknown_tiers: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -62,7 +75,10 @@ struct Shared {
     live: LiveConfig,
     tier: Option<TierResolver>,
     user: Option<UserResolver>,
+    api_key: Option<ApiKeyValidator>,
     counters: Counters,
+    /// The unknown tier names already logged (at most [`MAX_LOGGED_UNKNOWN_TIERS`]).
+    logged_tiers: RwLock<HashSet<String>>,
 }
 
 /// The rate-limiting middleware: a tower [`Layer`] that wraps a service in [`RateLimit`].
@@ -114,12 +130,14 @@ pub struct RateLimitLayerBuilder {
     live: LiveConfig,
     tier: Option<TierResolver>,
     user: Option<UserResolver>,
+    api_key: Option<ApiKeyValidator>,
 }
 
 impl RateLimitLayerBuilder {
     /// How a request's tier is found (default: the [`Tier`] extension). A tier that is not in
     /// the configuration, or none, falls back to `default_tier` for identified requests and
-    /// `anonymous_tier` for the others.
+    /// `anonymous_tier` for the others. An unknown name is counted in
+    /// [`Stats::unknown_tiers`] and logged (a `tracing` warning) once per name.
     ///
     /// ```
     /// # use tollgate::{config::{Config, LiveConfig}, http::RateLimitLayer};
@@ -147,6 +165,32 @@ impl RateLimitLayerBuilder {
         self
     }
 
+    /// How an API key (the value of the configuration's `api_key.header`) becomes an identity:
+    /// the application looks the key up and answers who it belongs to, or `None` for a key it
+    /// does not know. It runs on every request that carries a key and no user id, before the
+    /// limits: make it an in-memory lookup.
+    ///
+    /// Without a validator, or when it answers `None`, the key is ignored: the request counts
+    /// as anonymous, under its client address (and [`Stats::unverified_keys`] counts it). A
+    /// client that makes up keys gets no buckets of its own.
+    ///
+    /// ```
+    /// # use tollgate::{config::{Config, LiveConfig}, http::{RateLimitLayer, Verified}};
+    /// use std::collections::HashMap;
+    ///
+    /// let keys: HashMap<&str, (&str, &str)> = HashMap::from([("sk_live_1", ("alice", "premium"))]);
+    /// let layer = RateLimitLayer::builder(LiveConfig::new(Config::seed()).unwrap())
+    ///     .api_key_validator(move |key| keys.get(key).map(|&(user, tier)| Verified::user(user).tier(tier)))
+    ///     .build();
+    /// ```
+    pub fn api_key_validator<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&str) -> Option<Verified> + Send + Sync + 'static,
+    {
+        self.api_key = Some(Arc::new(f));
+        self
+    }
+
     /// The layer.
     pub fn build(self) -> RateLimitLayer {
         RateLimitLayer {
@@ -154,7 +198,9 @@ impl RateLimitLayerBuilder {
                 live: self.live,
                 tier: self.tier,
                 user: self.user,
+                api_key: self.api_key,
                 counters: Counters::default(),
+                logged_tiers: RwLock::new(HashSet::new()),
             }),
         }
     }
@@ -172,6 +218,7 @@ impl RateLimitLayer {
             live,
             tier: None,
             user: None,
+            api_key: None,
         }
     }
 
@@ -189,6 +236,8 @@ impl RateLimitLayer {
             forbidden: c.forbidden.load(Ordering::Relaxed),
             allow_listed: c.allow_listed.load(Ordering::Relaxed),
             key_errors: c.key_errors.load(Ordering::Relaxed),
+            unverified_keys: c.unverified_keys.load(Ordering::Relaxed),
+            unknown_tiers: c.unknown_tiers.load(Ordering::Relaxed),
         }
     }
 }
@@ -214,7 +263,7 @@ impl<S> Layer<S> for RateLimitLayer {
 ///    not set up to record peer addresses). Behind trusted proxies, see
 ///    [`client_ip`](super::client_ip).
 /// 2. The user: the user resolver, else the [`UserId`] extension; else the API-key header,
-///    hashed; else anonymous.
+///    when the API-key validator accepts it; else anonymous.
 /// 3. The deny list (address ranges, user ids): 403. The allow list: no limit, no headers.
 /// 4. The layers (ip, user by tier, endpoint), all-or-nothing: a denial takes nothing from the
 ///    other layers. Denied: 429 with `Retry-After`, the rate-limit headers and a JSON body.
@@ -359,11 +408,28 @@ impl Detached {
     }
 }
 
+/// A refusal: the HTTP response, and why (a gRPC request is answered in gRPC's terms).
+struct Refusal {
+    http: Response<Bytes>,
+    why: Refused,
+}
+
+impl Refusal {
+    /// The answer to `req`: the HTTP refusal, or for a gRPC request its gRPC form.
+    fn answer<B>(self, req: &Request<B>) -> Response<Bytes> {
+        if grpc::is_grpc(req.headers()) {
+            grpc::response(self.why, self.http)
+        } else {
+            self.http
+        }
+    }
+}
+
 enum Prepared<'r> {
     /// Allow-listed, or nothing to check.
     Skip,
     /// Refused before any limit (key error, deny list).
-    Respond(Box<Response<Bytes>>),
+    Respond(Box<Refusal>),
     /// Refusal waived by shadow mode.
     Shadow(ShadowVerdict),
     Check(Plan<'r>),
@@ -373,7 +439,7 @@ enum Prepared<'r> {
 /// refused (boxed: rare, and large).
 enum Action {
     Pass(Finish),
-    Refuse(Box<Response<Bytes>>),
+    Refuse(Box<Refusal>),
 }
 
 fn peer(extensions: &Extensions) -> Option<IpAddr> {
@@ -399,7 +465,11 @@ impl Shared {
         if config.shadow {
             return Prepared::Skip;
         }
-        Prepared::Respond(Box::new(headers::key_error(config.response.key_error_status)))
+        let status = config.response.key_error_status;
+        Prepared::Respond(Box::new(Refusal {
+            http: headers::key_error(status),
+            why: Refused::NoClient { status },
+        }))
     }
 
     /// The deny list (403) and the allow list (no limit), when the rules have lists; `None`
@@ -425,13 +495,58 @@ impl Shared {
                     retry_after: None,
                 }));
             }
-            return Some(Prepared::Respond(Box::new(headers::forbidden(config.response.body))));
+            return Some(Prepared::Respond(Box::new(Refusal {
+                http: headers::forbidden(config.response.body),
+                why: Refused::Denied,
+            })));
         }
         if allow && config.allow.matches(Some(client), user) {
             bump(&self.counters.allow_listed);
             return Some(Prepared::Skip);
         }
         None
+    }
+
+    /// The identity of an API key: the validator's answer; without a validator, or for a key
+    /// that is not UTF-8, none.
+    fn verify(&self, raw: &[u8]) -> Option<Verified> {
+        let verified = match (&self.api_key, std::str::from_utf8(raw)) {
+            (Some(f), Ok(k)) => f(k),
+            _ => None,
+        };
+        if verified.is_none() {
+            bump(&self.counters.unverified_keys);
+        }
+        verified
+    }
+
+    /// A tier name that is not in the configuration: counted, and logged once per name (for
+    /// the first [`MAX_LOGGED_UNKNOWN_TIERS`] names).
+    #[cold]
+    #[inline(never)]
+    fn unknown_tier(&self, name: &str) {
+        bump(&self.counters.unknown_tiers);
+        if self
+            .logged_tiers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
+        {
+            return;
+        }
+        let mut logged = self.logged_tiers.write().unwrap_or_else(|e| e.into_inner());
+        if logged.len() >= MAX_LOGGED_UNKNOWN_TIERS || !logged.insert(name.to_owned()) {
+            return;
+        }
+        let shown: String = name.chars().take(64).collect();
+        tracing::warn!(
+            tier = ?shown,
+            "tollgate: unknown tier name; the request counts under the fallback tier \
+             (default_tier, or anonymous_tier without an identity); logged once per name"
+        );
+        if logged.len() == MAX_LOGGED_UNKNOWN_TIERS {
+            tracing::warn!("tollgate: further unknown tier names are counted but not logged");
+        }
     }
 
     /// What to do with a request; its keys are written to `keys` (which the plan borrows).
@@ -441,10 +556,28 @@ impl Shared {
             return self.no_peer(config);
         };
         let client = key::client_ip(peer, head.headers(), &config.client_ip);
-        let user: Option<Cow<'_, str>> = match (&self.user, head.parts()) {
+        let mut user: Option<Cow<'_, str>> = match (&self.user, head.parts()) {
             (Some(f), Some(parts)) => f(parts),
             _ => head.extensions().get::<UserId>().map(|u| Cow::Borrowed(u.0.as_ref())),
         };
+        // An API key counts only when the application vouches for it.
+        let mut api = None;
+        let mut key_tier = None;
+        if let (None, Some(a)) = (&user, &config.api_key) {
+            if let Some(value) = head.headers().get(&a.header) {
+                match self.verify(value.as_bytes()) {
+                    Some(Verified { user: Some(u), tier }) => {
+                        user = Some(u);
+                        key_tier = tier;
+                    }
+                    Some(Verified { user: None, tier }) => {
+                        api = Some(key::api_key(value.as_bytes(), &rules.api_key_secret));
+                        key_tier = tier;
+                    }
+                    None => {}
+                }
+            }
+        }
         let (allow, deny) = rules.has_lists();
         if allow || deny {
             if let Some(listed) = self.lists(config, (allow, deny), client, user.as_deref()) {
@@ -452,13 +585,6 @@ impl Shared {
             }
         }
         keys.set_client(client, &config.client_ip);
-        let api = match (&user, &config.api_key) {
-            (None, Some(a)) => head
-                .headers()
-                .get(&a.header)
-                .map(|v| key::api_key(v.as_bytes(), &rules.api_key_secret)),
-            _ => None,
-        };
         let anonymous = user.is_none() && api.is_none();
         match (&user, api) {
             (Some(u), _) => keys.identify(key::user_key(u)),
@@ -468,21 +594,29 @@ impl Shared {
         let tier = if rules.tiers.is_empty() {
             None
         } else {
-            let name: Option<Cow<'_, str>> = match (&self.tier, head.parts()) {
-                (Some(f), Some(parts)) => f(parts),
+            let name: Option<Cow<'_, str>> = match (key_tier, &self.tier, head.parts()) {
+                (Some(t), _, _) => Some(t),
+                (None, Some(f), Some(parts)) => f(parts),
                 _ => head.extensions().get::<Tier>().map(|t| Cow::Borrowed(t.0.as_ref())),
             };
-            rules.tier(name.as_deref(), anonymous)
+            match name.as_deref().map(|n| (n, rules.tiers.get(n))) {
+                Some((_, Some(known))) => Some(known),
+                Some((unknown, None)) => {
+                    self.unknown_tier(unknown);
+                    rules.tier(None, anonymous)
+                }
+                None => rules.tier(None, anonymous),
+            }
         };
         let endpoint = rules
             .endpoint_index(head.method().as_str(), head.path())
             .and_then(|i| rules.endpoints.get(i).map(|l| (i, l)));
-        if rules.ip.is_none() && tier.is_none() && endpoint.is_none() {
+        if rules.ip_for(tier).is_none() && tier.is_none() && endpoint.is_none() {
             return Prepared::Skip;
         }
         Prepared::Check(Plan {
             keys,
-            ip: rules.ip.as_ref(),
+            ip: rules.ip_for(tier),
             tier,
             endpoint,
         })
@@ -533,7 +667,7 @@ impl Shared {
         let applied = &applied[..layers.len()];
         let policy = match config.response.policy_header {
             PolicyHeader::Denials if d.is_allowed() => None,
-            _ => rules.policy_value(plan.tier, plan.endpoint.map(|(i, _)| i)),
+            _ => rules.policy_value(plan.ip.is_some(), plan.tier, plan.endpoint.map(|(i, _)| i)),
         };
         let attach = Attach::new(config.response.headers, policy, applied, &d);
         if d.is_allowed() {
@@ -563,17 +697,21 @@ impl Shared {
             ));
         }
         bump(&self.counters.denied);
-        Action::Refuse(Box::new(headers::too_many_requests(
-            config.response.body,
-            layer,
-            d,
-            attach,
-        )))
+        Action::Refuse(Box::new(Refusal {
+            http: headers::too_many_requests(config.response.body, layer, d, attach),
+            why: Refused::Limit {
+                policy: d.policy(),
+                retry_after: d.retry_after(),
+            },
+        }))
     }
 }
 
+/// A response of the layer's own; an empty body ends the stream with the headers.
 fn full<B>(r: Response<Bytes>) -> Response<ResponseBody<B>> {
-    r.map(|b| ResponseBody::Full { data: Some(b) })
+    r.map(|b| ResponseBody::Full {
+        data: Some(b).filter(|b| !b.is_empty()),
+    })
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
@@ -608,14 +746,14 @@ where
         // moved as little as possible.
         let finish = match prepared {
             Prepared::Skip => Finish::default(),
-            Prepared::Respond(r) => return ResponseFuture::ready(full(*r)),
+            Prepared::Respond(r) => return ResponseFuture::ready(full(r.answer(&req))),
             Prepared::Shadow(v) => Finish::new(Attach::default(), Some(v)),
             Prepared::Check(plan) if rules.is_distributed() => {
                 let plan = plan.detach();
                 return self.distributed(req, plan, Arc::clone(&rules));
             }
             Prepared::Check(plan) => match self.shared.decide(&rules, &plan) {
-                Action::Refuse(r) => return ResponseFuture::ready(full(*r)),
+                Action::Refuse(r) => return ResponseFuture::ready(full(r.answer(&req))),
                 Action::Pass(finish) => finish,
             },
         };
@@ -648,7 +786,7 @@ impl<S> RateLimit<S> {
         ResponseFuture::boxed(Box::pin(async move {
             let plan = plan.attach(&rules);
             match shared.decide_async(&rules, &plan).await {
-                Action::Refuse(r) => Ok(full(*r)),
+                Action::Refuse(r) => Ok(full(r.answer(&req))),
                 Action::Pass(finish) => {
                     finish.mark(&mut req);
                     let response = inner.call(req).await?;
@@ -821,5 +959,65 @@ impl<B> fmt::Debug for ResponseBody<B> {
             ResponseBody::Inner { .. } => f.write_str("ResponseBody::Inner"),
             ResponseBody::Full { data } => f.debug_struct("ResponseBody::Full").field("data", data).finish(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Collects what the `tracing` subscriber writes.
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Log {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn unknown_tiers_are_counted_every_time_and_logged_once_per_name() {
+        let layer = RateLimitLayer::new(LiveConfig::new(Config::seed()).unwrap());
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..3 {
+                layer.shared.unknown_tier("gold");
+            }
+            layer.shared.unknown_tier("platinum");
+            for i in 0..2 * MAX_LOGGED_UNKNOWN_TIERS {
+                layer.shared.unknown_tier(&format!("made-up-{i}"));
+            }
+        });
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines.iter().filter(|l| l.contains("tier=\"gold\"")).count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(lines.iter().filter(|l| l.contains("tier=\"platinum\"")).count(), 1);
+        let named = lines.iter().filter(|l| l.contains("unknown tier name;")).count();
+        assert_eq!(named, MAX_LOGGED_UNKNOWN_TIERS, "at most this many names are logged");
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.contains("further unknown tier names"))
+                .count(),
+            1
+        );
+        assert_eq!(layer.stats().unknown_tiers, 4 + 2 * MAX_LOGGED_UNKNOWN_TIERS as u64);
     }
 }

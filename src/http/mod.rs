@@ -49,6 +49,24 @@
 //! a 403; a request whose client address is unknown gets `response.key_error_status` (500 by
 //! default, see [`RateLimit`]).
 //!
+//! # gRPC
+//!
+//! A gRPC client does not read HTTP statuses. A request with `content-type: application/grpc`
+//! (or `application/grpc+proto`, ...) that the layer refuses is answered as a gRPC server
+//! does, with a trailers-only response: HTTP 200, no body, and the headers
+//!
+//! ```text
+//! grpc-status: 8
+//! grpc-message: rate limit exceeded (user:free); retry after 30 s
+//! grpc-retry-pushback-ms: 29400
+//! ```
+//!
+//! (`8` is `RESOURCE_EXHAUSTED`; the deny list answers `7`, `PERMISSION_DENIED`, and an
+//! unknown client address `13`, `INTERNAL`, or `14`, `UNAVAILABLE`, when
+//! `response.key_error_status` is 503), with `Retry-After` and the rate-limit headers as for
+//! HTTP. A tonic client sees `Status::resource_exhausted`. Admitted gRPC requests get the
+//! rate-limit headers among their response headers.
+//!
 //! # Identity
 //!
 //! | input | trusted when | used as |
@@ -56,12 +74,13 @@
 //! | [`PeerAddr`] extension, else axum `ConnectInfo<SocketAddr>` | always (it is the TCP peer) | the client address |
 //! | `X-Forwarded-For`, `Forwarded` or `X-Real-IP` (one, configured) | the peer is in `client_ip.trusted_proxies` | the client address: the rightmost hop that is not a trusted proxy ([`client_ip`]) |
 //! | [`UserId`] extension (or a user resolver) | always: set it from your authentication | the user key |
-//! | the `api_key.header` | always | the user key, after a keyed SipHash-1-3 (128 bits): the raw key is never stored |
+//! | the `api_key.header` | only when the application's API-key validator accepts the key ([`RateLimitLayerBuilder::api_key_validator`]) | the user the validator names, else the key after a keyed SipHash-1-3 (128 bits): the raw key is never stored. A key nobody verified counts as anonymous |
 //! | [`Tier`] extension (or a tier resolver) | always | the user layer's policy |
 //!
 //! IPv6 clients are counted per /64 by default (`client_ip.ipv6_prefix`), IPv4 per address;
 //! IPv4-mapped IPv6 addresses count as IPv4.
 
+mod grpc;
 pub(crate) mod headers;
 mod key;
 mod layer;
@@ -70,13 +89,15 @@ use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use self::grpc::{GRPC_MESSAGE, GRPC_RETRY_PUSHBACK_MS, GRPC_STATUS};
 pub use self::headers::{
     ceil_secs, retry_after_secs, QUOTA_EXCEEDED, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT, X_RATELIMIT_REMAINING,
     X_RATELIMIT_RESET,
 };
 pub use self::key::client_ip;
 pub use self::layer::{
-    RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseBody, ResponseFuture, Stats, TierResolver, UserResolver,
+    ApiKeyValidator, RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseBody, ResponseFuture, Stats,
+    TierResolver, UserResolver,
 };
 
 /// The TCP peer of a request, for servers that do not use axum's `ConnectInfo`: insert it
@@ -92,6 +113,49 @@ pub struct UserId(pub Cow<'static, str>);
 /// The tier of a request (a key of the configuration's `tiers`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tier(pub Cow<'static, str>);
+
+/// What the application's API-key validator knows about a key it accepted
+/// ([`RateLimitLayerBuilder::api_key_validator`]).
+///
+/// ```
+/// use tollgate::http::Verified;
+///
+/// // Counted under the key itself (hashed), in the tier the other resolvers give.
+/// let _ = Verified::key();
+/// // Counted under its owner (every key of alice shares her buckets), on the premium tier.
+/// let owner = Verified::user("alice").tier("premium");
+/// assert_eq!(owner.tier.as_deref(), Some("premium"));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Verified {
+    /// The user the key belongs to; `None`: the key is its own identity.
+    pub user: Option<Cow<'static, str>>,
+    /// The key's tier; `None`: the tier resolver (or the [`Tier`] extension) decides, else
+    /// `default_tier`.
+    pub tier: Option<Cow<'static, str>>,
+}
+
+impl Verified {
+    /// A valid key, counted under itself (after hashing).
+    pub fn key() -> Self {
+        Verified::default()
+    }
+
+    /// A valid key of `user`, counted under the user's id.
+    pub fn user(user: impl Into<Cow<'static, str>>) -> Self {
+        Verified {
+            user: Some(user.into()),
+            tier: None,
+        }
+    }
+
+    /// The key's tier (a key of the configuration's `tiers`).
+    pub fn tier(mut self, tier: impl Into<Cow<'static, str>>) -> Self {
+        self.tier = Some(tier.into());
+        self
+    }
+}
 
 /// Shadow mode: what the layer would have done to a request it let through. Found in the
 /// request's extensions (for the inner service) and the response's.

@@ -13,7 +13,7 @@
 //!   },
 //!   "default_tier": "free",
 //!   "anonymous_tier": "anonymous",
-//!   "layers": { "ip": { "points": 1000, "duration": 60 }, "user": true, "endpoint": true },
+//!   "layers": { "ip": { "points": 1000, "duration": 60, "applies_to": ["anonymous", "free"] }, "user": true, "endpoint": true },
 //!   "endpoints": [
 //!     { "method": "POST", "path": "/api/ai/generate", "policy": { "points": 10, "duration": 3600 } }
 //!   ],
@@ -30,9 +30,13 @@
 //! }
 //! ```
 //!
-//! Only `tiers` is required. Every policy uses the [`Policy`] vocabulary (`points`, `duration`
-//! in seconds, `algorithm`, `burst`, `block_duration`). Unknown fields are rejected, and every
-//! invalid value is reported with its path:
+//! Only `tiers` is required; the seed's flat file, tier names mapped to policies
+//! (`{"anonymous": {"points": 20, "duration": 60}, "free": ...}`), is read as the `tiers` of a
+//! file with the defaults for everything else. Every policy uses the [`Policy`] vocabulary
+//! (`points`, `duration` in seconds, `algorithm`, `burst`, `block_duration`). Unknown fields,
+//! keys listed twice and data after the document are rejected, and every problem is reported
+//! with its path, one `path: reason` line each (a value of the wrong type, or broken JSON, stops
+//! at the first; range checks report every bad value):
 //!
 //! ```
 //! use tollgate::config::Config;
@@ -50,8 +54,8 @@
 //!
 //! | layer | policy | counted per |
 //! |---|---|---|
-//! | `ip` (`layers.ip`, off when absent) | one policy | client address (IPv6 by prefix) |
-//! | `user` (`layers.user`, on by default) | the request's tier | user id, else hashed API key, else client address |
+//! | `ip` (`layers.ip`, off when absent) | one policy, for the tiers in `layers.ip.applies_to` ([`IpScope`]: by default those whose rate is at most the ip layer's) | client address (IPv6 by prefix) |
+//! | `user` (`layers.user`, on by default) | the request's tier | user id, else a verified API key (hashed), else client address |
 //! | `endpoint` (`layers.endpoint`, on by default) | the first matching entry of `endpoints` | the same identity as `user`, per endpoint |
 //!
 //! # Hot reload
@@ -62,7 +66,10 @@
 //! limiter, and so the state of every key. [`LiveConfig::watch`] polls the file's modification
 //! time on a background thread.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod document;
+mod report;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -73,9 +80,12 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
+use serde_json::{Number, Value};
 
-use crate::consts::DEFAULT_MAX_KEYS;
-use crate::{Clock, Limiter, Node, Policy, PolicySpec};
+use crate::consts::{DEFAULT_MAX_KEYS, MAX_CAPACITY, MAX_DURATION, MIN_DURATION};
+use crate::{Algorithm, Clock, Limiter, Node, Policy};
+
+pub use self::report::{check, Report};
 
 // ------------------------------------------------------------------------------------------
 // Errors
@@ -125,11 +135,12 @@ impl ConfigError {
     }
 }
 
+/// One `path: reason` line per problem.
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, problem) in self.problems.iter().enumerate() {
             if i > 0 {
-                f.write_str("; ")?;
+                f.write_str("\n")?;
             }
             write!(f, "{problem}")?;
         }
@@ -151,18 +162,82 @@ impl Problems {
         });
     }
 
-    fn policy(&mut self, path: &str, spec: PolicySpec, default_block: Option<Duration>) -> Option<Policy> {
-        let explicit_block = spec.block_duration.is_some();
-        match Policy::try_from(spec) {
-            Ok(p) => match default_block {
-                Some(b) if !explicit_block => Some(p.block_duration(b)),
-                _ => Some(p),
-            },
+    /// A required field that is absent.
+    fn required<T>(&mut self, path: &str, field: &str, value: Option<T>, what: &str) -> Option<T> {
+        if value.is_none() {
+            self.add(join(path, field), format!("missing ({what})"));
+        }
+        value
+    }
+
+    /// A whole number in `1..=MAX_CAPACITY`, echoed as written when it is not.
+    fn whole(&mut self, path: String, n: &Number) -> Option<u64> {
+        let v = n.as_f64().unwrap_or(f64::NAN);
+        let reason = match n.as_u64() {
+            Some(0) => "must be > 0 (got 0)".to_owned(),
+            Some(u) if u <= MAX_CAPACITY => return Some(u),
+            _ if v <= 0.0 => format!("must be > 0 (got {n})"),
+            _ if v.fract() != 0.0 => format!("must be a whole number (got {n})"),
+            _ => format!("must be <= {MAX_CAPACITY} (got {n})"),
+        };
+        self.add(path, reason);
+        None
+    }
+
+    /// A number of seconds in `[MIN_DURATION, MAX_DURATION]`, echoed as written when it is
+    /// not.
+    fn seconds(&mut self, path: String, n: &Number) -> Option<Duration> {
+        let v = n.as_f64().unwrap_or(f64::NAN);
+        let reason = if v.is_nan() || v <= 0.0 {
+            format!("must be > 0 (got {n})")
+        } else if v > MAX_DURATION.as_secs_f64() {
+            format!("must be <= {} s (one year; got {n})", MAX_DURATION.as_secs())
+        } else if Duration::from_secs_f64(v) < MIN_DURATION {
+            format!("must be >= {} s (got {n})", MIN_DURATION.as_secs_f64())
+        } else {
+            return Some(Duration::from_secs_f64(v));
+        };
+        self.add(path, reason);
+        None
+    }
+
+    fn policy(&mut self, path: &str, spec: PolicyInput, default_block: Option<Duration>) -> Option<Policy> {
+        if spec.applies_to.is_some() {
+            self.add(join(path, "applies_to"), "only the ip layer (layers.ip) has applies_to");
+        }
+        let points = self.required(path, "points", spec.points, "how many requests per duration");
+        let duration = self.required(path, "duration", spec.duration, "the period, in seconds");
+        let points = points.and_then(|n| self.whole(join(path, "points"), &n));
+        let duration = duration.and_then(|n| self.seconds(join(path, "duration"), &n));
+        let burst = spec.burst.map(|n| self.whole(join(path, "burst"), &n));
+        let block = spec
+            .block_duration
+            .map(|n| self.seconds(join(path, "block_duration"), &n));
+        let mut p = Policy::new(points?, duration?).algorithm(spec.algorithm);
+        if let Some(b) = burst {
+            p = p.burst(b?);
+        }
+        match (block, default_block) {
+            (Some(b), _) => p = p.block_duration(b?),
+            (None, Some(b)) => p = p.block_duration(b),
+            (None, None) => {}
+        }
+        match p.validate() {
+            Ok(()) => Some(p),
             Err(e) => {
-                self.add(format!("{path}.{}", e.field), e.reason);
+                self.add(join(path, e.field), e.reason);
                 None
             }
         }
+    }
+}
+
+/// `path.field`, or `field` at the top.
+fn join(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_owned()
+    } else {
+        format!("{path}.{field}")
     }
 }
 
@@ -466,9 +541,12 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// True when a request with this method and path belongs to the endpoint.
+    /// True when a request with this method and path belongs to the endpoint. A `GET`
+    /// endpoint includes `HEAD`: servers (axum's `get`, hyper) answer `HEAD` by running the
+    /// `GET` handler.
     pub fn matches(&self, method: &str, path: &str) -> bool {
-        if self.method != "*" && self.method != method {
+        let same = self.method == method || (self.method == "GET" && method == "HEAD");
+        if self.method != "*" && !same {
             return false;
         }
         let mut parts = path.strip_prefix('/').unwrap_or(path).split('/');
@@ -529,12 +607,30 @@ fn parse_pattern(path: &str) -> Result<Vec<Segment>, String> {
     Ok(out)
 }
 
+/// Which requests the ip layer counts (`layers.ip.applies_to`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IpScope {
+    /// Every request (`"all"`).
+    All,
+    /// Requests counted in the user layer under one of these tiers (a list of tier names;
+    /// requests without an identity are in `anonymous_tier`). When the user layer is off,
+    /// every request.
+    ///
+    /// The default: the tiers whose rate (points per second) is at most the ip layer's, so
+    /// that a tier sold above the per-address limit (enterprise, 10,000 per minute, behind
+    /// one address) is not capped by it, while the anonymous and smaller tiers are.
+    Tiers(BTreeSet<String>),
+}
+
 /// Which layers apply.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Layers {
-    /// Per client address, one policy for everyone; `None`: no ip layer.
+    /// Per client address, one policy; `None`: no ip layer.
     pub ip: Option<Policy>,
+    /// Which requests the ip layer counts.
+    pub ip_applies_to: IpScope,
     /// Per user (or API key, or anonymous client address), the tier's policy.
     pub user: bool,
     /// Per identity and endpoint, the endpoint's policy.
@@ -545,6 +641,7 @@ impl Default for Layers {
     fn default() -> Self {
         Layers {
             ip: None,
+            ip_applies_to: IpScope::All,
             user: true,
             endpoint: true,
         }
@@ -605,10 +702,37 @@ pub struct Config {
 // The file format
 // ------------------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The top-level fields of the file. A document with none of them is the flat form: tier
+/// names mapped to policies, as the seed's `rate-limit-tiers.json` has them.
+const FIELDS: &[&str] = &[
+    "tiers",
+    "default_tier",
+    "anonymous_tier",
+    "layers",
+    "endpoints",
+    "client_ip",
+    "api_key",
+    "allow",
+    "deny",
+    "block_duration",
+    "shadow",
+    "response",
+    "failure_policy",
+    "redis",
+    "max_keys",
+];
+
+#[derive(Deserialize, Default)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a JSON object such as {\"tiers\": {\"free\": {\"points\": 100, \"duration\": 60}}}"
+)]
 struct ConfigSpec {
-    tiers: BTreeMap<String, PolicySpec>,
+    /// Read from the flat form: the tiers are the document, and their paths have no prefix.
+    #[serde(skip)]
+    flat: bool,
+    #[serde(default)]
+    tiers: Option<BTreeMap<String, PolicyInput>>,
     #[serde(default)]
     default_tier: Option<String>,
     #[serde(default)]
@@ -626,7 +750,7 @@ struct ConfigSpec {
     #[serde(default)]
     deny: ListsSpec,
     #[serde(default)]
-    block_duration: Option<f64>,
+    block_duration: Option<Number>,
     #[serde(default)]
     shadow: bool,
     #[serde(default)]
@@ -639,11 +763,37 @@ struct ConfigSpec {
     max_keys: Option<u64>,
 }
 
+/// A policy as written: numbers kept as written (so that a rejected one is echoed as it is),
+/// required fields optional (so that a missing one is reported at its own path).
+#[derive(Deserialize, Default)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a policy object such as {\"points\": 100, \"duration\": 60}"
+)]
+struct PolicyInput {
+    #[serde(default)]
+    algorithm: Algorithm,
+    #[serde(default)]
+    points: Option<Number>,
+    #[serde(default)]
+    duration: Option<Number>,
+    #[serde(default)]
+    burst: Option<Number>,
+    #[serde(default)]
+    block_duration: Option<Number>,
+    /// The ip layer only.
+    #[serde(default)]
+    applies_to: Option<Value>,
+}
+
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an object such as {\"ip\": {\"points\": 1000, \"duration\": 60}, \"user\": true, \"endpoint\": true}"
+)]
 struct LayersSpec {
     #[serde(default)]
-    ip: Option<PolicySpec>,
+    ip: Option<PolicyInput>,
     #[serde(default = "yes")]
     user: bool,
     #[serde(default = "yes")]
@@ -665,12 +815,17 @@ impl Default for LayersSpec {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an endpoint object such as {\"method\": \"POST\", \"path\": \"/api/x\", \"policy\": {...}}"
+)]
 struct EndpointSpec {
     #[serde(default = "any_method")]
     method: String,
-    path: String,
-    policy: PolicySpec,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    policy: Option<PolicyInput>,
 }
 
 fn any_method() -> String {
@@ -678,7 +833,10 @@ fn any_method() -> String {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an object with trusted_proxies, header, ipv6_prefix and ipv4_prefix"
+)]
 struct ClientIpSpec {
     #[serde(default)]
     trusted_proxies: Vec<String>,
@@ -691,15 +849,16 @@ struct ClientIpSpec {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object such as {\"header\": \"x-api-key\"}")]
 struct ApiKeySpec {
-    header: String,
+    #[serde(default)]
+    header: Option<String>,
     #[serde(default)]
     secret: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object with ips and users")]
 struct ListsSpec {
     #[serde(default)]
     ips: Vec<String>,
@@ -708,7 +867,10 @@ struct ListsSpec {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an object with headers, policy_header, body and key_error_status"
+)]
 struct ResponseSpec {
     #[serde(default)]
     headers: HeaderStyle,
@@ -721,13 +883,17 @@ struct ResponseSpec {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an object such as {\"url\": \"redis://127.0.0.1:6379\"}"
+)]
 struct RedisSpec {
-    url: String,
+    #[serde(default)]
+    url: Option<String>,
     #[serde(default)]
     key_prefix: Option<String>,
     #[serde(default)]
-    sync_interval: Option<f64>,
+    sync_interval: Option<Number>,
     #[serde(default)]
     batch_size: Option<u64>,
     #[serde(default)]
@@ -738,12 +904,60 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
 }
 
-fn seconds(p: &mut Problems, path: &str, v: f64, min: f64, max: f64) -> Option<Duration> {
-    if !v.is_finite() || v < min || v > max {
-        p.add(path, format!("must be a number of seconds in [{min}, {max}] (got {v})"));
-        None
-    } else {
-        Some(Duration::from_secs_f64(v))
+fn seconds(p: &mut Problems, path: &str, n: &Number, min: f64, max: f64) -> Option<Duration> {
+    match n.as_f64() {
+        Some(v) if (min..=max).contains(&v) => Some(Duration::from_secs_f64(v)),
+        _ => {
+            p.add(path, format!("must be a number of seconds in [{min}, {max}] (got {n})"));
+            None
+        }
+    }
+}
+
+/// True when `a` admits at most as many requests per second as `b`.
+fn rate_at_most(a: &Policy, b: &Policy) -> bool {
+    u128::from(a.points()) * b.duration().as_nanos() <= u128::from(b.points()) * a.duration().as_nanos()
+}
+
+/// `layers.ip.applies_to`: `"all"` or a list of tier names; absent, the tiers whose rate is at
+/// most the ip layer's.
+fn ip_scope(
+    p: &mut Problems,
+    spec: Option<Value>,
+    ip: Option<&Policy>,
+    tiers: &BTreeMap<String, Policy>,
+    named: &BTreeSet<String>,
+) -> IpScope {
+    const PATH: &str = "layers.ip.applies_to";
+    match spec {
+        None => match ip {
+            Some(ip) => IpScope::Tiers(
+                tiers
+                    .iter()
+                    .filter(|(_, t)| rate_at_most(t, ip))
+                    .map(|(n, _)| n.clone())
+                    .collect(),
+            ),
+            None => IpScope::All,
+        },
+        Some(Value::String(s)) if s == "all" => IpScope::All,
+        Some(Value::Array(names)) => {
+            let mut out = BTreeSet::new();
+            for (i, name) in names.into_iter().enumerate() {
+                match name {
+                    Value::String(n) if named.contains(&n) || named.is_empty() => {
+                        out.insert(n);
+                    }
+                    Value::String(n) => p.add(format!("{PATH}[{i}]"), format!("no tier named {n:?}")),
+                    other => p.add(format!("{PATH}[{i}]"), format!("must be a tier name (got {other})")),
+                }
+            }
+            IpScope::Tiers(out)
+        }
+        Some(other) => {
+            p.add(PATH, format!("must be \"all\" or a list of tier names (got {other})"));
+            IpScope::All
+        }
     }
 }
 
@@ -755,18 +969,26 @@ impl ConfigSpec {
             seconds(
                 &mut p,
                 "block_duration",
-                b,
-                crate::MIN_DURATION.as_secs_f64(),
-                crate::MAX_DURATION.as_secs_f64(),
+                &b,
+                MIN_DURATION.as_secs_f64(),
+                MAX_DURATION.as_secs_f64(),
             )
         });
 
-        if self.tiers.is_empty() {
+        let tiers_path = if self.flat { "" } else { "tiers" };
+        let tiers_missing = self.tiers.is_none();
+        let tier_specs = p
+            .required("", "tiers", self.tiers, "a map of tier names to policies")
+            .unwrap_or_default();
+        if tier_specs.is_empty() && !tiers_missing {
             p.add("tiers", "must name at least one tier");
         }
+        // Every tier the file names, valid or not: a reference to an invalid one is not a
+        // second problem.
+        let named: BTreeSet<String> = tier_specs.keys().cloned().collect();
         let mut tiers = BTreeMap::new();
-        for (name, spec) in self.tiers {
-            let path = format!("tiers.{name}");
+        for (name, spec) in tier_specs {
+            let path = join(tiers_path, &name);
             if !valid_name(&name) {
                 p.add(&path, "a tier name is 1 to 64 of A-Z a-z 0-9 _ - .");
             }
@@ -774,14 +996,14 @@ impl ConfigSpec {
                 tiers.insert(name, policy);
             }
         }
-        let tier_names = |p: &mut Problems, field: &str, name: &str, known: &BTreeMap<String, Policy>| {
-            if !known.is_empty() && !known.contains_key(name) {
+        let tier_names = |p: &mut Problems, field: &str, name: &str, known: &BTreeSet<String>| {
+            if !known.is_empty() && !known.contains(name) {
                 p.add(field, format!("no tier named {name:?}"));
             }
         };
         let default_tier = match self.default_tier {
             Some(t) => {
-                tier_names(&mut p, "default_tier", &t, &tiers);
+                tier_names(&mut p, "default_tier", &t, &named);
                 t
             }
             None if tiers.contains_key("free") => "free".into(),
@@ -789,15 +1011,23 @@ impl ConfigSpec {
         };
         let anonymous_tier = match self.anonymous_tier {
             Some(t) => {
-                tier_names(&mut p, "anonymous_tier", &t, &tiers);
+                tier_names(&mut p, "anonymous_tier", &t, &named);
                 t
             }
             None if tiers.contains_key("anonymous") => "anonymous".into(),
             None => default_tier.clone(),
         };
 
+        let (ip, applies_to) = match self.layers.ip {
+            Some(mut s) => {
+                let applies_to = s.applies_to.take();
+                (p.policy("layers.ip", s, block_duration), applies_to)
+            }
+            None => (None, None),
+        };
         let layers = Layers {
-            ip: self.layers.ip.and_then(|s| p.policy("layers.ip", s, block_duration)),
+            ip_applies_to: ip_scope(&mut p, applies_to, ip.as_ref(), &tiers, &named),
+            ip,
             user: self.layers.user,
             endpoint: self.layers.endpoint,
         };
@@ -813,18 +1043,21 @@ impl ConfigSpec {
                     format!("must be \"*\" or an upper-case method name (got {:?})", e.method),
                 );
             }
-            let segments = match parse_pattern(&e.path) {
+            let path = p.required(&base, "path", e.path, "the request path, such as \"/api/x\"");
+            let segments = path.as_deref().and_then(|path| match parse_pattern(path) {
                 Ok(s) => Some(s),
                 Err(m) => {
                     p.add(format!("{base}.path"), m);
                     None
                 }
-            };
-            let policy = p.policy(&format!("{base}.policy"), e.policy, block_duration);
-            if let (true, Some(segments), Some(policy)) = (method_ok, segments, policy) {
+            });
+            let policy = p
+                .required(&base, "policy", e.policy, "the endpoint's policy")
+                .and_then(|spec| p.policy(&format!("{base}.policy"), spec, block_duration));
+            if let (true, Some(path), Some(segments), Some(policy)) = (method_ok, path, segments, policy) {
                 let ep = Endpoint {
                     method: e.method,
-                    path: e.path,
+                    path,
                     policy,
                     segments,
                 };
@@ -864,13 +1097,15 @@ impl ConfigSpec {
         }
 
         let api_key = self.api_key.and_then(|a| {
-            let header = match http::HeaderName::from_bytes(a.header.as_bytes()) {
-                Ok(h) => Some(h),
-                Err(_) => {
-                    p.add("api_key.header", format!("not a header name (got {:?})", a.header));
-                    None
-                }
-            };
+            let header = p
+                .required("api_key", "header", a.header, "the request header carrying the key")
+                .and_then(|h| match http::HeaderName::from_bytes(h.as_bytes()) {
+                    Ok(h) => Some(h),
+                    Err(_) => {
+                        p.add("api_key.header", format!("not a header name (got {h:?})"));
+                        None
+                    }
+                });
             let secret = match a.secret {
                 None => Some(None),
                 Some(hex) => match parse_secret(&hex) {
@@ -924,11 +1159,12 @@ impl ConfigSpec {
         }
 
         let redis = self.redis.and_then(|r| {
+            let url = p.required("redis", "url", r.url, "a redis:// or rediss:// URL")?;
             let mut ok = true;
-            if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://")) || r.url.len() <= "redis://".len() {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) || url.len() <= "redis://".len() {
                 p.add(
                     "redis.url",
-                    format!("must be a redis:// or rediss:// URL (got {:?})", r.url),
+                    format!("must be a redis:// or rediss:// URL (got {url:?})"),
                 );
                 ok = false;
             }
@@ -939,7 +1175,7 @@ impl ConfigSpec {
             }
             let sync_interval = match r.sync_interval {
                 None => Duration::from_millis(100),
-                Some(s) => match seconds(&mut p, "redis.sync_interval", s, 0.001, 60.0) {
+                Some(s) => match seconds(&mut p, "redis.sync_interval", &s, 0.001, 60.0) {
                     Some(d) => d,
                     None => {
                         ok = false;
@@ -953,7 +1189,7 @@ impl ConfigSpec {
                 ok = false;
             }
             ok.then_some(RedisSettings {
-                url: r.url,
+                url,
                 key_prefix,
                 sync_interval,
                 batch_size: batch_size as usize,
@@ -1005,14 +1241,51 @@ fn parse_secret(hex: &str) -> Option<[u8; 16]> {
 }
 
 impl Config {
-    /// Parses and validates a JSON document.
+    /// Parses and validates a JSON document: the full form (an object with `tiers` and the
+    /// other fields above), or the flat form, tier names mapped to policies, with the
+    /// defaults for everything else:
+    ///
+    /// ```
+    /// use tollgate::config::Config;
+    ///
+    /// let c = Config::from_json(r#"{"anonymous": {"points": 20, "duration": 60},
+    ///                               "free": {"points": 100, "duration": 60}}"#).unwrap();
+    /// assert_eq!((c.default_tier.as_str(), c.anonymous_tier.as_str()), ("free", "anonymous"));
+    ///
+    /// let err = Config::from_json(r#"{"free": {"points": 100}}"#).unwrap_err();
+    /// assert_eq!(err.to_string(), "free.duration: missing (the period, in seconds)");
+    /// ```
+    ///
+    /// A UTF-8 byte-order mark before the document is skipped; anything but whitespace after
+    /// it is an error.
     pub fn from_json(json: &str) -> Result<Config, ConfigError> {
-        let de = &mut serde_json::Deserializer::from_str(json);
-        let spec: ConfigSpec = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." { String::new() } else { path };
-            ConfigError::one(path, e.into_inner().to_string())
-        })?;
+        let doc = document::parse(json).map_err(|p| ConfigError { problems: vec![p] })?;
+        let spec = match doc {
+            Value::Object(map) if map.is_empty() || map.keys().any(|k| FIELDS.contains(&k.as_str())) => {
+                typed::<ConfigSpec>(Value::Object(map))?
+            }
+            flat @ Value::Object(_) => ConfigSpec {
+                flat: true,
+                tiers: Some(typed(flat)?),
+                ..ConfigSpec::default()
+            },
+            other => {
+                let got = match other {
+                    Value::Array(_) => "an array",
+                    Value::String(_) => "a string",
+                    Value::Number(_) => "a number",
+                    Value::Bool(_) => "a boolean",
+                    _ => "null",
+                };
+                return Err(ConfigError::one(
+                    "",
+                    format!(
+                        "the document must be a JSON object, {{\"tiers\": {{...}}, ...}} or tier names \
+                         mapped to policies (got {got})"
+                    ),
+                ));
+            }
+        };
         spec.validate()
     }
 
@@ -1045,6 +1318,16 @@ impl Config {
     }
 }
 
+/// A document's fields, with the path of the first value of the wrong type or an unknown
+/// field.
+fn typed<T: serde::de::DeserializeOwned>(doc: Value) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(doc).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ConfigError::one(path, e.into_inner().to_string())
+    })
+}
+
 impl FromStr for Config {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, ConfigError> {
@@ -1069,6 +1352,8 @@ pub(crate) struct Limit {
     pub(crate) quoted_name: Option<Box<[u8]>>,
     /// User layer: 1 + the tier's position in [`Rules`]' `RateLimit-Policy` table; 0 otherwise.
     pub(crate) slot: usize,
+    /// User layer: the ip layer counts this tier's requests (`layers.ip.applies_to`).
+    pub(crate) with_ip: bool,
 }
 
 impl Limit {
@@ -1092,8 +1377,14 @@ pub struct Rules {
     pub(crate) endpoints: Vec<Limit>,
     pub(crate) api_key_secret: [u8; 16],
     pub(crate) distributed: bool,
-    /// `RateLimit-Policy` at `tier slot * (endpoints + 1) + (endpoint index + 1 or 0)`.
+    /// `RateLimit-Policy` at [`policy_index`].
     policy_values: Vec<Option<http::HeaderValue>>,
+}
+
+/// Where the `RateLimit-Policy` value of a request is: by tier slot, endpoint (index + 1, or 0)
+/// and whether the ip layer counted it.
+fn policy_index(stride: usize, with_ip: bool, tier: Option<&Limit>, endpoint: usize) -> usize {
+    (tier.map_or(0, |l| l.slot) * stride + endpoint) * 2 + usize::from(with_ip)
 }
 
 /// How limiters are built: the clock and, for distributed mode, the node.
@@ -1148,6 +1439,7 @@ impl Rules {
                     limiter,
                     layer,
                     slot: 0,
+                    with_ip: true,
                 }),
                 Err(crate::BuildError::Distributed(m)) => {
                     // "block_duration: not available in distributed mode"
@@ -1172,6 +1464,10 @@ impl Rules {
             for (name, p) in &config.tiers {
                 if let Some(mut l) = make(&format!("tiers.{name}"), "user", format!("user:{name}"), p) {
                     l.slot = tiers.len() + 1;
+                    l.with_ip = match &config.layers.ip_applies_to {
+                        IpScope::All => true,
+                        IpScope::Tiers(names) => names.contains(name),
+                    };
                     tiers.insert(name.clone(), l);
                 }
             }
@@ -1204,18 +1500,21 @@ impl Rules {
             None => old.map(|o| o.api_key_secret).unwrap_or_else(random_secret),
         };
         let stride = endpoints.len() + 1;
-        let mut policy_values = vec![None; (tiers.len() + 1) * stride];
+        let mut policy_values = vec![None; (tiers.len() + 1) * stride * 2];
         let tier_options = std::iter::once(None).chain(tiers.values().map(Some));
         for tier in tier_options {
             for e in 0..stride {
-                let items: Vec<&str> = ip
-                    .iter()
-                    .chain(tier)
-                    .chain(e.checked_sub(1).map(|i| &endpoints[i]))
-                    .map(|l| l.policy_item.as_str())
-                    .collect();
-                policy_values[tier.map_or(0, |l| l.slot) * stride + e] =
-                    http::HeaderValue::from_str(&items.join(", ")).ok();
+                for with_ip in [false, true] {
+                    let items: Vec<&str> = ip
+                        .iter()
+                        .filter(|_| with_ip)
+                        .chain(tier)
+                        .chain(e.checked_sub(1).map(|i| &endpoints[i]))
+                        .map(|l| l.policy_item.as_str())
+                        .collect();
+                    policy_values[policy_index(stride, with_ip, tier, e)] =
+                        http::HeaderValue::from_str(&items.join(", ")).ok();
+                }
             }
         }
         let fallback = [&config.anonymous_tier, &config.default_tier].map(|t| tiers.get(t.as_str()).cloned());
@@ -1231,13 +1530,27 @@ impl Rules {
         })
     }
 
-    /// The `RateLimit-Policy` value of a request checked against the ip layer (when on), the
-    /// user layer limit `tier` (of these rules) and the endpoint `endpoint`.
-    pub(crate) fn policy_value(&self, tier: Option<&Limit>, endpoint: Option<usize>) -> Option<&http::HeaderValue> {
+    /// The `RateLimit-Policy` value of a request checked against the ip layer (when
+    /// `with_ip`), the user layer limit `tier` (of these rules) and the endpoint `endpoint`.
+    pub(crate) fn policy_value(
+        &self,
+        with_ip: bool,
+        tier: Option<&Limit>,
+        endpoint: Option<usize>,
+    ) -> Option<&http::HeaderValue> {
         let stride = self.endpoints.len() + 1;
-        self.policy_values
-            .get(tier.map_or(0, |l| l.slot) * stride + endpoint.map_or(0, |i| i + 1))?
-            .as_ref()
+        let i = policy_index(
+            stride,
+            with_ip && self.ip.is_some(),
+            tier,
+            endpoint.map_or(0, |i| i + 1),
+        );
+        self.policy_values.get(i)?.as_ref()
+    }
+
+    /// The ip layer, when it counts requests of the user layer limit `tier`.
+    pub(crate) fn ip_for(&self, tier: Option<&Limit>) -> Option<&Limit> {
+        self.ip.as_ref().filter(|_| tier.is_none_or(|t| t.with_ip))
     }
 
     fn find(&self, name: &str) -> Option<&Limit> {
@@ -1586,6 +1899,8 @@ mod tests {
         let e = &c.endpoints;
         assert!(e[0].matches("POST", "/api/ai/generate"));
         assert!(!e[0].matches("GET", "/api/ai/generate"));
+        assert!(!e[0].matches("HEAD", "/api/ai/generate"));
+        assert!(e[2].matches("HEAD", "/files/a"), "a GET endpoint includes HEAD");
         assert!(!e[0].matches("POST", "/api/ai/generate/"));
         assert!(!e[0].matches("POST", "/api/ai"));
         assert!(e[1].matches("PUT", "/items/42/edit"));
