@@ -15,14 +15,18 @@ use crate::sync::{Mutex, MutexGuard};
 /// A key idle (nothing held, no demand) for this many syncs is forgotten.
 pub(super) const IDLE_SYNCS: u32 = 3;
 
-/// The claimed tokens of one key and the sync task's ledger of them.
+/// The claimed tokens of one key and the sync task's ledger of them. In C layout: what a
+/// check on a held key reads (`tokens`, `valid_until`, `low`) takes the first 24 bytes.
 #[derive(Default)]
+#[repr(C)]
 pub(crate) struct ClaimCell {
     /// Claimed tokens not yet spent.
     tokens: AtomicU64,
     /// Clock time (ns) after which `tokens` must not be spent (lease or window end); 0 before
     /// the first claim.
     valid_until: AtomicU64,
+    /// Below this many tokens a check asks for an early sync.
+    low: AtomicU64,
     /// `ColdStart::Optimistic` units left before the first claim.
     cold: AtomicU64,
     /// Cost denied since the last sync: demand the claims did not cover.
@@ -137,6 +141,17 @@ impl ClaimCell {
             }
         }
         Err(valid_until)
+    }
+
+    /// Whether `left` tokens are below the low mark (a check then asks for an early sync).
+    #[inline]
+    pub(super) fn is_low(&self, left: u64) -> bool {
+        left < self.low.load(Ordering::Relaxed)
+    }
+
+    /// Sets the low mark (the sync task, from the key's target).
+    pub(super) fn set_low(&self, low: u64) {
+        self.low.store(low, Ordering::Relaxed);
     }
 
     /// Takes `cost` from the cold-start units; false when fewer are left.

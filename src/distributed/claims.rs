@@ -28,31 +28,31 @@ pub(crate) fn claim_margin_ns(span_ns: u64) -> u64 {
 }
 
 /// One key's state: its claim, and what the last sync learned about it. Checks touch the
-/// atomics; only the sync task and refunds take the claim's ledger.
+/// atomics; only the sync task and refunds take the claim's ledger. The claim comes first, so
+/// that a check's fields (validity, tokens, low mark) sit together at the start of the cell.
 #[derive(Default)]
+#[repr(C)]
 pub(crate) struct DistCell {
     /// The claimed tokens and the sync task's ledger of them.
     claim: ClaimCell,
     /// Until this time (ns) the store has no token for the key: deny without asking.
     exhausted_until: AtomicU64,
-    /// Below this many tokens a check asks for an early sync.
-    low: AtomicU64,
     /// Tokens the store had left at the last sync (for `remaining`).
     store_remaining: AtomicU64,
     /// When the key would be back to a full quota (ns), as of the last sync.
     reset_at: AtomicU64,
-    /// The store failed this key alone at the last sync (`WRONGTYPE`, corrupt state): the
-    /// failure policy answers for it until a claim succeeds.
-    failed: AtomicBool,
     /// When `failed` was last set (clock nanoseconds): the failure policy's share of the key
     /// starts empty then.
     failed_at: AtomicU64,
+    /// [`FailurePolicy::LocalShare`]: the key's state under this node's share of the policy.
+    share: Cell,
+    /// The store failed this key alone at the last sync (`WRONGTYPE`, corrupt state): the
+    /// failure policy answers for it until a claim succeeds.
+    failed: AtomicBool,
     /// The node's demand for the key decayed to nothing, and it gave back what it held: the
     /// store may well have tokens for it, so a check that may wait (`check_async`) waits for a
     /// claim instead of denying at once.
     dormant: AtomicBool,
-    /// [`FailurePolicy::LocalShare`]: the key's state under this node's share of the policy.
-    share: Cell,
 }
 
 /// What a check found.
@@ -171,7 +171,7 @@ where
         };
         let valid_until = match cell.claim.take(cost, now) {
             Ok(left) => {
-                if left < cell.low.load(Ordering::Relaxed) {
+                if cell.claim.is_low(left) {
                     self.node.request_priority();
                 }
                 return self.outcome(cell, true, left, now);
@@ -414,7 +414,7 @@ where
         } else {
             target.saturating_sub(kept) + s.debt.min(capacity)
         };
-        cell.low.store(target / 4, Ordering::Relaxed);
+        cell.claim.set_low(target / 4);
         if returned == 0 && wanted == 0 && (s.debt == 0 || exhausted) {
             // Nothing to ask for or give back. When the key has just gone quiet, tell the store
             // once what this node still holds, so it stops counting spent tokens against the

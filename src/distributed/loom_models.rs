@@ -252,6 +252,11 @@ enum Idle {
 /// A check takes (and, from held tokens, refunds) 1 while the sync task measures an idle key
 /// and forgets it if it finds no use and `forgettable` agrees (as `prepare` does): a forgotten
 /// key holds no token, and had nothing taken from it that no sync counted.
+///
+/// The sync runs on a spawned thread and the check on the model's own: the other way round,
+/// loom 0.7 explored a single interleaving of the cold-start case (the spawned check's first
+/// access, a load of the validity, depends on nothing the sync writes, so no backtracking
+/// point was recorded before the sync's own steps).
 fn forget_model(idle: Idle, twin: Twin) {
     loom::model(move || {
         let cell = match idle {
