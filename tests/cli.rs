@@ -178,3 +178,36 @@ fn each_subcommand_has_its_own_help() {
         "{top}"
     );
 }
+
+/// `tollgate check-config FILE`: the shipped tiers file is valid and its limits are listed; a
+/// broken one gets every problem as a `path: reason` line and exit status 1; a missing file 2.
+#[cfg(feature = "http")]
+#[test]
+fn check_config_validates_a_tiers_file_and_names_every_problem() {
+    let ok = tollgate(&[
+        "check-config",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/rate-limit-tiers.json"),
+    ]);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{out}\n{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(out.contains(": ok"), "{out}");
+    for expected in ["anonymous", "enterprise", "POST /api/ai/generate", "10 per 3600 s"] {
+        assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
+    }
+    let dir = std::env::temp_dir().join(format!("tollgate-check-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"tiers": {"free": {"points": -5, "duration": 60}, "pro": {"points": 10}}}"#,
+    )
+    .unwrap();
+    let err = tollgate(&["check-config", bad.to_str().unwrap()]);
+    let msg = String::from_utf8_lossy(&err.stderr);
+    assert_eq!(err.status.code(), Some(1), "{msg}");
+    assert!(msg.contains("tiers.free.points: must be > 0"), "{msg}");
+    assert!(msg.contains("tiers.pro.duration: missing"), "{msg}");
+    let missing = tollgate(&["check-config", dir.join("absent.json").to_str().unwrap()]);
+    assert_eq!(missing.status.code(), Some(2));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

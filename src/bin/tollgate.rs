@@ -33,6 +33,13 @@ enum Command {
     /// limit through a store, under uniform and 80/20-skewed load at each offered load.
     #[command(allow_negative_numbers = true)]
     Tune(TuneArgs),
+    /// Validates a tiers file as a server would load it: prints every problem as a
+    /// `path: reason` line (exit status 1), or the limits in force per tier, layer and
+    /// endpoint. Needs the `http` feature.
+    CheckConfig {
+        /// The tiers file (JSON), for example rate-limit-tiers.json.
+        file: PathBuf,
+    },
 }
 
 /// The arguments of `tollgate tune`.
@@ -402,8 +409,40 @@ fn tune(args: TuneArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `tollgate check-config FILE`.
+#[cfg(feature = "http")]
+fn check_config(file: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tollgate check-config: cannot read {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    match tollgate::config::check(&text) {
+        Ok(report) => {
+            println!("{}: ok\n\n{report}", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            eprintln!("{problems}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(feature = "http"))]
+fn check_config(_file: &std::path::Path) -> ExitCode {
+    eprintln!(
+        "tollgate check-config: this build has no tiers file support; build with the http feature: \
+         cargo run --features http -- check-config FILE"
+    );
+    ExitCode::from(2)
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Tune(args) => tune(args),
+        Command::CheckConfig { file } => check_config(&file),
     }
 }
