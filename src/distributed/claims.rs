@@ -41,14 +41,12 @@ pub(crate) struct DistCell {
     store_remaining: AtomicU64,
     /// When the key would be back to a full quota (ns), as of the last sync.
     reset_at: AtomicU64,
-    /// When `failed` was last set (clock nanoseconds): the failure policy's share of the key
-    /// starts empty then.
-    failed_at: AtomicU64,
     /// [`FailurePolicy::LocalShare`]: the key's state under this node's share of the policy.
     share: Cell,
-    /// The store failed this key alone at the last sync (`WRONGTYPE`, corrupt state): the
-    /// failure policy answers for it until a claim succeeds.
-    failed: AtomicBool,
+    /// Since when (clock nanoseconds, at least 1) the store has failed this key alone
+    /// (`WRONGTYPE`, corrupt state): the failure policy answers for it until a claim succeeds,
+    /// and its share of the key starts empty then. 0 while the key's claims succeed.
+    failed_since: AtomicU64,
     /// The node's demand for the key decayed to nothing, and it gave back what it held: the
     /// store may well have tokens for it, so a check that may wait (`check_async`) waits for a
     /// claim instead of denying at once.
@@ -129,7 +127,7 @@ where
                     || (c.dormant.load(Ordering::Acquire)
                         && c.claim.held(Ordering::Acquire) == 0
                         && now >= c.exhausted_until.load(Ordering::Relaxed)
-                        && !c.failed.load(Ordering::Relaxed))
+                        && c.failed_since.load(Ordering::Relaxed) == 0)
             }
         }
     }
@@ -179,7 +177,7 @@ where
             Err(valid_until) => valid_until,
         };
         // Held tokens do not cover it: the store decides, unless it is unreachable.
-        if self.node.breaker.is_open() || cell.failed.load(Ordering::Relaxed) {
+        if self.node.breaker.is_open() || cell.failed_since.load(Ordering::Relaxed) != 0 {
             return self.degraded(cell, cost, now, true);
         }
         if valid_until == 0 && !self.node.is_stopped() && cell.claim.take_cold(cost) {
@@ -233,9 +231,7 @@ where
                     if node.breaker.is_open() {
                         since = node.breaker.outage_since();
                     }
-                    if cell.failed.load(Ordering::Acquire) {
-                        since = since.max(cell.failed_at.load(Ordering::Acquire));
-                    }
+                    since = since.max(cell.failed_since.load(Ordering::Relaxed));
                     let step = if take {
                         cell.share.acquire_after_empty(&rule, now, cost, since)
                     } else {
@@ -319,7 +315,7 @@ where
             Some(cell) => {
                 let valid = now < cell.claim.valid_until();
                 let tokens = if valid { cell.claim.held(Ordering::Acquire) } else { 0 };
-                if tokens < cost && (self.node.breaker.is_open() || cell.failed.load(Ordering::Relaxed)) {
+                if tokens < cost && (self.node.breaker.is_open() || cell.failed_since.load(Ordering::Relaxed) != 0) {
                     return self.degraded(cell, cost, now, false);
                 }
                 let cold = if cell.claim.valid_until() == 0 {
@@ -449,10 +445,10 @@ where
             Some(Err(e)) => {
                 // This key alone failed: the failure policy answers for it until a claim
                 // succeeds; nothing was granted and what it returned is gone.
-                if !cell.failed.load(Ordering::Relaxed) {
-                    cell.failed_at.store(self.node.clock.now_ns(), Ordering::Release);
+                if cell.failed_since.load(Ordering::Relaxed) == 0 {
+                    cell.failed_since
+                        .store(self.node.clock.now_ns().max(1), Ordering::Relaxed);
                 }
-                cell.failed.store(true, Ordering::Release);
                 report.key_errors += 1;
                 if report.first_key_error.is_none() {
                     report.first_key_error = Some(e.to_string());
@@ -468,7 +464,7 @@ where
             report.stale += 1;
             return;
         }
-        cell.failed.store(false, Ordering::Relaxed);
+        cell.failed_since.store(0, Ordering::Relaxed);
         let node = &*self.node;
         let mut s = cell.claim.lock();
         // The store lost state only if this node's claim was still valid when it was sent
