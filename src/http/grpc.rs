@@ -74,7 +74,8 @@ pub(crate) fn response(why: Refused, http: Response<Bytes>) -> Response<Bytes> {
         Refused::Limit { policy, retry_after } => {
             let ms = retry_after.map_or(0, |d| d.as_millis().min(u128::from(u64::MAX)) as u64);
             h.insert(&GRPC_RETRY_PUSHBACK_MS, HeaderValue::from(ms));
-            let secs = super::ceil_secs(retry_after.unwrap_or_default());
+            // As `Retry-After` (`headers::retry_after_secs`): whole seconds, never 0.
+            let secs = retry_after.map_or(1, super::ceil_secs).max(1);
             (
                 RESOURCE_EXHAUSTED,
                 format!("rate limit exceeded ({policy}); retry after {secs} s"),
@@ -97,6 +98,31 @@ pub(crate) fn response(why: Refused, http: Response<Bytes>) -> Response<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The message's wait agrees with `Retry-After`: whole seconds rounded up, never 0 (a
+    /// wait under a second, or none known, reads 1 s).
+    #[test]
+    fn the_message_names_the_retry_after_seconds() {
+        let message = |retry_after: Option<Duration>| {
+            let r = response(
+                Refused::Limit {
+                    policy: "p",
+                    retry_after,
+                },
+                Response::new(Bytes::new()),
+            );
+            r.headers()[&GRPC_MESSAGE].to_str().unwrap().to_owned()
+        };
+        assert_eq!(
+            message(Some(Duration::from_millis(200))),
+            "rate limit exceeded (p); retry after 1 s"
+        );
+        assert_eq!(message(None), "rate limit exceeded (p); retry after 1 s");
+        assert_eq!(
+            message(Some(Duration::from_millis(2001))),
+            "rate limit exceeded (p); retry after 3 s"
+        );
+    }
 
     #[test]
     fn grpc_content_types_are_recognised() {
