@@ -1,6 +1,6 @@
 //! The Redis store's decoding of a claim script's reply: whatever the bytes (any RESP value,
 //! truncated or malformed records, wrong counts), never a panic; a reply accepted has exactly
-//! one outcome per key of the batch, and a refused one says why.
+//! one outcome per key of the batch.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -12,6 +12,6 @@ fuzz_target!(|data: (u8, &[u8])| {
     match decode_reply_resp(resp, n) {
         None => {}
         Some(Ok(outcomes)) => assert_eq!(outcomes, n, "one outcome per key"),
-        Some(Err(e)) => assert!(!e.to_string().is_empty()),
+        Some(Err(_)) => {}
     }
 });
