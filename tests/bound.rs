@@ -12,7 +12,7 @@ use tollgate::store::{
     Claim, ClaimOutcome, ErrorClass, Heartbeat, ManualTime, MemoryStore, NodeId, Store, StoreError, StoreFuture,
     StoreKey,
 };
-use tollgate::{ColdStart, FailurePolicy, Limiter, ManualClock, Node, Policy};
+use tollgate::{CircuitState, ColdStart, FailurePolicy, Limiter, ManualClock, Node, Policy};
 
 /// Store time at the start of every test (microseconds since the Unix epoch).
 const T0_US: u64 = 1_700_000_000_000_000;
@@ -235,8 +235,13 @@ async fn claim_margin_covers_the_clock_rate_tolerance_over_a_long_lease() {
         let (la, lb) = (limiter(policy.clone(), &a), limiter(policy, &b));
         spend_at_once(&[&la], 100);
         a.sync_once().await; // A holds 100, then is cut off (never syncs again).
-                             // Node time moves on while the store's clock runs `ppm` faster, in steps: at each, B
-                             // asks and spends what it got, and A could still spend what it holds, at one instant.
+        assert_eq!(
+            la.peek("key", 1).unwrap().remaining(),
+            100,
+            "A was not granted its claim"
+        );
+        // Node time moves on while the store's clock runs `ppm` faster, in steps: at each, B
+        // asks and spends what it got, and A could still spend what it holds, at one instant.
         let mut node_elapsed = Duration::ZERO;
         let mut b_spent = 0;
         let steps = [
@@ -256,6 +261,9 @@ async fn claim_margin_covers_the_clock_rate_tolerance_over_a_long_lease() {
             b.sync_once().await;
             b_spent += spend_at_once(&[&lb], 200)[0];
             let a_holds = la.peek("key", 1).unwrap().remaining();
+            if step_ms == lease_ms / 2 {
+                assert_eq!(a_holds, 100, "+{ppm} ppm: A's tokens ended half a lease early");
+            }
             assert!(
                 a_holds == 0 || b_spent == 0,
                 "store clock +{ppm} ppm, {step_ms} ms into the lease: A can still spend {a_holds} \
@@ -322,6 +330,7 @@ async fn a_store_restarted_empty_costs_at_most_one_extra_capacity_in_total() {
     let ls: Vec<Limiter> = nodes.iter().map(|n| limiter(Policy::per_second(rate), n)).collect();
     let mut admitted = 0u64;
     let mut degraded = 0u64;
+    let mut from_claims_after = 0u64;
     let step = Duration::from_millis(10);
     let steps = 2500u64; // 25 s
     for i in 0..steps {
@@ -330,6 +339,7 @@ async fn a_store_restarted_empty_costs_at_most_one_extra_capacity_in_total() {
             let d = l.check("key");
             admitted += d.is_allowed() as u64;
             degraded += (d.is_allowed() && d.is_degraded()) as u64;
+            from_claims_after += (i > 1400 && d.is_allowed() && !d.is_degraded()) as u64;
         }
         w.advance(step);
         match i {
@@ -350,6 +360,9 @@ async fn a_store_restarted_empty_costs_at_most_one_extra_capacity_in_total() {
     let d_s = (steps * step.as_millis() as u64) as f64 / 1000.0;
     let ideal = capacity as f64 + rate as f64 * d_s;
     assert!(degraded > 0, "the failure policy never answered");
+    // The nodes synced with the empty store again, so its fresh capacity was on offer.
+    assert!(from_claims_after > 0, "no claim admitted after the store came back");
+    assert!(nodes.iter().all(|n| n.circuit() == CircuitState::Closed));
     assert!(
         admitted as f64 <= ideal + capacity as f64,
         "admitted {admitted} ({degraded} by the failure policy) > {ideal} + one capacity {capacity}"

@@ -296,9 +296,27 @@ fn report(rt: &tokio::runtime::Runtime, seed: u64, faults: Faults, at: usize, v:
     class
 }
 
+/// The adversary behaviours `faults` asks for that no schedule of the run performed.
+fn unexercised(faults: Faults, t: &Tally) -> Vec<&'static str> {
+    let checks = [
+        (true, t.admitted > 0, "admissions"),
+        (faults.late, t.late_applies > 0, "late applies"),
+        (faults.late, t.timeouts > 0, "timeouts"),
+        (faults.dup_id, t.dup_live_ids > 0, "duplicate live ids"),
+        (faults.crash, t.crashes > 0, "crashes"),
+        (faults.store_restart, t.store_restarts > 0, "store restarts"),
+        (faults.outage, t.circuit_opened > 0, "circuit openings"),
+        (faults.outage, t.degraded_admitted > 0, "degraded admissions"),
+    ];
+    checks
+        .into_iter()
+        .filter(|&(asked, done, _)| asked && !done)
+        .map(|(_, _, name)| name)
+        .collect()
+}
+
 fn main() {
     // libtest arguments (filters, --nocapture, ...) are accepted and ignored.
-    let _ = std::env::args().skip(1).count();
     let faults = match std::env::var("EXPLORE_FAULTS") {
         Ok(s) => Faults::parse(&s).unwrap_or_else(|e| {
             eprintln!("EXPLORE_FAULTS: {e}");
@@ -387,6 +405,15 @@ fn main() {
         total.steps as f64 / secs
     );
     println!("  exercised: {total:?}");
+    let missing = unexercised(faults, &total);
+    if !missing.is_empty() {
+        // A budget in which an asked-for behaviour never happened proves nothing about it.
+        println!(
+            "explore: never exercised in {schedules} schedules: {}",
+            missing.join(", ")
+        );
+        std::process::exit(1);
+    }
     if found.is_empty() {
         println!("explore: the bound held in every schedule");
         return;
