@@ -68,3 +68,24 @@ pub(crate) const DEMAND_ONE: u64 = 256;
 /// HTTP layer: the most distinct unknown tier names logged (each once); more are only counted.
 #[cfg(feature = "http")]
 pub(crate) const MAX_LOGGED_UNKNOWN_TIERS: usize = 64;
+
+/// Distributed mode: a key becomes *hot* when this node's demand for it reaches this many
+/// units per lease. A hot key keeps claimed tokens ahead of its checks (nanosecond checks); a
+/// cold key claims what a waiting check asks for and holds nothing afterwards, so that its
+/// tokens never sit on one node while the client's next request lands on another.
+pub(crate) const HOT_ENTER_PER_LEASE: u64 = 8;
+
+/// Distributed mode: a hot key turns cold again when its demand falls below this many units
+/// per lease (hysteresis: a key near one threshold does not flip at every sync).
+pub(crate) const HOT_EXIT_PER_LEASE: u64 = 3;
+
+/// Distributed mode: the default budget of store calls per second a node makes for checks
+/// that wait for a claim ([`NodeBuilder::claims_on_demand_per_second`]); past it, those claims
+/// go with the next sync. Each call carries every key asked for since the previous one.
+///
+/// [`NodeBuilder::claims_on_demand_per_second`]: crate::NodeBuilder::claims_on_demand_per_second
+pub const DEFAULT_CLAIMS_ON_DEMAND_PER_SECOND: u64 = 500;
+
+/// Distributed mode: how many store calls on demand one waiting check takes part in before it
+/// takes the answer it has (another check may spend the tokens its call brought first).
+pub(crate) const CLAIM_ON_DEMAND_ATTEMPTS: u32 = 3;

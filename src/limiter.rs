@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use crate::algorithm::Rule;
 use crate::clock::Clock;
-use crate::consts::DEFAULT_MAX_KEYS;
+use crate::consts::{CLAIM_ON_DEMAND_ATTEMPTS, DEFAULT_MAX_KEYS};
 use crate::decision::{Decision, InsufficientCapacity, Source};
-use crate::distributed::{DistKeys, Identifier, Node, Outcome};
+use crate::distributed::{Ask, DistKeys, Identifier, Node, Outcome};
 use crate::local::cell::{Cell, Retired};
 use crate::local::table::Table;
 use crate::policy::{Policy, PolicyError};
@@ -552,11 +552,18 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         }
     }
 
-    /// Like [`check`](Self::check), but in distributed mode a key this node holds no claim for
-    /// waits for a claim (one early sync, bounded by the sync interval) instead of applying
-    /// the cold-start rule or denying at once: a key it never claimed, or a dormant one (its
-    /// demand decayed and it gave its tokens back, as for a client that comes back every few
-    /// seconds) that the store has not reported exhausted. In local mode it answers at once.
+    /// Like [`check`](Self::check), but in distributed mode a key whose held tokens do not
+    /// cover the check, and that the store has not reported exhausted, waits for a claim on
+    /// demand instead of applying the cold-start rule or denying: one store call, shared with
+    /// every check that asks meanwhile (concurrent checks of one key share one claim, and the
+    /// keys asked for while a call is on its way go in the next one). This is the check for
+    /// slow keys (a user of a per-minute tier seen every few seconds): the node holds nothing
+    /// for such a key between its requests, so no token sits on one node while the client's
+    /// next request lands on another. The wait is bounded by the sync interval plus the sync
+    /// timeout; past the node's budget of calls on demand
+    /// ([`NodeBuilder::claims_on_demand_per_second`](crate::NodeBuilder::claims_on_demand_per_second))
+    /// the claim goes with the next sync. While the store is unreachable nothing is waited for:
+    /// the failure policy answers. In local mode it answers at once.
     pub async fn check_async<Q>(&self, key: &Q) -> Decision
     where
         K: Borrow<Q>,
@@ -574,32 +581,22 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         self.fits(cost)?;
-        if let Some(dist) = &self.inner.dist {
-            let node = dist.node();
-            let deadline = tokio::time::Instant::now() + node.sync_interval;
-            let mut asked = false;
-            // While the store is unreachable nothing is waited for: the failure policy answers.
-            // A sync already under way when the key was registered may not carry its claim:
-            // wait for the one that does, within one interval.
-            while dist.needs_claim(key, self.inner.clock.now_ns()) && !node.breaker.is_open() {
-                let synced = node.synced.notified();
-                tokio::pin!(synced);
-                synced.as_mut().enable();
-                if !asked {
-                    // Registers the key, records the demand and asks for an early sync.
-                    asked = true;
-                    let first = self.take::<false, _>(key, cost, self.inner.clock.now_ns());
-                    if first.is_allowed() {
-                        self.count(&first);
-                        return Ok(first);
-                    }
-                    if !dist.needs_claim(key, self.inner.clock.now_ns()) {
-                        // The claim came back already (a fast store): check again below.
+        let Some(dist) = &self.inner.dist else {
+            return self.check_n(key, cost);
+        };
+        let node = dist.node();
+        let deadline = tokio::time::Instant::now() + node.claim_wait_bound();
+        for _ in 0..CLAIM_ON_DEMAND_ATTEMPTS {
+            match dist.take_or_ask(key, cost, self.inner.clock.now_ns(), true) {
+                Ask::Done(o) => {
+                    let d = self.claimed(o, cost);
+                    self.count(&d);
+                    return Ok(d);
+                }
+                Ask::Asked => {
+                    if !node.wait_asked(deadline).await {
                         break;
                     }
-                }
-                if tokio::time::timeout_at(deadline, synced).await.is_err() {
-                    break;
                 }
             }
         }
@@ -798,7 +795,7 @@ pub trait Layer: sealed::Sealed {
     fn count(&self, decision: &Decision);
     /// Distributed mode, a key with no claim yet: the node's sync notification and interval.
     #[doc(hidden)]
-    fn unclaimed(&self) -> Option<(&tokio::sync::Notify, Duration)>;
+    fn claim_on_demand(&self, cost: u64) -> Option<ClaimWait<'_>>;
 }
 
 mod sealed {
@@ -830,15 +827,22 @@ where
         self.limiter.count(decision);
     }
 
-    fn unclaimed(&self) -> Option<(&tokio::sync::Notify, Duration)> {
+    fn claim_on_demand(&self, cost: u64) -> Option<ClaimWait<'_>> {
         let dist = self.limiter.inner.dist.as_ref()?;
-        if !dist.needs_claim(self.key, self.limiter.inner.clock.now_ns()) || dist.node().breaker.is_open() {
+        let now = self.limiter.inner.clock.now_ns();
+        if !dist.wants_claim(self.key, cost, now) || !dist.ask(self.key, cost, now) {
             return None;
         }
         let node = dist.node();
-        Some((&node.synced, node.sync_interval))
+        let deadline = tokio::time::Instant::now() + node.claim_wait_bound();
+        Some(ClaimWait(Box::pin(node.wait_asked(deadline))))
     }
 }
+
+/// A layer's wait for its claim on demand (see [`check_all_async`]); true when the call was
+/// made, false at the wait's bound.
+#[doc(hidden)]
+pub struct ClaimWait<'a>(std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>>);
 
 /// Checks several layers (say ip, user and endpoint) all-or-nothing: `cost` is taken from
 /// every layer or from none. A request denied by one layer consumes nothing from the others
@@ -935,14 +939,11 @@ fn refused<L: Layer + ?Sized>(layers: &[&L], taken: &[Option<Decision>], d: Deci
     d
 }
 
-/// [`check_all`] for the async request path: in distributed mode, the keys this node holds
-/// no claim for yet are registered together (one early sync) and the check waits for their
-/// first claims, at most one sync interval, instead of applying the cold-start rule at once.
-/// In local mode it answers at once, exactly as [`check_all`].
-///
-/// With [`ColdStart::Optimistic`](crate::ColdStart::Optimistic), registering a key may spend
-/// some of its cold-start allowance without admitting anything (it cannot be handed back):
-/// the limit admits less, never more.
+/// [`check_all`] for the async request path: in distributed mode, every layer whose held
+/// tokens do not cover `cost` (and whose key the store has not reported exhausted) asks for a
+/// claim on demand first, as [`Limiter::check_async`] does; layers on one node share one store
+/// call. Then it checks all layers together, all-or-nothing, as [`check_all`]. In local mode
+/// it answers at once, exactly as [`check_all`].
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -965,28 +966,19 @@ pub async fn check_all_async(cost: u64, layers: &[&(dyn Layer + Sync)]) -> Resul
     for layer in layers {
         layer.capacity_check(cost)?;
     }
-    if let Some((synced, interval)) = layers.iter().find_map(|l| l.unclaimed()) {
-        let deadline = tokio::time::Instant::now() + interval;
-        loop {
-            let notified = synced.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let mut waiting = false;
-            for layer in layers {
-                if layer.unclaimed().is_some() {
-                    // Registers the key, records the demand its first claim is sized from and
-                    // asks for an early sync. Before a claim this is denied (taking nothing)
-                    // unless the cold start is optimistic; then it is handed back.
-                    let d = layer.take(cost);
-                    if d.is_allowed() {
-                        layer.give_back(&d);
-                    }
-                    waiting = true;
-                }
-            }
-            if !waiting || tokio::time::timeout_at(deadline, notified).await.is_err() {
-                break;
-            }
+    for _ in 0..CLAIM_ON_DEMAND_ATTEMPTS {
+        // Every layer whose held tokens do not cover the cost asks for its claim first, so
+        // that layers on one node share one call; then each wait ends with its call.
+        let waits: Vec<ClaimWait<'_>> = layers.iter().filter_map(|l| l.claim_on_demand(cost)).collect();
+        if waits.is_empty() {
+            break;
+        }
+        let mut sent = true;
+        for wait in waits {
+            sent &= wait.0.await;
+        }
+        if !sent {
+            break;
         }
     }
     let plain: Vec<&dyn Layer> = layers.iter().map(|l| *l as &dyn Layer).collect();

@@ -393,3 +393,52 @@ async fn a_cost_above_the_share_is_denied_while_degraded() {
     let d = l.check_n("key", 25).unwrap();
     assert!(d.is_allowed() && d.is_degraded(), "{d:?}");
 }
+
+/// README: while the store is unreachable, each node admits at most its share of the limit.
+/// The share's state lives in the key's cell on the node; a key forgotten while degraded (a
+/// drain at shutdown visits every key, and an idle key with nothing held is forgettable) came
+/// back with a fresh share, as much again as the share allows: 20 of a share of 10.
+#[tokio::test]
+async fn a_key_keeps_its_share_through_a_drain_while_degraded() {
+    let w = World::new();
+    let flaky = Arc::new(Flaky {
+        inner: w.store.clone(),
+        down: AtomicBool::new(false),
+    });
+    let interval = Duration::from_millis(100);
+    let node = Node::builder(flaky.clone() as Arc<dyn Store>)
+        .clock(w.clock.clock())
+        .sync_interval(interval)
+        .failure_threshold(1)
+        .failure_policy(FailurePolicy::LocalShare)
+        .expected_nodes(2)
+        .build_manual()
+        .unwrap();
+    // 20 per hour; this node's share while degraded: 10 per hour.
+    let l = limiter(Policy::per_hour(20), &node);
+    let burst = |n: usize| (0..n).filter(|_| l.check("key").is_allowed()).count() as u64;
+    assert_eq!(burst(30), 0, "nothing held yet");
+    node.sync_once().await;
+    assert_eq!(burst(30), 20, "the whole capacity, claimed");
+    // The store is exhausted; the key goes idle holding nothing.
+    for _ in 0..2 {
+        w.advance(interval);
+        node.sync_once().await;
+    }
+    flaky.down.store(true, Ordering::Release);
+    // A second on: the sync's heartbeat finds the store gone.
+    w.advance(Duration::from_secs(1));
+    node.sync_once().await;
+    assert_eq!(node.circuit(), CircuitState::Open);
+    // An hour later the share has refilled: 10.
+    w.advance(Duration::from_secs(3600));
+    let before = burst(30);
+    assert_eq!(before, 10, "the share of an hour");
+    // A probe fails (the circuit opens again), then the node shuts down: its drain runs while
+    // the circuit is open.
+    node.sync_once().await;
+    assert_eq!(node.circuit(), CircuitState::Open);
+    node.shutdown().await;
+    let after = burst(30);
+    assert_eq!(after, 0, "the share was spent: the drain must not have forgotten it");
+}

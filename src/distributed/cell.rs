@@ -60,6 +60,11 @@ pub(super) struct Ledger {
     pub(super) demand: u64,
     /// Clock time of the key's last sync.
     pub(super) last: u64,
+    /// Whether the key is hot or cold on this node.
+    pub(super) heat: super::heat::Heat,
+    /// The key's checks wait for claims on demand (`check_async`): while it is cold, nothing
+    /// is claimed ahead of them. False while its denials come from checks that cannot wait.
+    pub(super) waiting: bool,
 }
 
 #[cfg(all(test, tollgate_loom))]

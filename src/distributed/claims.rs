@@ -47,10 +47,38 @@ pub(crate) struct DistCell {
     /// (`WRONGTYPE`, corrupt state): the failure policy answers for it until a claim succeeds,
     /// and its share of the key starts empty then. 0 while the key's claims succeed.
     failed_since: AtomicU64,
-    /// The node's demand for the key decayed to nothing, and it gave back what it held: the
-    /// store may well have tokens for it, so a check that may wait (`check_async`) waits for a
-    /// claim instead of denying at once.
-    dormant: AtomicBool,
+    /// Cost asked for by checks waiting for a claim on demand, not yet sent.
+    asked: AtomicU64,
+    /// The key is in its limiter's queue of keys asked for (one entry per key: a claim on
+    /// demand carries every waiting check's cost in one claim).
+    queued: AtomicBool,
+}
+
+/// What a check that may wait found.
+pub(crate) enum Ask {
+    /// The answer: held tokens covered it, or no claim can change it now (the store reported
+    /// the key exhausted, the failure policy answers, the node stopped).
+    Done(Outcome),
+    /// Held tokens do not cover it, and the store may: its cost was added to the key's claim
+    /// on demand ([`NodeInner::send_asked`] sends it).
+    Asked,
+}
+
+impl DistCell {
+    /// Adds `cost` to the key's claim on demand; true when the key must join the queue (it
+    /// was not in it). The cost is added before the flag is read, and the claim takes the flag
+    /// before the cost (both read-modify-writes), so a cost added while a claim takes the key
+    /// is either in that claim or finds the flag down and queues the key again.
+    fn ask(&self, cost: u64) -> bool {
+        self.asked.fetch_add(cost, Ordering::AcqRel);
+        !self.queued.swap(true, Ordering::AcqRel)
+    }
+
+    /// Takes the cost asked for (the sync task, under the sync lock).
+    fn take_asked(&self) -> u64 {
+        self.queued.swap(false, Ordering::AcqRel);
+        self.asked.swap(0, Ordering::AcqRel)
+    }
 }
 
 /// What a check found.
@@ -66,6 +94,9 @@ pub(crate) struct Outcome {
 
 pub(crate) struct DistKeys<K> {
     map: HashMap<K, DistCell, ahash::RandomState>,
+    /// Keys asked for by waiting checks since the last claim on demand (at most one entry per
+    /// key while its flag is up; an entry whose cost a sync already took is skipped).
+    queue: parking_lot::Mutex<Vec<K>>,
     len: AtomicUsize,
     max_keys: usize,
     namespace: &'static str,
@@ -90,6 +121,7 @@ where
     ) -> Result<Arc<Self>, String> {
         let keys = Arc::new(DistKeys {
             map: crate::local::table::keyed_map(max_keys),
+            queue: parking_lot::Mutex::new(Vec::new()),
             len: AtomicUsize::new(0),
             max_keys,
             namespace,
@@ -111,25 +143,95 @@ where
         &self.node
     }
 
-    /// Whether a check that may wait should wait for a claim of `key`: the node has never
-    /// claimed it, or it went dormant (no demand, nothing held) and the store has not reported
-    /// it exhausted.
-    pub(crate) fn needs_claim<Q>(&self, key: &Q, now: u64) -> bool
+    /// Whether a check of `cost` that may wait should ask for a claim on demand: the tokens
+    /// held for `key` do not cover it, and a claim could (the store has not reported the key
+    /// exhausted, the store answers for it, the node runs).
+    pub(crate) fn wants_claim<Q>(&self, key: &Q, cost: u64, now: u64) -> bool
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
+        if self.node.breaker.is_open() || self.node.is_stopped() {
+            return false;
+        }
         let guard = self.map.guard();
         match self.map.get(key, &guard) {
             None => true,
             Some(c) => {
-                c.claim.valid_until() == 0
-                    || (c.dormant.load(Ordering::Acquire)
-                        && c.claim.held(Ordering::Acquire) == 0
-                        && now >= c.exhausted_until.load(Ordering::Relaxed)
-                        && c.failed_since.load(Ordering::Relaxed) == 0)
+                let held = if now < c.claim.valid_until() {
+                    c.claim.held(Ordering::Acquire)
+                } else {
+                    0
+                };
+                held < cost && self.claimable(c, now)
             }
         }
+    }
+
+    /// Whether a claim of the key could be granted now, as far as the node knows.
+    fn claimable(&self, cell: &DistCell, now: u64) -> bool {
+        now >= cell.exhausted_until.load(Ordering::Relaxed)
+            && cell.failed_since.load(Ordering::Relaxed) == 0
+            && !self.node.is_stopped()
+    }
+
+    /// The key's cell, made if it has none (`None`: the table is full).
+    #[inline]
+    fn cell<'g, Q>(&self, key: &Q, guard: &'g papaya::LocalGuard<'_>) -> Option<&'g DistCell>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        match self.map.get(key, guard) {
+            Some(c) => Some(c),
+            None => self.insert(key, guard),
+        }
+    }
+
+    /// A key's first check: its cell is made (once per key, so out of the hot path's code).
+    #[cold]
+    #[inline(never)]
+    fn insert<'g, Q>(&self, key: &Q, guard: &'g papaya::LocalGuard<'_>) -> Option<&'g DistCell>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        if self.len.fetch_add(1, Ordering::AcqRel) >= self.max_keys {
+            self.len.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let mut fresh = DistCell::default();
+        if let ColdStart::Optimistic(n) = self.node.cold_start {
+            fresh.claim = ClaimCell::with_cold(n);
+        }
+        match self.map.try_insert(key.to_owned(), fresh, guard) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                self.len.fetch_sub(1, Ordering::AcqRel);
+                Some(e.current)
+            }
+        }
+    }
+
+    /// Adds `cost` to the key's claim on demand when its held tokens do not cover it and a
+    /// claim could (see [`wants_claim`](Self::wants_claim)); true when it did. Takes nothing.
+    pub(crate) fn ask<Q>(&self, key: &Q, cost: u64, now: u64) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        if !self.wants_claim(key, cost, now) {
+            return false;
+        }
+        let guard = self.map.guard();
+        let Some(cell) = self.cell(key, &guard) else {
+            return false;
+        };
+        if cell.ask(cost) {
+            self.queue.lock().push(key.to_owned());
+        }
+        self.node.asked();
+        true
     }
 
     /// Takes `cost` from the key's claimed tokens.
@@ -139,56 +241,64 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
+        match self.take_or_ask(key, cost, now, false) {
+            Ask::Done(o) => o,
+            Ask::Asked => unreachable!("a check that does not wait never asks"),
+        }
+    }
+
+    /// Takes `cost` from the key's claimed tokens; with `ask`, when they do not cover it and
+    /// the store could, adds `cost` to the key's claim on demand instead of denying.
+    #[inline]
+    pub(crate) fn take_or_ask<Q>(&self, key: &Q, cost: u64, now: u64, ask: bool) -> Ask
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let guard = self.map.guard();
-        let cell = match self.map.get(key, &guard) {
-            Some(c) => c,
-            None => {
-                if self.len.fetch_add(1, Ordering::AcqRel) >= self.max_keys {
-                    self.len.fetch_sub(1, Ordering::AcqRel);
-                    return Outcome {
-                        allowed: false,
-                        remaining: 0,
-                        retry_after_ns: self.node.sync_interval.as_nanos() as u64,
-                        reset_after_ns: 0,
-                        untracked: true,
-                        degraded: false,
-                    };
-                }
-                let mut fresh = DistCell::default();
-                if let ColdStart::Optimistic(n) = self.node.cold_start {
-                    fresh.claim = ClaimCell::with_cold(n);
-                }
-                match self.map.try_insert(key.to_owned(), fresh, &guard) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        self.len.fetch_sub(1, Ordering::AcqRel);
-                        e.current
-                    }
-                }
-            }
+        let Some(cell) = self.cell(key, &guard) else {
+            return Ask::Done(Outcome {
+                allowed: false,
+                remaining: 0,
+                retry_after_ns: self.node.sync_interval.as_nanos() as u64,
+                reset_after_ns: 0,
+                untracked: true,
+                degraded: false,
+            });
         };
         let valid_until = match cell.claim.take(cost, now) {
             Ok(left) => {
                 if cell.claim.is_low(left) {
                     self.node.request_priority();
                 }
-                return self.outcome(cell, true, left, now);
+                return Ask::Done(self.outcome(cell, true, left, now));
             }
             Err(valid_until) => valid_until,
         };
         // Held tokens do not cover it: the store decides, unless it is unreachable.
         if self.node.breaker.is_open() || cell.failed_since.load(Ordering::Relaxed) != 0 {
-            return self.degraded(cell, cost, now, true);
+            return Ask::Done(self.degraded(cell, cost, now, true));
         }
         if valid_until == 0 && !self.node.is_stopped() && cell.claim.take_cold(cost) {
             self.node.request_priority();
-            return self.outcome(cell, true, 0, now);
+            return Ask::Done(self.outcome(cell, true, 0, now));
         }
-        cell.claim.deny(cost);
-        if now >= cell.exhausted_until.load(Ordering::Relaxed) {
-            self.node.request_priority();
+        if ask && self.claimable(cell, now) {
+            if cell.ask(cost) {
+                self.queue.lock().push(key.to_owned());
+            }
+            self.node.asked();
+            return Ask::Asked;
         }
-        self.outcome(cell, false, cell.claim.held(Ordering::Relaxed), now)
+        if !ask {
+            // Demand for the next claim, from a check that could not wait for one (a waiting
+            // check's demand is what it asks for).
+            cell.claim.deny(cost);
+            if now >= cell.exhausted_until.load(Ordering::Relaxed) {
+                self.node.request_priority();
+            }
+        }
+        Ask::Done(self.outcome(cell, false, cell.claim.held(Ordering::Relaxed), now))
     }
 
     /// The failure policy's answer (`take`: spend from the share; otherwise only look).
@@ -354,7 +464,9 @@ impl<K> DistKeys<K>
 where
     K: Hash + Eq + Send + Sync + Clone + Identifier + 'static,
 {
-    fn claim_for(&self, key: &K, cell: &DistCell, now: u64, drain: bool, seq: u64) -> Option<Claim> {
+    /// The key's claim for this sync (`None`: nothing to ask, return or tell), with `asked`
+    /// units asked for on demand by waiting checks on top of what its demand calls for.
+    fn claim_for(&self, key: &K, cell: &DistCell, now: u64, drain: bool, seq: u64, asked: u64) -> Option<Claim> {
         let node = &*self.node;
         let capacity = self.limits.capacity();
         let mut s = cell.claim.lock();
@@ -385,22 +497,29 @@ where
         let now_fp = per_interval.saturating_mul(DEMAND_ONE);
         s.demand = now_fp.max(s.demand - decay);
         s.last = now;
+        s.heat.observe(raw, now, node.lease.as_nanos() as u64);
         let exhausted = now < cell.exhausted_until.load(Ordering::Relaxed);
-        let target = if drain || (raw == 0 && !valid) {
-            // Shutting down, or no demand since the held tokens expired: claim nothing.
+        // Who checks the key: checks that wait for a claim on demand, or checks that cannot
+        // wait (their denials are the demand), as the latest sign says.
+        if asked > 0 {
+            s.waiting = true;
+        } else if denied > 0 {
+            s.waiting = false;
+        }
+        let target = if drain || (raw == 0 && !valid) || (s.waiting && !s.heat.hot) {
+            // Shutting down; no demand since the held tokens expired; or a cold key whose
+            // checks wait for claims on demand: nothing is claimed ahead of its checks.
             0
         } else {
+            // A hot key, or checks that cannot wait: tokens ahead of the checks, from demand.
             let t = (u128::from(s.demand.div_ceil(DEMAND_ONE)) * node.headroom_percent as u128 / 100) as u64;
             t.max(u64::from(raw > 0)).min(capacity)
         };
-        if target == 0 && !drain {
-            // Cleared by the grant of a later claim, not here: a waiting check must see the
-            // tokens when it sees the key awake.
-            cell.dormant.store(true, Ordering::Release);
-        }
-        // Return what is well above the target (hysteresis: keep up to twice the target).
-        let excess = if held > target.saturating_mul(2) || drain {
-            held - target.min(held)
+        // What waiting checks asked for comes on top.
+        let need = target.saturating_add(asked).min(capacity);
+        // Return what is well above the need (hysteresis: keep up to twice the need).
+        let excess = if held > need.saturating_mul(2) || drain {
+            held - need.min(held)
         } else {
             0
         };
@@ -408,7 +527,7 @@ where
         let wanted = if exhausted || drain {
             0
         } else {
-            target.saturating_sub(kept) + s.debt.min(capacity)
+            need.saturating_sub(kept) + s.debt.min(capacity)
         };
         cell.claim.set_low(target / 4);
         if returned == 0 && wanted == 0 && (s.debt == 0 || exhausted) {
@@ -439,7 +558,14 @@ where
         })
     }
 
-    fn apply_one(&self, cell: &DistCell, outcome: Option<&ClaimOutcome>, sent_at: u64, report: &mut ApplyReport) {
+    fn apply_one(
+        &self,
+        cell: &DistCell,
+        outcome: Option<&ClaimOutcome>,
+        wanted: u64,
+        sent_at: u64,
+        report: &mut ApplyReport,
+    ) {
         let grant = match outcome {
             Some(Ok(grant)) => grant,
             Some(Err(e)) => {
@@ -502,45 +628,82 @@ where
             now.saturating_add(grant.ms_to_reset.saturating_mul(ms)),
             Ordering::Relaxed,
         );
-        let exhausted = if grant.remaining == 0 && grant.granted == 0 && grant.ms_to_next_token > 0 {
+        // The store ran dry: it granted less than wanted and has nothing left. Until its next
+        // token, a check its held tokens do not cover is denied without asking.
+        let exhausted = if grant.remaining == 0 && grant.granted < wanted.max(1) && grant.ms_to_next_token > 0 {
             now.saturating_add(grant.ms_to_next_token.saturating_mul(ms))
         } else {
             0
         };
         cell.exhausted_until.store(exhausted, Ordering::Relaxed);
-        if grant.granted > 0 || exhausted != 0 {
-            cell.dormant.store(false, Ordering::Release);
-        }
     }
 }
 
-struct Ticket<K>(Vec<K>);
+/// The keys a call carried claims for, in order, with what each claim wanted.
+struct Ticket<K>(Vec<(K, u64)>);
 
 impl<K> Member for DistKeys<K>
 where
     K: Hash + Eq + Send + Sync + Clone + Identifier + 'static,
 {
     fn prepare(&self, _node: &NodeInner, now: u64, drain: bool, seq: u64, out: &mut Vec<Claim>) -> Box<dyn Any + Send> {
+        // Every key is visited, those asked for included: their queue entries are dropped
+        // first, so that a key asked for again while this runs queues itself anew.
+        drop(std::mem::take(&mut *self.queue.lock()));
+        // While the failure policy answers (the circuit is not closed: a drain at shutdown
+        // runs then too), a key's cell holds its share's state: forgotten, the key would come
+        // back with a fresh share.
+        let may_forget = !self.node.breaker.is_open();
         let guard = self.map.guard();
         let mut keys = Vec::new();
         let mut forget = Vec::new();
         for (key, cell) in self.map.iter(&guard) {
-            match self.claim_for(key, cell, now, drain, seq) {
+            let asked = cell.take_asked();
+            match self.claim_for(key, cell, now, drain, seq, asked) {
                 Some(claim) => {
+                    keys.push((key.clone(), claim.wanted));
                     out.push(claim);
-                    keys.push(key.clone());
                 }
                 None => {
-                    if cell.claim.forgettable() {
+                    if may_forget
+                        && cell.failed_since.load(Ordering::Relaxed) == 0
+                        && cell.claim.forgettable()
+                        && cell.asked.load(Ordering::Acquire) == 0
+                    {
                         forget.push(key.clone());
                     }
                 }
             }
         }
         for key in forget {
-            let removed = self.map.remove_if(&key, |_, c| c.claim.forgettable(), &guard);
+            let removed = self.map.remove_if(
+                &key,
+                |_, c| c.claim.forgettable() && !c.queued.load(Ordering::Acquire),
+                &guard,
+            );
             if let Ok(Some(_)) = removed {
                 self.len.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        Box::new(Ticket(keys))
+    }
+
+    fn prepare_asked(&self, _node: &NodeInner, now: u64, seq: u64, out: &mut Vec<Claim>) -> Box<dyn Any + Send> {
+        let queued = std::mem::take(&mut *self.queue.lock());
+        let guard = self.map.guard();
+        let mut keys = Vec::with_capacity(queued.len());
+        for key in queued {
+            let Some(cell) = self.map.get(&key, &guard) else {
+                continue;
+            };
+            let asked = cell.take_asked();
+            if asked == 0 {
+                // A sync took this key's ask after it was queued.
+                continue;
+            }
+            if let Some(claim) = self.claim_for(&key, cell, now, false, seq, asked) {
+                keys.push((key, claim.wanted));
+                out.push(claim);
             }
         }
         Box::new(Ticket(keys))
@@ -567,9 +730,9 @@ where
             return;
         };
         let guard = self.map.guard();
-        for (key, outcome) in ticket.0.iter().zip(outcomes) {
+        for ((key, wanted), outcome) in ticket.0.iter().zip(outcomes) {
             if let Some(cell) = self.map.get(key, &guard) {
-                self.apply_one(cell, outcome.as_ref(), sent_at, report);
+                self.apply_one(cell, outcome.as_ref(), *wanted, sent_at, report);
             }
         }
     }

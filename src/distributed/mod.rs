@@ -1,10 +1,13 @@
 //! Distributed mode, node side: claimed quota spent locally, exchanged with the store in
 //! batches by one sync task per [`Node`].
 //!
-//! A check never waits for the store. Per key the node holds *claimed* tokens; a check is one
-//! compare-and-swap that takes from them. Every `sync_interval` (sooner, at most ten times an
-//! interval, when a key runs low) the node sends one batch per `batch_size` keys: per key what
-//! it keeps, what it returns and what it wants, sized from the key's recent demand. The store
+//! A synchronous check never waits for the store. Per key the node holds *claimed* tokens; a
+//! check is one compare-and-swap that takes from them. Every `sync_interval` (sooner, at most
+//! ten times an interval, when a key runs low) the node sends one batch per `batch_size` keys:
+//! per key what it keeps, what it returns and what it wants, sized from the key's recent
+//! demand. Only *hot* keys (see `heat`) hold tokens ahead of their checks; a check that may
+//! wait (`check_async`) on a key whose held tokens do not cover it claims what it needs at once,
+//! in one store call shared with every other key asked for meanwhile (a claim on demand). The store
 //! (see [`crate::store`]) never lets the tokens it holds plus the tokens all nodes hold exceed
 //! the capacity, so the nodes together admit at most what one exact limiter would, plus the
 //! cold-start allowance:
@@ -22,12 +25,13 @@
 mod breaker;
 mod cell;
 mod claims;
+mod heat;
 mod identifier;
 #[cfg(all(test, tollgate_loom))]
 mod loom_models;
 mod node;
 
 pub use breaker::CircuitState;
-pub(crate) use claims::{DistKeys, Outcome};
+pub(crate) use claims::{Ask, DistKeys, Outcome};
 pub use identifier::Identifier;
 pub use node::{ColdStart, FailurePolicy, Node, NodeBuilder, NodeError, NodeStats};

@@ -120,6 +120,13 @@ pub struct NodeStats {
     /// Claims the store answered as stale: it had already applied a newer claim of this node
     /// for the key, so this one changed nothing (this node granted itself nothing from it).
     pub stale_claims: u64,
+    /// Store calls made on demand, for checks waiting for a claim
+    /// ([`Limiter::check_async`](crate::Limiter::check_async)); each carries every key asked
+    /// for since the previous one. Counted in `round_trips` too.
+    pub claims_on_demand: u64,
+    /// Times checks asked for a claim on demand beyond the node's budget
+    /// ([`NodeBuilder::claims_on_demand_per_second`]): their claims went with the next sync.
+    pub claims_on_demand_deferred: u64,
 }
 
 impl Default for NodeStats {
@@ -145,6 +152,8 @@ impl Default for NodeStats {
             unconfirmed_returns: 0,
             unconfirmed_wants: 0,
             stale_claims: 0,
+            claims_on_demand: 0,
+            claims_on_demand_deferred: 0,
         }
     }
 }
@@ -165,6 +174,7 @@ pub struct NodeBuilder {
     open_backoff: Option<(Duration, Duration)>,
     sync_timeout: Option<Duration>,
     expected_nodes: u64,
+    on_demand_per_second: u64,
 }
 
 /// One process's link to the store: it runs the sync task that exchanges quota for every
@@ -205,6 +215,9 @@ pub(crate) trait Member: Send + Sync {
     /// With `drain`, every held token is returned and nothing is wanted.
     /// Every claim carries `seq`, this sync's number (see [`Claim::seq`]).
     fn prepare(&self, node: &NodeInner, now: u64, drain: bool, seq: u64, out: &mut Vec<Claim>) -> Box<dyn Any + Send>;
+    /// Like `prepare`, for the keys waiting checks asked for since the last call (a claim on
+    /// demand): one claim per such key, carrying what they asked for.
+    fn prepare_asked(&self, node: &NodeInner, now: u64, seq: u64, out: &mut Vec<Claim>) -> Box<dyn Any + Send>;
     /// Applies the outcomes of the claims `prepare` added (`None`: the batch failed).
     fn apply(
         &self,
@@ -249,6 +262,8 @@ struct Counters {
     unconfirmed_returns: AtomicU64,
     unconfirmed_wants: AtomicU64,
     stale_claims: AtomicU64,
+    on_demand: AtomicU64,
+    on_demand_deferred: AtomicU64,
 }
 
 fn class_index(class: ErrorClass) -> usize {
@@ -279,6 +294,12 @@ pub(crate) struct NodeInner {
     sync_timeout: Duration,
     expected_nodes: u64,
     registry: StoreKey,
+    /// The budget of calls on demand per second (`None`: every claim waits for a sync).
+    on_demand_budget: Option<crate::algorithm::Rule>,
+    /// The budget's state.
+    on_demand_spent: crate::local::cell::Cell,
+    /// Some limiter has keys asked for on demand, not yet sent.
+    asked: AtomicBool,
     members: Mutex<Vec<(&'static str, Weak<dyn Member>)>>,
     priority: AtomicBool,
     wake: tokio::sync::Notify,
@@ -331,6 +352,7 @@ impl Node {
             open_backoff: None,
             sync_timeout: None,
             expected_nodes: 1,
+            on_demand_per_second: crate::consts::DEFAULT_CLAIMS_ON_DEMAND_PER_SECOND,
         }
     }
 
@@ -371,6 +393,8 @@ impl Node {
             unconfirmed_returns: get(&c.unconfirmed_returns),
             unconfirmed_wants: get(&c.unconfirmed_wants),
             stale_claims: get(&c.stale_claims),
+            claims_on_demand: get(&c.on_demand),
+            claims_on_demand_deferred: get(&c.on_demand_deferred),
         }
     }
 
@@ -515,6 +539,19 @@ impl NodeBuilder {
         self
     }
 
+    /// The most store calls per second this node makes on demand, for checks that wait for a
+    /// claim ([`Limiter::check_async`](crate::Limiter::check_async) on a key whose held tokens
+    /// do not cover it); default
+    /// [`DEFAULT_CLAIMS_ON_DEMAND_PER_SECOND`](crate::consts::DEFAULT_CLAIMS_ON_DEMAND_PER_SECOND),
+    /// a tenth of it at once. One call carries every key asked for since the previous call, so
+    /// a flood of new keys makes larger calls, not more of them. Past the budget such claims
+    /// go with the next sync (counted in [`NodeStats::claims_on_demand_deferred`]); 0 sends
+    /// them all with the syncs.
+    pub fn claims_on_demand_per_second(mut self, calls: u64) -> Self {
+        self.on_demand_per_second = calls;
+        self
+    }
+
     fn inner(self) -> Result<Arc<NodeInner>, NodeError> {
         if self.sync_interval < Duration::from_millis(1) || self.sync_interval > Duration::from_secs(3600) {
             return Err(NodeError::Config("sync_interval: must be between 1 ms and 1 h".into()));
@@ -555,6 +592,15 @@ impl NodeBuilder {
         if self.expected_nodes == 0 {
             return Err(NodeError::Config("expected_nodes: must be > 0".into()));
         }
+        let on_demand_budget = match self.on_demand_per_second {
+            0 => None,
+            n => Some(
+                crate::Policy::per_second(n)
+                    .burst((n / 10).max(1))
+                    .compile()
+                    .map_err(|e| NodeError::Config(format!("claims_on_demand_per_second: {}", e.reason)))?,
+            ),
+        };
         let id = match self.id {
             // The per-process part: see `NodeBuilder::id`.
             Some(base) => ahash::RandomState::with_seeds(base, 0x746f_6c6c, 0x6761_7465, 0).hash_one(random_id()) >> 11,
@@ -580,6 +626,9 @@ impl NodeBuilder {
             ),
             sync_timeout,
             expected_nodes: self.expected_nodes,
+            on_demand_budget,
+            on_demand_spent: crate::local::cell::Cell::default(),
+            asked: AtomicBool::new(false),
             members: Mutex::new(Vec::new()),
             priority: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
@@ -751,6 +800,89 @@ impl NodeInner {
         }
     }
 
+    /// A limiter queued a key for a claim on demand.
+    #[inline]
+    pub(crate) fn asked(&self) {
+        self.asked.store(true, Ordering::Release);
+    }
+
+    /// How long a check waits for a claim on demand at most: one sync interval (a claim past
+    /// the budget goes with the next sync) plus the sync timeout (a call's own bound).
+    pub(crate) fn claim_wait_bound(&self) -> Duration {
+        self.sync_interval + self.sync_timeout
+    }
+
+    /// Sends the claims asked for on demand, then returns true; or returns false at
+    /// `deadline`. Calls are made one at a time, under the sync lock: a check whose key was
+    /// queued while another call was on its way waits for that call to end, then either finds
+    /// its key sent by a call in between or sends it, with every key queued meanwhile, in one
+    /// call. Past the budget (or while the circuit is not closed) the claims go with the next
+    /// sync, which is waited for instead.
+    pub(crate) async fn wait_asked(&self, deadline: tokio::time::Instant) -> bool {
+        let synced = self.synced.notified();
+        tokio::pin!(synced);
+        synced.as_mut().enable();
+        match tokio::time::timeout_at(deadline, self.send_asked()).await {
+            Err(_) => false,
+            Ok(true) => true,
+            Ok(false) => tokio::time::timeout_at(deadline, synced).await.is_ok(),
+        }
+    }
+
+    /// One call on demand (see [`wait_asked`](Self::wait_asked)); false when the claims were
+    /// left to the next sync.
+    async fn send_asked(&self) -> bool {
+        let _one_at_a_time = self.sync_lock.lock().await;
+        if !self.asked.swap(false, Ordering::AcqRel) {
+            // Nothing queued: a call or a sync since this check asked carried its key.
+            return true;
+        }
+        let now = self.clock.now_ns();
+        let within_budget = || match &self.on_demand_budget {
+            None => false,
+            Some(rule) => self
+                .on_demand_spent
+                .acquire(rule, now, 1)
+                .map(|step| step.allowed)
+                .unwrap_or(false),
+        };
+        if self.breaker.is_open() || self.is_stopped() || !within_budget() {
+            if self.on_demand_budget.is_some() && !self.breaker.is_open() && !self.is_stopped() {
+                self.counters.on_demand_deferred.fetch_add(1, Ordering::Relaxed);
+            }
+            self.asked.store(true, Ordering::Release);
+            self.request_priority();
+            return false;
+        }
+        let members: Vec<Arc<dyn Member>> = self.members.lock().iter().filter_map(|(_, m)| m.upgrade()).collect();
+        let sent_at = self.clock.now_ns();
+        // Under the sync lock, as a sync's: every call's number is greater than the last.
+        let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut claims = Vec::new();
+        let mut tickets = Vec::with_capacity(members.len());
+        for m in &members {
+            let start = claims.len();
+            let ticket = m.prepare_asked(self, sent_at, seq, &mut claims);
+            tickets.push((start, claims.len(), ticket));
+        }
+        if claims.is_empty() {
+            return true;
+        }
+        self.counters.on_demand.fetch_add(1, Ordering::Relaxed);
+        let (outcomes, error) = self.exchange(&claims).await;
+        let mut report = ApplyReport::default();
+        for (m, (start, end, ticket)) in members.iter().zip(tickets) {
+            m.apply(self, ticket, sent_at, &outcomes[start..end], &mut report);
+        }
+        self.report(&report);
+        match error {
+            Some(e) => self.failed(&e, self.clock.now_ns()),
+            None => self.succeeded(self.clock.now_ns()),
+        }
+        self.synced.notify_waiters();
+        true
+    }
+
     /// One heartbeat, bounded by the sync timeout; updates the live node count and checks
     /// the server identity.
     async fn heartbeat(&self, bound: Duration) -> Result<(), StoreError> {
@@ -889,6 +1021,9 @@ impl NodeInner {
         let sent_at = self.clock.now_ns();
         // Under the sync lock: every sync's number is greater than the one before it.
         let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
+        // This sync visits every key, those asked for on demand included (before the queues
+        // are read: a key asked for meanwhile raises the flag again).
+        self.asked.store(false, Ordering::Release);
         let mut claims = Vec::new();
         let mut tickets = Vec::with_capacity(members.len());
         for m in &members {
@@ -896,6 +1031,44 @@ impl NodeInner {
             let ticket = m.prepare(self, sent_at, drain, seq, &mut claims);
             tickets.push((start, claims.len(), ticket));
         }
+        let (outcomes, mut error) = self.exchange(&claims).await;
+        let mut report = ApplyReport::default();
+        for (m, (start, end, ticket)) in members.iter().zip(tickets) {
+            m.apply(self, ticket, sent_at, &outcomes[start..end], &mut report);
+        }
+        self.report(&report);
+        let now = self.clock.now_ns();
+        let heartbeat_every = self.heartbeat_every().as_nanos() as u64;
+        let last = self.last_heartbeat.load(Ordering::Relaxed);
+        let mut touched = beat_done || !claims.is_empty();
+        if error.is_none() && !drain && !beat_done && (last == 0 || now.saturating_sub(last) >= heartbeat_every) {
+            self.last_heartbeat.store(now.max(1), Ordering::Relaxed);
+            touched = true;
+            if let Err(e) = self.heartbeat(self.sync_timeout).await {
+                if claims.is_empty() {
+                    error = Some(e);
+                } else {
+                    // The claims went through: the store works, only the registry did not
+                    // answer (on a cluster, its master may be down). Not a reason to open the
+                    // circuit for every key; the live node count keeps its last value.
+                    self.counters.errors[class_index(e.class())].fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(node = self.id, error = %e, "tollgate: heartbeat failed after a good sync");
+                }
+            }
+        }
+        match error {
+            Some(e) => self.failed(&e, self.clock.now_ns()),
+            // A sync with nothing to send proves nothing about the store.
+            None if touched => self.succeeded(now),
+            None => {}
+        }
+        self.last_sync.store(now, Ordering::Relaxed);
+        self.synced.notify_waiters();
+    }
+
+    /// Sends `claims` in batches of `batch_size` and collects one outcome per claim (`None`:
+    /// its batch failed, or was not sent after an earlier batch failed), and the first error.
+    async fn exchange(&self, claims: &[Claim]) -> (Vec<Option<ClaimOutcome>>, Option<StoreError>) {
         let mut outcomes: Vec<Option<ClaimOutcome>> = Vec::with_capacity(claims.len());
         let mut error: Option<StoreError> = None;
         for batch in claims.chunks(self.batch_size) {
@@ -947,38 +1120,7 @@ impl NodeInner {
         if !claims.is_empty() {
             ::metrics::histogram!(crate::metrics::SYNC_BATCH_KEYS).record(claims.len() as f64);
         }
-        let mut report = ApplyReport::default();
-        for (m, (start, end, ticket)) in members.iter().zip(tickets) {
-            m.apply(self, ticket, sent_at, &outcomes[start..end], &mut report);
-        }
-        self.report(&report);
-        let now = self.clock.now_ns();
-        let heartbeat_every = self.heartbeat_every().as_nanos() as u64;
-        let last = self.last_heartbeat.load(Ordering::Relaxed);
-        let mut touched = beat_done || !claims.is_empty();
-        if error.is_none() && !drain && !beat_done && (last == 0 || now.saturating_sub(last) >= heartbeat_every) {
-            self.last_heartbeat.store(now.max(1), Ordering::Relaxed);
-            touched = true;
-            if let Err(e) = self.heartbeat(self.sync_timeout).await {
-                if claims.is_empty() {
-                    error = Some(e);
-                } else {
-                    // The claims went through: the store works, only the registry did not
-                    // answer (on a cluster, its master may be down). Not a reason to open the
-                    // circuit for every key; the live node count keeps its last value.
-                    self.counters.errors[class_index(e.class())].fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(node = self.id, error = %e, "tollgate: heartbeat failed after a good sync");
-                }
-            }
-        }
-        match error {
-            Some(e) => self.failed(&e, self.clock.now_ns()),
-            // A sync with nothing to send proves nothing about the store.
-            None if touched => self.succeeded(now),
-            None => {}
-        }
-        self.last_sync.store(now, Ordering::Relaxed);
-        self.synced.notify_waiters();
+        (outcomes, error)
     }
 
     fn report(&self, r: &ApplyReport) {

@@ -300,6 +300,8 @@ fn report(rt: &tokio::runtime::Runtime, seed: u64, faults: Faults, at: usize, v:
 fn unexercised(faults: Faults, t: &Tally) -> Vec<&'static str> {
     let checks = [
         (true, t.admitted > 0, "admissions"),
+        (true, t.claims_on_demand > 0, "claims on demand"),
+        (true, t.waited_admitted > 0, "admissions after a claim on demand"),
         (faults.late, t.late_applies > 0, "late applies"),
         (faults.late, t.timeouts > 0, "timeouts"),
         (faults.dup_id, t.dup_live_ids > 0, "duplicate live ids"),

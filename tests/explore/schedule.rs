@@ -227,6 +227,15 @@ pub enum Action {
         key: usize,
         cost: Cost,
     },
+    /// `count` checks that wait for a claim on demand (`check_n_async`), started at once; each
+    /// ends (and is judged) when its claim is answered.
+    CheckAsync {
+        node: usize,
+        lim: usize,
+        key: usize,
+        cost: Cost,
+        count: u32,
+    },
     /// `check_all` across both limiters, one key.
     CheckAll { node: usize, key: usize, cost: u64 },
     /// A node starts a sync (it may already have one in flight).
@@ -293,6 +302,18 @@ impl fmt::Display for Action {
                 )
             }
             Action::CheckAll { node, key, cost } => write!(f, "node[{node}] check_all a+b/{} cost {cost}", KEYS[*key]),
+            Action::CheckAsync {
+                node,
+                lim: l,
+                key,
+                cost,
+                count,
+            } => write!(
+                f,
+                "node[{node}] {count} waiting checks {}/{} cost {cost:?}",
+                lim(l),
+                KEYS[*key]
+            ),
             Action::Sync { node } => write!(f, "node[{node}] starts a sync"),
             Action::Deliver { call } => write!(f, "call[{call}] applied and answered"),
             Action::ApplyOnly { call } => write!(f, "call[{call}] applied, reply delayed"),
@@ -449,7 +470,7 @@ fn action(r: &mut TestRng, sc: &Scenario, faults: Faults) -> Action {
     let call = r.random_range(0..8);
     let interval = sc.interval.as_nanos() as u64;
     // Weights: (weight, enabled).
-    let table: [(u32, bool); 21] = [
+    let table: [(u32, bool); 22] = [
         (10, true),                         // 0 small advance
         (2, true),                          // 1 large advance
         (5, faults.clock),                  // 2 lease edge
@@ -471,6 +492,7 @@ fn action(r: &mut TestRng, sc: &Scenario, faults: Faults) -> Action {
         (2, faults.outage),                 // 18 outage on
         (2, faults.outage),                 // 19 outage off
         (1, faults.store_restart),          // 20 key loss
+        (8, true),                          // 21 waiting checks
     ];
     let total: u32 = table.iter().filter(|(_, on)| *on).map(|(w, _)| w).sum();
     let mut pick = r.random_range(0..total);
@@ -552,6 +574,13 @@ fn action(r: &mut TestRng, sc: &Scenario, faults: Faults) -> Action {
         17 => Action::StoreRestart,
         18 => Action::Outage(true),
         19 => Action::Outage(false),
-        _ => Action::KeyLoss { key: call },
+        20 => Action::KeyLoss { key: call },
+        _ => Action::CheckAsync {
+            node,
+            lim,
+            key,
+            cost: cost(r),
+            count: r.random_range(1..=4),
+        },
     }
 }

@@ -20,7 +20,30 @@ const LIMITER_KEYS: usize = 16;
 /// Polling passes after an action (each pass polls every in-flight operation once).
 const POLL_PASSES: usize = 8;
 
-type Op = Pin<Box<dyn Future<Output = ()>>>;
+/// An admission a finished operation reports: limiter, key, decision, cost.
+type Admission = (usize, usize, Decision, u64);
+
+/// An operation in flight on a node: a sync (or a shutdown), or a check waiting for a claim on
+/// demand (which reports its decision when it ends).
+struct Op {
+    sync: bool,
+    fut: Pin<Box<dyn Future<Output = Option<Admission>>>>,
+}
+
+impl Op {
+    fn sync(fut: impl Future<Output = ()> + 'static) -> Op {
+        Op {
+            sync: true,
+            fut: Box::pin(async move {
+                fut.await;
+                None
+            }),
+        }
+    }
+}
+
+/// Most checks waiting for a claim on demand at once on one node.
+const MAX_WAITING_CHECKS: usize = 6;
 
 /// One node process.
 struct Proc {
@@ -47,6 +70,10 @@ pub struct Tally {
     pub crashes: u64,
     pub store_restarts: u64,
     pub circuit_opened: u64,
+    /// Store calls made on demand for waiting checks.
+    pub claims_on_demand: u64,
+    /// Cost admitted by checks that waited for a claim on demand.
+    pub waited_admitted: u64,
 }
 
 impl Tally {
@@ -61,6 +88,8 @@ impl Tally {
         self.crashes += o.crashes;
         self.store_restarts += o.store_restarts;
         self.circuit_opened += o.circuit_opened;
+        self.claims_on_demand += o.claims_on_demand;
+        self.waited_admitted += o.waited_admitted;
     }
 }
 
@@ -200,20 +229,43 @@ impl<'a> World<'a> {
         });
     }
 
-    /// Polls every in-flight operation until none progresses.
-    fn poll(&mut self) {
+    /// Polls every in-flight operation until none progresses, and records what the checks
+    /// that ended admitted.
+    fn poll(&mut self) -> Result<(), Violation> {
         let mut cx = Context::from_waker(Waker::noop());
+        let mut ended = Vec::new();
         for _ in 0..POLL_PASSES {
             let mut progressed = false;
-            for p in &mut self.procs {
+            for (i, p) in self.procs.iter_mut().enumerate() {
                 let before = p.ops.len();
-                p.ops.retain_mut(|op| op.as_mut().poll(&mut cx).is_pending());
+                p.ops.retain_mut(|op| match op.fut.as_mut().poll(&mut cx) {
+                    std::task::Poll::Pending => true,
+                    std::task::Poll::Ready(admission) => {
+                        ended.extend(admission.map(|a| (i, a)));
+                        false
+                    }
+                });
                 progressed |= p.ops.len() != before;
             }
             if !progressed {
                 break;
             }
         }
+        for (p, (lim, key, d, cost)) in ended {
+            self.log(|| {
+                format!(
+                    "node[{p}] waiting check {}/{}: {}",
+                    ["a", "b"][lim],
+                    KEYS[key],
+                    verdict(&d, cost)
+                )
+            });
+            if d.is_allowed() {
+                self.tally.waited_admitted += cost;
+            }
+            self.record(p, lim, key, &d, cost)?;
+        }
+        Ok(())
     }
 
     fn proc_index(&self, pick: usize) -> Option<usize> {
@@ -295,8 +347,8 @@ impl<'a> World<'a> {
         }
         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let r = self.act(a);
-            self.poll();
-            r
+            let polled = self.poll();
+            r.and(polled)
         }));
         caught.unwrap_or_else(|_| {
             Err(Violation {
@@ -375,12 +427,36 @@ impl<'a> World<'a> {
                     self.record(p, 1, key, &d, c)?;
                 }
             }
+            Action::CheckAsync {
+                node,
+                lim,
+                key,
+                cost,
+                count,
+            } => {
+                let Some(p) = self.proc_index(node) else { return Ok(()) };
+                let c = self.cost_of(lim, cost);
+                let proc = &mut self.procs[p];
+                for _ in 0..count {
+                    if proc.ops.iter().filter(|o| !o.sync).count() >= MAX_WAITING_CHECKS {
+                        break;
+                    }
+                    let l = proc.limiters[lim].clone();
+                    proc.ops.push(Op {
+                        sync: false,
+                        fut: Box::pin(async move {
+                            let d = l.check_n_async(KEYS[key], c).await.expect("cost within capacity");
+                            Some((lim, key, d, c))
+                        }),
+                    });
+                }
+            }
             Action::Sync { node } => {
                 let Some(p) = self.proc_index(node) else { return Ok(()) };
                 let proc = &mut self.procs[p];
-                if proc.ops.len() < 2 {
+                if proc.ops.iter().filter(|o| o.sync).count() < 2 {
                     let n = proc.node.clone();
-                    proc.ops.push(Box::pin(async move { n.sync_once().await }));
+                    proc.ops.push(Op::sync(async move { n.sync_once().await }));
                 }
             }
             Action::Deliver { call } => {
@@ -403,13 +479,13 @@ impl<'a> World<'a> {
                 for _ in 0..rounds {
                     self.set_time(self.t + self.sc.interval.as_nanos() as u64);
                     for p in &mut self.procs {
-                        if p.ops.is_empty() {
+                        if !p.ops.iter().any(|o| o.sync) {
                             let n = p.node.clone();
-                            p.ops.push(Box::pin(async move { n.sync_once().await }));
+                            p.ops.push(Op::sync(async move { n.sync_once().await }));
                         }
                     }
                     for _ in 0..16 {
-                        self.poll();
+                        self.poll()?;
                         let Some(i) = self.net.first_unanswered() else { break };
                         let (who, done) = self.net.deliver(i);
                         self.applied(who, done, "applied");
@@ -452,7 +528,7 @@ impl<'a> World<'a> {
                 if let Some(p) = self.proc_index(node) {
                     let proc = &mut self.procs[p];
                     let n = proc.node.clone();
-                    proc.ops.push(Box::pin(async move { n.shutdown().await }));
+                    proc.ops.push(Op::sync(async move { n.shutdown().await }));
                 }
             }
             Action::StoreRestart => {
@@ -491,6 +567,7 @@ impl<'a> World<'a> {
     /// Counts what the nodes saw (at the end of a schedule).
     pub fn finish(&mut self) {
         self.tally.circuit_opened += self.procs.iter().map(|p| p.node.stats().circuit_opened).sum::<u64>();
+        self.tally.claims_on_demand += self.procs.iter().map(|p| p.node.stats().claims_on_demand).sum::<u64>();
     }
 }
 
