@@ -526,6 +526,11 @@ where
         let (returned, kept) = cell.claim.give_back(&mut s, excess);
         let wanted = if exhausted || drain {
             0
+        } else if cell.failed_since.load(Ordering::Relaxed) != 0 {
+            // The store failed this key alone: every sync asks again (at least one token), the
+            // only way its checks leave the failure policy (the key is not forgotten meanwhile:
+            // its cell holds its share).
+            (need.saturating_sub(kept) + s.debt.min(capacity)).max(1)
         } else {
             need.saturating_sub(kept) + s.debt.min(capacity)
         };
