@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use papaya::HashMap;
 
+use super::ask::AskCell;
 use super::cell::{ClaimCell, Grant, Usage};
 use super::identifier::Identifier;
 use super::node::{ApplyReport, ColdStart, FailurePolicy, Member, NodeInner};
@@ -15,7 +16,7 @@ use crate::algorithm::Rule;
 use crate::consts::{CLAIM_MARGIN_NS, CLOCK_RATE_TOLERANCE_PPM, DEMAND_ONE};
 use crate::local::cell::Cell;
 use crate::store::{Claim, ClaimOutcome, Limits, StoreAlgorithm};
-use crate::sync::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering};
 
 /// How much sooner than the store's count claimed tokens stop being spendable, for tokens the
 /// store counts for `span_ns` after the claim: the fixed margin (cached clock lag, the store's
@@ -47,11 +48,8 @@ pub(crate) struct DistCell {
     /// (`WRONGTYPE`, corrupt state): the failure policy answers for it until a claim succeeds,
     /// and its share of the key starts empty then. 0 while the key's claims succeed.
     failed_since: AtomicU64,
-    /// Cost asked for by checks waiting for a claim on demand, not yet sent.
-    asked: AtomicU64,
-    /// The key is in its limiter's queue of keys asked for (one entry per key: a claim on
-    /// demand carries every waiting check's cost in one claim).
-    queued: AtomicBool,
+    /// The claim on demand waiting checks asked for.
+    ask: AskCell,
 }
 
 /// What a check that may wait found.
@@ -62,23 +60,6 @@ pub(crate) enum Ask {
     /// Held tokens do not cover it, and the store may: its cost was added to the key's claim
     /// on demand ([`NodeInner::send_asked`] sends it).
     Asked,
-}
-
-impl DistCell {
-    /// Adds `cost` to the key's claim on demand; true when the key must join the queue (it
-    /// was not in it). The cost is added before the flag is read, and the claim takes the flag
-    /// before the cost (both read-modify-writes), so a cost added while a claim takes the key
-    /// is either in that claim or finds the flag down and queues the key again.
-    fn ask(&self, cost: u64) -> bool {
-        self.asked.fetch_add(cost, Ordering::AcqRel);
-        !self.queued.swap(true, Ordering::AcqRel)
-    }
-
-    /// Takes the cost asked for (the sync task, under the sync lock).
-    fn take_asked(&self) -> u64 {
-        self.queued.swap(false, Ordering::AcqRel);
-        self.asked.swap(0, Ordering::AcqRel)
-    }
 }
 
 /// What a check found.
@@ -227,7 +208,7 @@ where
         let Some(cell) = self.cell(key, &guard) else {
             return false;
         };
-        if cell.ask(cost) {
+        if cell.ask.ask(cost) {
             self.queue.lock().push(key.to_owned());
         }
         self.node.asked();
@@ -284,7 +265,7 @@ where
             return Ask::Done(self.outcome(cell, true, 0, now));
         }
         if ask && self.claimable(cell, now) {
-            if cell.ask(cost) {
+            if cell.ask.ask(cost) {
                 self.queue.lock().push(key.to_owned());
             }
             self.node.asked();
@@ -663,7 +644,7 @@ where
         let mut keys = Vec::new();
         let mut forget = Vec::new();
         for (key, cell) in self.map.iter(&guard) {
-            let asked = cell.take_asked();
+            let asked = cell.ask.take();
             match self.claim_for(key, cell, now, drain, seq, asked) {
                 Some(claim) => {
                     keys.push((key.clone(), claim.wanted));
@@ -673,7 +654,7 @@ where
                     if may_forget
                         && cell.failed_since.load(Ordering::Relaxed) == 0
                         && cell.claim.forgettable()
-                        && cell.asked.load(Ordering::Acquire) == 0
+                        && cell.ask.pending() == 0
                     {
                         forget.push(key.clone());
                     }
@@ -681,11 +662,9 @@ where
             }
         }
         for key in forget {
-            let removed = self.map.remove_if(
-                &key,
-                |_, c| c.claim.forgettable() && !c.queued.load(Ordering::Acquire),
-                &guard,
-            );
+            let removed = self
+                .map
+                .remove_if(&key, |_, c| c.claim.forgettable() && !c.ask.is_queued(), &guard);
             if let Ok(Some(_)) = removed {
                 self.len.fetch_sub(1, Ordering::AcqRel);
             }
@@ -701,7 +680,7 @@ where
             let Some(cell) = self.map.get(&key, &guard) else {
                 continue;
             };
-            let asked = cell.take_asked();
+            let asked = cell.ask.take();
             if asked == 0 {
                 // A sync took this key's ask after it was queued.
                 continue;

@@ -1,6 +1,7 @@
 //! loom models of a distributed key's claim ([`ClaimCell`]): the sync task applying grants,
 //! voiding tokens, counting cold-start units and forgetting the key while checks take and
-//! refund. Each has a deliberately broken twin that loom must catch.
+//! refund; and of its claim on demand ([`AskCell`]) taken while a check asks. Each has a
+//! deliberately broken twin that loom must catch.
 //!
 //! The map, the node and the store are outside the cell: a model's sync thread makes the
 //! cell's calls in the order `DistKeys` makes them, and a check is [`check`].
@@ -11,6 +12,7 @@
 use loom::sync::Arc;
 use loom::thread;
 
+use super::ask::AskCell;
 use super::cell::{ClaimCell, Grant, Twin, Usage, IDLE_SYNCS};
 use crate::sync::Ordering;
 
@@ -314,4 +316,41 @@ fn loom_claim_forget_broken_twin_testing_only_what_is_left_forgets_a_cold_unit()
 #[should_panic(expected = "a forgotten key took 1 held tokens with it")]
 fn loom_claim_forget_broken_twin_testing_only_what_is_left_loses_a_refunded_token() {
     forget_model(Idle::Held, Twin::ForgetUnmeasured);
+}
+
+/// A key already queued with 1 asked; a claim takes it (the queue drained first, as
+/// `prepare_asked` does) while another check asks 1 more. Every unit asked for is either in
+/// the claim or still asked with the key queued again by the check that asked it: none is left
+/// with neither a claim nor a queue entry.
+fn ask_model(cell: fn() -> AskCell) {
+    loom::model(move || {
+        let ask = Arc::new(cell());
+        assert!(ask.ask(1), "the first ask queues the key");
+        // The claim drains the queue: the earlier entry is gone.
+        let asker = {
+            let ask = ask.clone();
+            thread::spawn(move || ask.ask(1))
+        };
+        let claimed = ask.take();
+        let queued_again = asker.join().unwrap();
+        let left = ask.pending();
+        assert_eq!(claimed + left, 2, "units asked for went missing");
+        if left > 0 {
+            assert!(
+                queued_again && ask.is_queued(),
+                "{left} units asked for are neither claimed nor queued"
+            );
+        }
+    });
+}
+
+#[test]
+fn loom_ask_taken_while_a_check_asks_is_claimed_or_queued_again() {
+    ask_model(AskCell::default);
+}
+
+#[test]
+#[should_panic(expected = "units asked for are neither claimed nor queued")]
+fn loom_ask_broken_twin_taking_the_cost_before_the_flag_strands_an_ask() {
+    ask_model(AskCell::broken);
 }

@@ -22,6 +22,7 @@
 //! stops counting them between one and two leases after that sync), and window tokens die
 //! with their window.
 
+mod ask;
 mod breaker;
 mod cell;
 mod claims;
