@@ -166,9 +166,10 @@ impl ClaimCell {
             .is_ok()
     }
 
-    /// Records `cost` denied (demand for the next claim).
-    pub(super) fn deny(&self, cost: u64) {
-        self.denied.fetch_add(cost, Ordering::Relaxed);
+    /// Records `cost` denied (demand for the next claim); returns the cost denied before it
+    /// since the last sync.
+    pub(super) fn deny(&self, cost: u64) -> u64 {
+        self.denied.fetch_add(cost, Ordering::Relaxed)
     }
 
     /// The held tokens, valid or not.

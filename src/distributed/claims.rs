@@ -273,9 +273,13 @@ where
         }
         if !ask {
             // Demand for the next claim, from a check that could not wait for one (a waiting
-            // check's demand is what it asks for).
-            cell.claim.deny(cost);
-            if now >= cell.exhausted_until.load(Ordering::Relaxed) {
+            // check's demand is what it asks for). The second denial since the last sync asks
+            // for an early one, not the first: waking the sync task costs the check a few
+            // microseconds (a thread wake-up), and a lone request of a slow key gains nothing
+            // from an early claim (its client comes back seconds later, to this node or
+            // another); a burst does.
+            let before = cell.claim.deny(cost);
+            if before > 0 && now >= cell.exhausted_until.load(Ordering::Relaxed) {
                 self.node.request_priority();
             }
         }

@@ -17,9 +17,10 @@ use crate::store::{Claim, ClaimOutcome, ErrorClass, KeyEncoder, KeyError, NodeId
 /// What the synchronous check does for a key this node holds no claim for yet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ColdStart {
-    /// Deny until the first claim arrives (at most one priority sync later). Over-admission
-    /// stays 0. The async check ([`Limiter::check_async`](crate::Limiter::check_async)) waits
-    /// for that claim instead of denying.
+    /// Deny until the first claim arrives (with the next sync; a second denial before it asks
+    /// for an early one). Over-admission stays 0. The async check
+    /// ([`Limiter::check_async`](crate::Limiter::check_async)) claims on demand and waits for
+    /// that claim instead of denying.
     #[default]
     Deny,
     /// Admit up to `n` units before the first claim arrives; they are paid back from the first
