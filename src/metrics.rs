@@ -62,6 +62,9 @@ pub const LAST_SYNC_AGE_SECONDS: &str = "tollgate_last_sync_age_seconds";
 pub const SYNC_TASK_RESTARTS_TOTAL: &str = "tollgate_sync_task_restarts_total";
 /// Cost admitted by the `fail_open` failure policy while the store was unreachable.
 pub const FAIL_OPEN_ADMITTED_TOTAL: &str = "tollgate_fail_open_admitted_total";
+/// Store calls made on demand for checks waiting for a claim, by `deferred` (`false`: sent;
+/// `true`: past the node's budget, left to the next sync).
+pub const CLAIMS_ON_DEMAND_TOTAL: &str = "tollgate_claims_on_demand_total";
 /// Redis Cluster: pipelines sent for claim batches (one per master per send round), by
 /// `cluster` (the store's first seed, `host:port`).
 pub const CLUSTER_ROUND_TRIPS_TOTAL: &str = "tollgate_cluster_round_trips_total";
@@ -127,6 +130,11 @@ pub fn describe_metrics() {
         FAIL_OPEN_ADMITTED_TOTAL,
         Unit::Count,
         "Cost admitted by fail_open while the store was unreachable"
+    );
+    describe_counter!(
+        CLAIMS_ON_DEMAND_TOTAL,
+        Unit::Count,
+        "Store calls on demand for waiting checks, by whether the budget deferred them"
     );
     describe_counter!(
         CLUSTER_ROUND_TRIPS_TOTAL,

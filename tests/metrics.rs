@@ -166,6 +166,13 @@ async fn metrics_capture_exact_counts_whatever_the_order_of_recorder_installatio
     assert!(captured.samples(tm::SYNC_DURATION_SECONDS) >= 1);
     assert!(captured.samples(tm::SYNC_BATCH_KEYS) >= 1);
     assert!(captured.get(tm::LAST_SYNC_AGE_SECONDS).is_some_and(|a| a < 1.0));
+    // A waiting check of a key the node holds nothing for: one call on demand.
+    assert!(dist.check_async("on-demand").await.is_allowed());
+    tm::publish();
+    assert_eq!(
+        captured.get("tollgate_claims_on_demand_total{deferred=false}"),
+        Some(1.0)
+    );
 
     store.down.store(true, Ordering::SeqCst);
     for _ in 0..3 {

@@ -1178,6 +1178,8 @@ impl crate::metrics::Source for NodeInner {
         counter!(STATE_LOSS_TOTAL).absolute(get(&c.state_losses));
         counter!(SYNC_TASK_RESTARTS_TOTAL).absolute(get(&c.task_restarts));
         counter!(FAIL_OPEN_ADMITTED_TOTAL).absolute(get(&c.fail_open_admitted));
+        counter!(CLAIMS_ON_DEMAND_TOTAL, "deferred" => "false").absolute(get(&c.on_demand));
+        counter!(CLAIMS_ON_DEMAND_TOTAL, "deferred" => "true").absolute(get(&c.on_demand_deferred));
         let at = self.last_success.load(Ordering::Acquire);
         if at != 0 {
             let age = self.clock.now_ns().saturating_sub(at);
