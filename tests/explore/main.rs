@@ -166,14 +166,15 @@ fn print_scenario(sc: &Scenario) {
     println!("  scenario (faults: {}):", sc.faults);
     println!("    policies: a = {:?}, b = {:?}", sc.policies[0], sc.policies[1]);
     println!(
-        "    nodes: sync_interval {:?}, lease {:?}, {:?}, {:?}, failure_threshold {}, expected_nodes {}, keys {}",
+        "    nodes: sync_interval {:?}, lease {:?}, {:?}, {:?}, failure_threshold {}, expected_nodes {}, keys {}, claims on demand per second {}",
         sc.interval,
         sc.lease(),
         sc.cold,
         sc.failure,
         sc.threshold,
         sc.expected_nodes,
-        sc.keys
+        sc.keys,
+        sc.on_demand
     );
     for (id, c) in &sc.nodes {
         println!("    node id {id}: clock {:+} ppm", c.ppm);
@@ -301,6 +302,11 @@ fn unexercised(faults: Faults, t: &Tally) -> Vec<&'static str> {
     let checks = [
         (true, t.admitted > 0, "admissions"),
         (true, t.claims_on_demand > 0, "claims on demand"),
+        (
+            true,
+            t.claims_on_demand_deferred > 0,
+            "claims on demand past the budget",
+        ),
         (true, t.waited_admitted > 0, "admissions after a claim on demand"),
         (faults.late, t.late_applies > 0, "late applies"),
         (faults.late, t.timeouts > 0, "timeouts"),
@@ -443,6 +449,7 @@ fn shapes(rt: &tokio::runtime::Runtime) {
         threshold: 3,
         expected_nodes: 1,
         keys: 1,
+        on_demand: 500,
         store_origin_us: 1_700_000_000_000_000u64.div_ceil(l_us) * l_us - 1_000_000,
         nodes: vec![
             (

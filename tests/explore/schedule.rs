@@ -160,6 +160,9 @@ pub struct Scenario {
     pub expected_nodes: u64,
     /// Keys used (1 or 2).
     pub keys: usize,
+    /// `NodeBuilder::claims_on_demand_per_second` of every node (0: every claim waits for a
+    /// sync; 1: past one call, they do).
+    pub on_demand: u64,
     /// The store's clock at true time 0 (us since the Unix epoch).
     pub store_origin_us: u64,
     /// The nodes at the start: id and clock.
@@ -435,6 +438,7 @@ pub fn generate(seed: u64, allowed: Faults) -> (Scenario, Vec<Action>) {
         threshold: r.random_range(1..=3),
         expected_nodes: r.random_range(1..=3),
         keys: r.random_range(1..=2),
+        on_demand: [500, 1, 0][r.random_range(0..3)],
         store_origin_us: {
             let origin: u64 = 1_700_000_000_000_000 + r.random_range(0..3_600_000_000);
             match lease {

@@ -72,6 +72,8 @@ pub struct Tally {
     pub circuit_opened: u64,
     /// Store calls made on demand for waiting checks.
     pub claims_on_demand: u64,
+    /// Calls on demand past the budget, left to the next sync.
+    pub claims_on_demand_deferred: u64,
     /// Cost admitted by checks that waited for a claim on demand.
     pub waited_admitted: u64,
 }
@@ -89,6 +91,7 @@ impl Tally {
         self.store_restarts += o.store_restarts;
         self.circuit_opened += o.circuit_opened;
         self.claims_on_demand += o.claims_on_demand;
+        self.claims_on_demand_deferred += o.claims_on_demand_deferred;
         self.waited_admitted += o.waited_admitted;
     }
 }
@@ -200,6 +203,7 @@ impl<'a> World<'a> {
             .failure_policy(sc.failure)
             .failure_threshold(sc.threshold)
             .expected_nodes(sc.expected_nodes)
+            .claims_on_demand_per_second(sc.on_demand)
             .open_backoff(sc.interval / 2, sc.interval * 3 / 2);
         if let Some(lease) = sc.lease {
             b = b.lease(lease);
@@ -568,6 +572,11 @@ impl<'a> World<'a> {
     pub fn finish(&mut self) {
         self.tally.circuit_opened += self.procs.iter().map(|p| p.node.stats().circuit_opened).sum::<u64>();
         self.tally.claims_on_demand += self.procs.iter().map(|p| p.node.stats().claims_on_demand).sum::<u64>();
+        self.tally.claims_on_demand_deferred += self
+            .procs
+            .iter()
+            .map(|p| p.node.stats().claims_on_demand_deferred)
+            .sum::<u64>();
     }
 }
 
