@@ -80,11 +80,10 @@ pub(crate) const HOT_ENTER_PER_LEASE: u64 = 8;
 pub(crate) const HOT_EXIT_PER_LEASE: u64 = 3;
 
 /// Distributed mode: the default budget of store calls per second a node makes for checks
-/// that wait for a claim ([`NodeBuilder::claims_on_demand_per_second`]); past it, those claims
-/// go with the next sync. Each call carries every key asked for since the previous one.
-///
-/// [`NodeBuilder::claims_on_demand_per_second`]: crate::NodeBuilder::claims_on_demand_per_second
-pub const DEFAULT_CLAIMS_ON_DEMAND_PER_SECOND: u64 = 500;
+/// that wait for a claim (`NodeBuilder::claims_on_demand_per_second`, whose documentation
+/// states this value); past it, those claims go with the next sync. Each call carries every
+/// key asked for since the previous one.
+pub(crate) const DEFAULT_CLAIMS_ON_DEMAND_PER_SECOND: u64 = 500;
 
 /// Distributed mode: how many store calls on demand one waiting check takes part in before it
 /// takes the answer it has (another check may spend the tokens its call brought first).

@@ -510,18 +510,52 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
     /// Gives back up to `cost` units to `key` (for example when the work they paid for did
     /// not happen). Never raises a key above a full quota; for window algorithms, only the
     /// current window gets units back.
+    ///
+    /// In distributed mode, units go back to the tokens this node claimed for the key, at
+    /// most what its checks took from them since the last sync. Once the failure policy has
+    /// answered on this node, a refund cannot tell the claimed tokens from the failure
+    /// policy's share they may have come from (crediting the wrong one would let the key
+    /// admit more than its limit), so it gives back nothing: use
+    /// [`refund_decision`](Self::refund_decision), which knows.
     pub fn refund<Q>(&self, key: &Q, cost: u64)
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         let now = self.inner.clock.now_ns();
-        let source = if self.inner.dist.is_some() {
-            Source::Claimed
-        } else {
-            Source::Key
+        let source = match &self.inner.dist {
+            None => Source::Key,
+            Some(dist) if dist.node().degraded_ever.load(std::sync::atomic::Ordering::Acquire) => return,
+            Some(_) => Source::Claimed,
         };
         self.give_back(key, cost, now, source, now);
+    }
+
+    /// Gives back what `decision` (an admission of `key` by this limiter) took, to where it
+    /// was taken from: the key's state, the claimed tokens, the failure policy's share or the
+    /// overflow bucket. Never raises a key above a full quota; in distributed mode, claimed
+    /// tokens come back only if no sync has counted them as spent since. A denial gives back
+    /// nothing.
+    ///
+    /// ```
+    /// use tollgate::{Limiter, Policy};
+    ///
+    /// let l: Limiter = Limiter::new(Policy::per_minute(1)).unwrap();
+    /// let d = l.check("alice");
+    /// assert!(d.is_allowed());
+    /// l.refund_decision("alice", &d); // the work did not happen
+    /// assert!(l.check("alice").is_allowed());
+    /// ```
+    pub fn refund_decision<Q>(&self, key: &Q, decision: &Decision)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if !decision.is_allowed() {
+            return;
+        }
+        let now = self.inner.clock.now_ns();
+        self.give_back(key, decision.cost, decision.now, decision.source, now);
     }
 
     /// Waits until one unit for `key` is allowed, and takes it.

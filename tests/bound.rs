@@ -442,3 +442,68 @@ async fn a_key_keeps_its_share_through_a_drain_while_degraded() {
     let after = burst(30);
     assert_eq!(after, 0, "the share was spent: the drain must not have forgotten it");
 }
+
+/// README: claimed tokens admit at most what the store granted. A refund that does not say
+/// which admission it undoes cannot tell, once the failure policy has answered, a degraded
+/// admission (from the share) from a claimed one: credited to the claimed tokens, a refund of
+/// 50 taken from the share let the node spend 50 claimed tokens twice (150 admitted from a
+/// grant of 100). Such a refund now gives back nothing; `refund_decision` gives back to where
+/// the decision took from.
+#[tokio::test]
+async fn a_refund_of_a_degraded_admission_never_credits_claimed_tokens() {
+    let w = World::new();
+    let flaky = Arc::new(Flaky {
+        inner: w.store.clone(),
+        down: AtomicBool::new(false),
+    });
+    let node = Node::builder(flaky.clone() as Arc<dyn Store>)
+        .clock(w.clock.clock())
+        .failure_threshold(1)
+        .failure_policy(FailurePolicy::LocalShare)
+        .lease(Duration::from_secs(10))
+        .build_manual()
+        .unwrap();
+    let l = limiter(Policy::per_second(1000).burst(100), &node);
+    let claimed = std::cell::Cell::new(0u64);
+    let count = |d: &tollgate::Decision, cost: u64| {
+        if d.is_allowed() && !d.is_degraded() {
+            claimed.set(claimed.get() + cost);
+        }
+    };
+    for _ in 0..50 {
+        count(&l.check("key"), 1);
+    }
+    node.sync_once().await;
+    count(&l.check("key"), 1);
+    // The next sync (two seconds on: its heartbeat goes out) fails: the circuit opens while the
+    // node holds the rest of its grant.
+    flaky.down.store(true, Ordering::Release);
+    w.advance(Duration::from_secs(2));
+    node.sync_once().await;
+    assert_eq!(node.circuit(), CircuitState::Open);
+    for _ in 0..200 {
+        count(&l.check("key"), 1);
+    }
+    let granted = claimed.get();
+    assert!(granted > 50, "the node held a grant: {granted}");
+    // The share refills; a degraded admission is undone by a refund that names only its cost.
+    w.advance(Duration::from_millis(100));
+    let d = l.check_n("key", 50).unwrap();
+    assert!(d.is_allowed() && d.is_degraded(), "{d:?}");
+    l.refund("key", 50);
+    // By its decision, a refund goes back to the share it came from.
+    let d = l.check_n("key", 10).unwrap();
+    assert!(d.is_allowed() && d.is_degraded(), "{d:?}");
+    let before = l.peek("key", 1).unwrap().remaining();
+    l.refund_decision("key", &d);
+    assert_eq!(l.peek("key", 1).unwrap().remaining(), before + 10);
+    for _ in 0..200 {
+        let d = l.check("key");
+        count(&d, 1);
+    }
+    assert_eq!(
+        claimed.get(),
+        granted,
+        "claimed tokens admitted again after a refund of a share's admission"
+    );
+}

@@ -562,6 +562,9 @@ where
                 // This key alone failed: the failure policy answers for it until a claim
                 // succeeds; nothing was granted and what it returned is gone.
                 if cell.failed_since.load(Ordering::Relaxed) == 0 {
+                    self.node
+                        .degraded_ever
+                        .store(true, std::sync::atomic::Ordering::Release);
                     cell.failed_since
                         .store(self.node.clock.now_ns().max(1), Ordering::Relaxed);
                 }

@@ -301,6 +301,10 @@ pub(crate) struct NodeInner {
     on_demand_spent: crate::local::cell::Cell,
     /// Some limiter has keys asked for on demand, not yet sent.
     asked: AtomicBool,
+    /// The failure policy has answered on this node (the circuit opened, or the store failed
+    /// a key alone): a refund without its decision can no longer tell claimed tokens from a
+    /// share's ([`Limiter::refund`](crate::Limiter::refund)).
+    pub(crate) degraded_ever: AtomicBool,
     members: Mutex<Vec<(&'static str, Weak<dyn Member>)>>,
     priority: AtomicBool,
     wake: tokio::sync::Notify,
@@ -542,9 +546,7 @@ impl NodeBuilder {
 
     /// The most store calls per second this node makes on demand, for checks that wait for a
     /// claim ([`Limiter::check_async`](crate::Limiter::check_async) on a key whose held tokens
-    /// do not cover it); default
-    /// [`DEFAULT_CLAIMS_ON_DEMAND_PER_SECOND`](crate::consts::DEFAULT_CLAIMS_ON_DEMAND_PER_SECOND),
-    /// a tenth of it at once. One call carries every key asked for since the previous call, so
+    /// do not cover it); default 500, a tenth of it at once. One call carries every key asked for since the previous call, so
     /// a flood of new keys makes larger calls, not more of them. Past the budget such claims
     /// go with the next sync (counted in [`NodeStats::claims_on_demand_deferred`]); 0 sends
     /// them all with the syncs.
@@ -630,6 +632,7 @@ impl NodeBuilder {
             on_demand_budget,
             on_demand_spent: crate::local::cell::Cell::default(),
             asked: AtomicBool::new(false),
+            degraded_ever: AtomicBool::new(false),
             members: Mutex::new(Vec::new()),
             priority: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
@@ -923,6 +926,7 @@ impl NodeInner {
         let jitter = self.next_random();
         match self.breaker.on_failure(now, e.class() == ErrorClass::Config, jitter) {
             Some(Transition::Opened { for_ns, reopened }) => {
+                self.degraded_ever.store(true, Ordering::Release);
                 self.counters.circuit_opened.fetch_add(1, Ordering::Relaxed);
                 if reopened {
                     tracing::debug!(node = self.id, error = %e, "tollgate: probe failed; circuit open again");

@@ -223,12 +223,14 @@ pub enum Action {
         key: usize,
         count: u32,
     },
-    /// A check, refunded at once when admitted.
+    /// A check, refunded at once when admitted: by its decision (`refund_decision`), or by
+    /// its cost alone (`refund`).
     CheckRefund {
         node: usize,
         lim: usize,
         key: usize,
         cost: Cost,
+        by_decision: bool,
     },
     /// `count` checks that wait for a claim on demand (`check_n_async`), started at once; each
     /// ends (and is judged) when its claim is answered.
@@ -296,10 +298,12 @@ impl fmt::Display for Action {
                 lim: l,
                 key,
                 cost,
+                by_decision,
             } => {
                 write!(
                     f,
-                    "node[{node}] check then refund {}/{} cost {cost:?}",
+                    "node[{node}] check then refund {}{}/{} cost {cost:?}",
+                    if *by_decision { "by decision " } else { "" },
                     lim(l),
                     KEYS[*key]
                 )
@@ -548,6 +552,7 @@ fn action(r: &mut TestRng, sc: &Scenario, faults: Faults) -> Action {
             lim,
             key,
             cost: cost(r),
+            by_decision: r.random_bool(0.5),
         },
         7 => Action::CheckAll {
             node,

@@ -402,14 +402,24 @@ impl<'a> World<'a> {
                 }
                 self.log(|| format!("-> {yes} of {count} allowed ({degraded} degraded)"));
             }
-            Action::CheckRefund { node, lim, key, cost } => {
+            Action::CheckRefund {
+                node,
+                lim,
+                key,
+                cost,
+                by_decision,
+            } => {
                 let Some(p) = self.proc_index(node) else { return Ok(()) };
                 let c = self.cost_of(lim, cost);
                 let l = &self.procs[p].limiters[lim];
                 let d = l.check_n(KEYS[key], c).expect("cost within capacity");
                 if d.is_allowed() {
                     // Admitted and refunded: the work did not happen; it counts for nothing.
-                    l.refund(KEYS[key], c);
+                    if by_decision {
+                        l.refund_decision(KEYS[key], &d);
+                    } else {
+                        l.refund(KEYS[key], c);
+                    }
                 }
                 self.log(|| format!("-> {} (refunded)", verdict(&d, c)));
             }
