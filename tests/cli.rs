@@ -138,10 +138,7 @@ fn tune_slow_keys_reports_check_latency_beside_utilization() {
         "{stdout}"
     );
     assert!(stdout.contains("sync interval 100 ms"), "{stdout}");
-    assert!(
-        stdout.contains("check p50") && stdout.contains("check p99"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("check p50") && stdout.contains("check p99"), "{stdout}");
     // One row per shape: load, shape, admitted, ideal, over-admitted, utilization, round
     // trips/s, p50 "µs", p99 "µs".
     let rows: Vec<Vec<&str>> = stdout

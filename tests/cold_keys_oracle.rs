@@ -76,7 +76,9 @@ fn arrivals_are_in_time_order_at_the_offered_rate_over_every_user_and_node() {
     };
     let a = arrivals(&case, Duration::from_secs(60), 7);
     assert!(a.windows(2).all(|w| w[0].at_ns <= w[1].at_ns));
-    assert!(a.iter().all(|r| r.at_ns <= 60 * SECOND_NS && r.user < USERS && r.node < 4));
+    assert!(a
+        .iter()
+        .all(|r| r.at_ns <= 60 * SECOND_NS && r.user < USERS && r.node < 4));
     // 100 users x 400 per minute: 40,000 expected, Poisson (sd 200).
     assert!((38_000..42_000).contains(&a.len()), "{}", a.len());
     for node in 0..4 {
@@ -84,7 +86,10 @@ fn arrivals_are_in_time_order_at_the_offered_rate_over_every_user_and_node() {
         assert!((9_000..11_000).contains(&n), "node {node}: {n}");
     }
     let b = arrivals(&case, Duration::from_secs(60), 7);
-    assert!(a.iter().zip(&b).all(|(x, y)| x.at_ns == y.at_ns && x.user == y.user && x.node == y.node));
+    assert!(a
+        .iter()
+        .zip(&b)
+        .all(|(x, y)| x.at_ns == y.at_ns && x.user == y.user && x.node == y.node));
 }
 
 #[test]
@@ -94,13 +99,19 @@ fn arguments_select_cases_the_way_criterion_filters() {
     let a = args(&["--bench", "cold_keys"]);
     assert!(a.names_this_group_only() && a.selects(id) && !a.test);
     let a = args(&["--bench", "--save-baseline", "cold_keys", "nodes=8"]);
-    assert!(!a.names_this_group_only() && !a.selects(id), "the baseline's name is no filter");
+    assert!(
+        !a.names_this_group_only() && !a.selects(id),
+        "the baseline's name is no filter"
+    );
     let a = args(&["--bench", "hot_path"]);
     assert!(!a.names_this_group_only() && !a.selects(id));
     assert!(args(&["--bench"]).selects(id));
     assert!(!args(&["--bench", "--ignored"]).selects(id));
     assert!(!args(&["--bench", "--exact", "cold_keys"]).selects(id));
     assert!(args(&["--bench", "--exact", id]).selects(id));
-    assert!(args(&["cold_keys"]).test, "without --bench, as under cargo test --benches");
+    assert!(
+        args(&["cold_keys"]).test,
+        "without --bench, as under cargo test --benches"
+    );
     assert!(args(&["--bench", "--list"]).list);
 }

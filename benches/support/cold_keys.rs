@@ -76,7 +76,12 @@ impl Case {
 
     /// A limiter and key name of this case alone, so that cases never share store state.
     fn name(&self) -> String {
-        format!("cold_n{}_p{}_l{}", self.nodes, self.points, (self.load * 10.0).round() as u64)
+        format!(
+            "cold_n{}_p{}_l{}",
+            self.nodes,
+            self.points,
+            (self.load * 10.0).round() as u64
+        )
     }
 }
 
