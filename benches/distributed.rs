@@ -23,14 +23,19 @@
 //! case on a redis-server of their own, not a criterion group:
 //! `distributed cold_keys nodes=<N> points_per_min=<P> load=<L> utilization=<pct>
 //! over_admitted=<n> p50_us=<..> p99_us=<..> naive_p50_us=<..> naive_p99_us=<..>
-//! naive_utilization=<pct> naive_over_admitted=<n> round_trips_per_s=<x>` for N = 4 and 8
+//! naive_utilization=<pct> naive_over_admitted=<n> round_trips_per_s=<x> start=full` for N = 4 and 8
 //! nodes, P = 20 and 100 requests per minute per user, L = 1.5 and 4 times the limit: 100
 //! users send `check_async` requests to random nodes; utilization is admitted / what one exact
 //! token bucket per user admits of the same arrivals, over_admitted the admissions beyond it
 //! (summed over users), p50/p99 the latency from a request's arrival to its decision; the
 //! `naive_` figures are the same arrivals through one EVALSHA token bucket per request.
 //! `COLD_SECONDS` sets each run's length (default 20 s; each case runs twice that: tollgate,
-//! then the naive limiter).
+//! then the naive limiter). `COLD_START=drained` empties every user's bucket just before each
+//! run (a drain the exact limiter and the over-admission check see, but not the figures), so
+//! that short runs measure the throttled steady state rather than the burst allowance of full
+//! buckets (which lasts `60 s / (L - 1)`, 120 s at 1.5x); the line then ends in
+//! `start=drained drained_users=<n> naive_drained_users=<n>` (users whose drain was admitted)
+//! instead of `start=full`.
 //!
 //! Filters: `cargo bench --bench distributed -- <filter>`. A filter whose first `/`-separated
 //! part is `cold_keys` runs only the slow-key cases whose id
@@ -395,6 +400,7 @@ fn cold_keys_lines(args: &cold_keys::Args) {
     } else {
         cold_keys::run_length()
     };
+    let start = cold_keys::Start::from_env();
     let server = RedisServer::start();
     // Requests overlap in tasks of their own, as in a server: one worker per core.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -408,6 +414,7 @@ fn cold_keys_lines(args: &cold_keys::Args) {
             &case,
             cold_keys::SEED + i,
             length,
+            start,
             NAIVE,
         ));
         if r.failed_round_trips > 0 || r.tollgate.failed > 0 || r.naive.failed > 0 {

@@ -7,7 +7,7 @@ mod cold_keys;
 
 use std::time::Duration;
 
-use cold_keys::{arrivals, exact_admits, excess, judge, Args, Case, Outcome, USERS};
+use cold_keys::{arrivals, exact_admits, exact_decisions, excess, judge, Args, Case, Outcome, USERS};
 
 const SECOND_NS: u64 = 1_000_000_000;
 
@@ -46,8 +46,10 @@ fn judge_sums_excess_over_users_and_measures_latency_from_arrival_to_decision() 
         user,
         arrived_ns,
         decided_ns,
+        cost: 1,
         allowed,
         failed: false,
+        measured: true,
     };
     let mut v = Vec::new();
     for user in [0, 1] {
@@ -65,6 +67,39 @@ fn judge_sums_excess_over_users_and_measures_latency_from_arrival_to_decision() 
     assert!((j.utilization_pct() - 4200.0 / 41.0).abs() < 1e-9);
     assert_eq!(j.p50_us, 1.0);
     assert_eq!(j.p99_us, 3000.0);
+}
+
+#[test]
+fn a_drain_empties_the_exact_bucket_without_counting_as_measured() {
+    let at = |user, t: u64, cost, allowed, measured| Outcome {
+        user,
+        arrived_ns: t,
+        decided_ns: t + 1_000,
+        cost,
+        allowed,
+        failed: false,
+        measured,
+    };
+    // User 0 drains its 20 at once, then asks once a second for 9 s: the exact bucket has 3
+    // tokens by then (one per 3 s), and the limiter admitted 4 of the 9.
+    let mut v = vec![at(0, 0, 20, true, false)];
+    for s in 1..=9u64 {
+        v.push(at(0, s * SECOND_NS, 1, s % 2 == 0, true));
+    }
+    // User 1's drain was refused by the limiter, not by the exact bucket, which is empty at
+    // 1 s: the admission then is beyond the ideal (but within the bound).
+    v.push(at(1, 0, 20, false, false));
+    v.push(at(1, SECOND_NS, 1, true, true));
+    let j = judge(20, &v);
+    assert_eq!((j.admitted, j.ideal), (5, 3));
+    assert_eq!(j.drained_users, 1);
+    // User 0: 20 + 4 admitted by 8 s, where 20 + 2 are allowed (the 4th, at 8 s, is the
+    // largest excess: 2).
+    assert_eq!(j.over_admitted, 2);
+    assert_eq!(
+        exact_decisions(20, &[(0, 20), (0, 1), (3 * SECOND_NS, 1)]),
+        [true, false, true]
+    );
 }
 
 #[test]

@@ -18,6 +18,11 @@
 //! over-admission is, per user, the most by which the admitted count by a time `t` exceeds
 //! `points + points x t / 60 s` (a request counts as admitted at its decision, which is never
 //! earlier than the store's grant: no false positives), summed over the users.
+//!
+//! The users' buckets start full (a user never seen), or drained ([`Start`]): full buckets
+//! take `60 s / (load - 1)` to empty (120 s at 1.5x), and until then the exact limiter admits
+//! nearly everything, so short runs at low load measure mostly the burst allowance; a drained
+//! start measures the throttled steady state from the first request.
 
 #![allow(dead_code)]
 
@@ -42,6 +47,8 @@ pub const USERS: usize = 100;
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(100);
 /// The environment variable that sets each run's length in seconds.
 pub const SECONDS_VAR: &str = "COLD_SECONDS";
+/// The environment variable that sets how the users' buckets start ([`Start`]).
+pub const START_VAR: &str = "COLD_START";
 /// Each run's length when [`SECONDS_VAR`] is not set.
 pub const DEFAULT_SECONDS: f64 = 20.0;
 /// Each run's length under `--test` (criterion's "run once to see that it works").
@@ -106,6 +113,37 @@ pub fn run_length() -> Duration {
         .filter(|s| s.is_finite() && *s > 0.0 && *s <= 3600.0)
         .unwrap_or(DEFAULT_SECONDS);
     Duration::from_secs_f64(secs)
+}
+
+/// How the users' buckets start: [`START_VAR`] is `full` (the default) or `drained`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Full, as for a user never seen: with runs shorter than `60 s / (load - 1)` (120 s at
+    /// 1.5x, 20 s at 4x) the exact limiter admits most requests from the burst allowance.
+    Full,
+    /// Emptied just before the run: each user spends its whole bucket at once (tollgate: one
+    /// `check_n_async(user, points)` on the first node; naive: `points` calls), so the run
+    /// measures the throttled steady state from its start. The drain is not measured, but the
+    /// exact limiter and the over-admission check see it.
+    Drained,
+}
+
+impl Start {
+    /// From [`START_VAR`]; `full` when unset or not understood.
+    pub fn from_env() -> Start {
+        match std::env::var(START_VAR).as_deref().map(str::trim) {
+            Ok("drained") => Start::Drained,
+            _ => Start::Full,
+        }
+    }
+
+    /// The name printed in the line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Start::Full => "full",
+            Start::Drained => "drained",
+        }
+    }
 }
 
 /// What the command line asks of this measurement. Criterion's own arguments are read the way
@@ -266,46 +304,74 @@ pub fn arrivals(case: &Case, length: Duration, seed: u64) -> Vec<Arrival> {
 pub struct Outcome {
     /// Its user.
     pub user: usize,
-    /// When it was issued, from the start of the run.
+    /// When it was issued, from the case's origin.
     pub arrived_ns: u64,
-    /// When its decision came back, from the start of the run.
+    /// When its decision came back, from the case's origin.
     pub decided_ns: u64,
+    /// Its cost (1, or `points` for a drain under [`Start::Drained`]).
+    pub cost: u64,
     /// Whether it was admitted.
     pub allowed: bool,
     /// Whether it failed (timed out or a store error): counted as denied.
     pub failed: bool,
+    /// Whether it is one of the measured requests (a drain is not: it counts only for the
+    /// exact limiter's state and the over-admission check).
+    pub measured: bool,
 }
 
-/// Issues every arrival at its time, each as `check(node, user)` in a task of its own, and
-/// collects the outcomes. Must run inside a multi-thread runtime.
-pub async fn drive<F, Fut>(schedule: &[Arrival], check: F) -> Vec<Outcome>
+/// Nanoseconds from `origin` to `t`.
+fn since(origin: Instant, t: Instant) -> u64 {
+    t.saturating_duration_since(origin).as_nanos() as u64
+}
+
+/// Runs `decision` in a task of its own, issued now, and returns its outcome: a request's
+/// latency runs from this call to its decision.
+fn issue<Fut>(
+    origin: Instant,
+    user: usize,
+    cost: u64,
+    measured: bool,
+    decision: Fut,
+) -> tokio::task::JoinHandle<Outcome>
+where
+    Fut: Future<Output = Option<bool>> + Send + 'static,
+{
+    let arrived = Instant::now();
+    tokio::spawn(async move {
+        let verdict = tokio::time::timeout(REQUEST_TIMEOUT, decision).await.ok().flatten();
+        let decided = Instant::now();
+        Outcome {
+            user,
+            arrived_ns: since(origin, arrived),
+            decided_ns: since(origin, decided),
+            cost,
+            allowed: verdict == Some(true),
+            failed: verdict.is_none(),
+            measured,
+        }
+    })
+}
+
+/// Issues every arrival at its time after `start`, each as `check(node, user)` in a task of
+/// its own, and collects the outcomes (times from `origin`). Must run inside a multi-thread
+/// runtime.
+pub async fn drive<F, Fut>(origin: Instant, start: Instant, schedule: &[Arrival], check: F) -> Vec<Outcome>
 where
     F: Fn(usize, usize) -> Fut,
     Fut: Future<Output = Option<bool>> + Send + 'static,
 {
-    let origin = Instant::now();
-    let since = move |t: Instant| t.saturating_duration_since(origin).as_nanos() as u64;
     let mut tasks = Vec::with_capacity(schedule.len());
     for a in schedule {
-        let due = origin + Duration::from_nanos(a.at_ns);
+        let due = start + Duration::from_nanos(a.at_ns);
         if Instant::now() < due {
             tokio::time::sleep_until(due.into()).await;
         }
-        let arrived = Instant::now();
-        let decision = check(a.node, a.user);
-        let user = a.user;
-        tasks.push(tokio::spawn(async move {
-            let verdict = tokio::time::timeout(REQUEST_TIMEOUT, decision).await.ok().flatten();
-            let decided = Instant::now();
-            Outcome {
-                user,
-                arrived_ns: since(arrived),
-                decided_ns: since(decided),
-                allowed: verdict == Some(true),
-                failed: verdict.is_none(),
-            }
-        }));
+        tasks.push(issue(origin, a.user, 1, true, check(a.node, a.user)));
     }
+    collect(tasks).await
+}
+
+async fn collect(tasks: Vec<tokio::task::JoinHandle<Outcome>>) -> Vec<Outcome> {
     let mut out = Vec::with_capacity(tasks.len());
     for t in tasks {
         out.push(t.await.expect("a request task does not panic"));
@@ -316,17 +382,19 @@ where
 /// How one limiter did against the exact one.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Judgement {
-    /// Requests admitted.
+    /// Measured requests admitted.
     pub admitted: u64,
-    /// What the exact per-user bucket admits of the same arrivals.
+    /// What the exact per-user bucket admits of the same measured arrivals.
     pub ideal: u64,
-    /// Admitted requests beyond the exact bucket's allowance, summed over users.
+    /// Admitted cost beyond the exact bucket's allowance, summed over users.
     pub over_admitted: u64,
     /// Requests that failed (timeouts, store errors).
     pub failed: u64,
-    /// Median latency in microseconds.
+    /// Users whose drain (under [`Start::Drained`]) was admitted in full.
+    pub drained_users: u64,
+    /// Median latency of the measured requests in microseconds.
     pub p50_us: f64,
-    /// 99th percentile latency in microseconds.
+    /// 99th percentile latency of the measured requests in microseconds.
     pub p99_us: f64,
 }
 
@@ -340,37 +408,56 @@ impl Judgement {
     }
 }
 
-/// The requests of a `points`-per-minute token bucket (capacity `points`, full at time 0) admits
-/// of `arrivals` (times in ns, ascending), in exact integer arithmetic: a level of one token is
-/// `MINUTE_NS` units and a nanosecond refills `points` units.
-pub fn exact_admits(points: u64, arrivals: &[u64]) -> u64 {
+/// What a `points`-per-minute token bucket (capacity `points`, full at time 0) decides for
+/// `requests` (`(time ns, cost)`, times ascending), in exact integer arithmetic: a level of one
+/// token is `MINUTE_NS` units and a nanosecond refills `points` units.
+pub fn exact_decisions(points: u64, requests: &[(u64, u64)]) -> Vec<bool> {
     let cap = points as u128 * MINUTE_NS as u128;
     let one = MINUTE_NS as u128;
-    let (mut level, mut last, mut admitted) = (cap, 0u64, 0u64);
-    for &t in arrivals {
-        level = (level + points as u128 * t.saturating_sub(last) as u128).min(cap);
-        last = last.max(t);
-        if level >= one {
-            level -= one;
-            admitted += 1;
-        }
-    }
-    admitted
+    let (mut level, mut last) = (cap, 0u64);
+    requests
+        .iter()
+        .map(|&(t, cost)| {
+            level = (level + points as u128 * t.saturating_sub(last) as u128).min(cap);
+            last = last.max(t);
+            let need = cost as u128 * one;
+            let ok = level >= need;
+            if ok {
+                level -= need;
+            }
+            ok
+        })
+        .collect()
 }
 
-/// How many of the admissions at `admitted` (times in ns, ascending) exceed what a
-/// `points`-per-minute bucket full at time 0 allows by then: the largest
-/// `k - floor(points + points x t_k / 60 s)` over the `k`-th admission at `t_k` (0 if none).
-pub fn excess(points: u64, admitted: &[u64]) -> u64 {
+/// How many of the requests at `times` (ascending, cost 1 each) the exact bucket of
+/// [`exact_decisions`] admits.
+pub fn exact_admits(points: u64, times: &[u64]) -> u64 {
+    let requests: Vec<(u64, u64)> = times.iter().map(|&t| (t, 1)).collect();
+    exact_decisions(points, &requests).into_iter().filter(|&ok| ok).count() as u64
+}
+
+/// How much of the cost admitted at `admitted` (`(time ns, cost)`, times ascending) exceeds
+/// what a `points`-per-minute bucket full at time 0 allows by then: the largest
+/// `c_k - floor(points + points x t_k / 60 s)` over the cost `c_k` admitted by the `k`-th
+/// admission at `t_k` (0 if none).
+pub fn excess_cost(points: u64, admitted: &[(u64, u64)]) -> u64 {
+    let mut total = 0u128;
     admitted
         .iter()
-        .enumerate()
-        .map(|(i, &t)| {
+        .map(|&(t, cost)| {
+            total += cost as u128;
             let allowed = points as u128 + points as u128 * t as u128 / MINUTE_NS as u128;
-            (i as u128 + 1).saturating_sub(allowed) as u64
+            total.saturating_sub(allowed) as u64
         })
         .max()
         .unwrap_or(0)
+}
+
+/// [`excess_cost`] of admissions of cost 1 at `times`.
+pub fn excess(points: u64, times: &[u64]) -> u64 {
+    let admitted: Vec<(u64, u64)> = times.iter().map(|&t| (t, 1)).collect();
+    excess_cost(points, &admitted)
 }
 
 /// The `q`-quantile of `v` (sorted in place), in the unit of `v`; 0 when empty.
@@ -383,30 +470,38 @@ fn quantile(v: &mut [u64], q: f64) -> u64 {
     v[i]
 }
 
-/// Judges the outcomes of one run against the exact limiter.
+/// Judges the outcomes of one run (drain included) against the exact limiter.
 pub fn judge(points: u64, outcomes: &[Outcome]) -> Judgement {
-    let mut arrived = vec![Vec::new(); USERS];
-    let mut admitted = vec![Vec::new(); USERS];
+    let mut per_user: Vec<Vec<&Outcome>> = vec![Vec::new(); USERS];
     let mut lat: Vec<u64> = Vec::with_capacity(outcomes.len());
-    let mut failed = 0;
+    let mut j = Judgement::default();
     for o in outcomes {
-        arrived[o.user].push(o.arrived_ns);
-        if o.allowed {
-            admitted[o.user].push(o.decided_ns);
+        per_user[o.user].push(o);
+        j.failed += u64::from(o.failed);
+        if o.measured {
+            lat.push(o.decided_ns.saturating_sub(o.arrived_ns));
         }
-        failed += u64::from(o.failed);
-        lat.push(o.decided_ns.saturating_sub(o.arrived_ns));
     }
-    let mut j = Judgement {
-        failed,
-        ..Judgement::default()
-    };
-    for (arr, adm) in arrived.iter_mut().zip(admitted.iter_mut()) {
-        arr.sort_unstable();
-        adm.sort_unstable();
-        j.ideal += exact_admits(points, arr);
-        j.admitted += adm.len() as u64;
-        j.over_admitted += excess(points, adm);
+    for mut list in per_user {
+        list.sort_by_key(|o| o.arrived_ns);
+        let requests: Vec<(u64, u64)> = list.iter().map(|o| (o.arrived_ns, o.cost)).collect();
+        for (o, ideal) in list.iter().zip(exact_decisions(points, &requests)) {
+            if o.measured {
+                j.ideal += u64::from(ideal);
+                j.admitted += u64::from(o.allowed);
+            }
+        }
+        let drains: Vec<&&Outcome> = list.iter().filter(|o| !o.measured).collect();
+        if !drains.is_empty() && drains.iter().all(|o| o.allowed) {
+            j.drained_users += 1;
+        }
+        let mut admitted: Vec<(u64, u64)> = list
+            .iter()
+            .filter(|o| o.allowed)
+            .map(|o| (o.decided_ns, o.cost))
+            .collect();
+        admitted.sort_unstable();
+        j.over_admitted += excess_cost(points, &admitted);
     }
     j.p50_us = quantile(&mut lat, 0.50) as f64 / 1000.0;
     j.p99_us = quantile(&mut lat, 0.99) as f64 / 1000.0;
@@ -422,6 +517,8 @@ fn naive_args(points: u64) -> (u64, u64) {
 
 /// One case's two runs and the line it prints.
 pub struct CaseResult {
+    /// How the users' buckets started.
+    pub start: Start,
     /// tollgate's run.
     pub tollgate: Judgement,
     /// The naive limiter's run.
@@ -436,10 +533,10 @@ impl CaseResult {
     /// The line the bench prints for the case.
     pub fn line(&self, case: &Case) -> String {
         let (t, n) = (&self.tollgate, &self.naive);
-        format!(
+        let mut line = format!(
             "distributed cold_keys nodes={} points_per_min={} load={} utilization={:.1} over_admitted={} \
              p50_us={:.0} p99_us={:.0} naive_p50_us={:.0} naive_p99_us={:.0} naive_utilization={:.1} \
-             naive_over_admitted={} round_trips_per_s={:.1}",
+             naive_over_admitted={} round_trips_per_s={:.1} start={}",
             case.nodes,
             case.points,
             case.load,
@@ -452,13 +549,28 @@ impl CaseResult {
             n.utilization_pct(),
             n.over_admitted,
             self.round_trips_per_s,
-        )
+            self.start.as_str(),
+        );
+        if self.start == Start::Drained {
+            line += &format!(
+                " drained_users={} naive_drained_users={}",
+                t.drained_users, n.drained_users
+            );
+        }
+        line
     }
 }
 
 /// Runs one case against the Redis at `url`: tollgate, then the naive limiter, on the same
 /// arrivals. Must run inside a multi-thread runtime.
-pub async fn run_case(url: &str, case: &Case, seed: u64, length: Duration, naive_script: &str) -> CaseResult {
+pub async fn run_case(
+    url: &str,
+    case: &Case,
+    seed: u64,
+    length: Duration,
+    start: Start,
+    naive_script: &str,
+) -> CaseResult {
     let schedule = arrivals(case, length, seed);
     let name = case.name();
     let users: Arc<Vec<String>> = Arc::new((0..USERS).map(|u| format!("user-{u}")).collect());
@@ -496,14 +608,31 @@ pub async fn run_case(url: &str, case: &Case, seed: u64, length: Duration, naive
         .collect();
     let before: u64 = nodes.iter().map(|n| n.stats().round_trips).sum();
     let failed_before: u64 = nodes.iter().map(|n| n.stats().failed_round_trips).sum();
-    let start = Instant::now();
-    let outcomes = drive(&schedule, |node, user| {
-        let limiter = limiters[node].clone();
-        let users = users.clone();
-        async move { Some(limiter.check_async(users[user].as_str()).await.is_allowed()) }
-    })
-    .await;
-    let elapsed = start.elapsed().as_secs_f64().max(1e-9);
+    let origin = Instant::now();
+    // Drained: each user spends its whole bucket at once on the first node.
+    let mut outcomes = Vec::new();
+    if start == Start::Drained {
+        let drains = (0..USERS)
+            .map(|user| {
+                let (limiter, users, cost) = (limiters[0].clone(), users.clone(), case.points);
+                issue(origin, user, cost, false, async move {
+                    let d = limiter.check_n_async(users[user].as_str(), cost).await;
+                    Some(d.expect("the cost is the capacity").is_allowed())
+                })
+            })
+            .collect();
+        outcomes = collect(drains).await;
+    }
+    let run_start = Instant::now();
+    outcomes.extend(
+        drive(origin, run_start, &schedule, |node, user| {
+            let limiter = limiters[node].clone();
+            let users = users.clone();
+            async move { Some(limiter.check_async(users[user].as_str()).await.is_allowed()) }
+        })
+        .await,
+    );
+    let elapsed = run_start.elapsed().as_secs_f64().max(1e-9);
     let round_trips: u64 = nodes.iter().map(|n| n.stats().round_trips).sum::<u64>() - before;
     let failed_round_trips: u64 = nodes.iter().map(|n| n.stats().failed_round_trips).sum::<u64>() - failed_before;
     for node in &nodes {
@@ -531,7 +660,7 @@ pub async fn run_case(url: &str, case: &Case, seed: u64, length: Duration, naive
             .expect("the naive script runs");
         cons.push(con);
     }
-    let outcomes = drive(&schedule, |node, user| {
+    let naive_check = |node: usize, user: usize| {
         let mut con = cons[node].clone();
         let script = script.clone();
         let key = format!("{name}:naive:{}", users[user]);
@@ -539,11 +668,25 @@ pub async fn run_case(url: &str, case: &Case, seed: u64, length: Duration, naive
             let r: redis::RedisResult<i64> = script.key(key).arg(cap).arg(per_us).invoke_async(&mut con).await;
             r.ok().map(|allowed| allowed == 1)
         }
-    })
-    .await;
+    };
+    let origin = Instant::now();
+    // Drained: the script takes one token a call, so each user spends its bucket in `points`
+    // calls, one after the other.
+    let mut outcomes = Vec::new();
+    if start == Start::Drained {
+        for _ in 0..case.points {
+            let calls = (0..USERS)
+                .map(|user| issue(origin, user, 1, false, naive_check(0, user)))
+                .collect();
+            outcomes.extend(collect(calls).await);
+        }
+    }
+    let run_start = Instant::now();
+    outcomes.extend(drive(origin, run_start, &schedule, naive_check).await);
     let naive = judge(case.points, &outcomes);
 
     CaseResult {
+        start,
         tollgate,
         naive,
         round_trips_per_s: round_trips as f64 / elapsed,
