@@ -98,7 +98,7 @@ struct TuneArgs {
     #[arg(long)]
     json: bool,
     /// Run on the wall clock against this Redis (needs the `redis` feature); without it the
-    /// run uses the in-process store on virtual time.
+    /// run uses the in-process store (on virtual time, or on the wall clock with --async).
     #[arg(long, value_name = "URL", conflicts_with = "redis_cluster")]
     redis: Option<String>,
     /// The same against a Redis Cluster: seed URLs, comma-separated (needs the `redis`
@@ -113,7 +113,8 @@ struct TuneArgs {
     async_checks: bool,
     /// Slow keys, per-user per-minute limits spread over instances: --async --keys 100
     /// --points 20 --duration-s 60 --burst <points> --nodes 4 --loads 1.5,4 --intervals 100
-    /// --seconds 10. Any of these flags given beside it wins.
+    /// --seconds 10. Any of these flags given beside it wins. Full buckets take 60 s / (load -
+    /// 1) to empty (120 s at 1.5x): shorter runs measure mostly their burst allowance.
     #[arg(long = "slow-keys")]
     slow_keys: bool,
 }
