@@ -18,6 +18,32 @@
 //! sends per regular sync (one per master its keys live on) while 1000 keys spread over every
 //! hash-tag group are checked, and the script calls those pipelines carry (one per slot and
 //! algorithm). Criterion's figure for that group is the time of one pass of 1000 checks.
+//!
+//! After the criterion groups, slow keys (see `support/cold_keys.rs`), one fixed-length run per
+//! case on a redis-server of their own, not a criterion group:
+//! `distributed cold_keys nodes=<N> points_per_min=<P> load=<L> utilization=<pct>
+//! over_admitted=<n> p50_us=<..> p99_us=<..> naive_p50_us=<..> naive_p99_us=<..>
+//! naive_utilization=<pct> naive_over_admitted=<n> round_trips_per_s=<x> start=full` for N = 4 and 8
+//! nodes, P = 20 and 100 requests per minute per user, L = 1.5 and 4 times the limit: 100
+//! users send `check_async` requests to random nodes; utilization is admitted / what one exact
+//! token bucket per user admits of the same arrivals, over_admitted the admissions beyond it
+//! (summed over users), p50/p99 the latency from a request's arrival to its decision; the
+//! `naive_` figures are the same arrivals through one EVALSHA token bucket per request.
+//! `COLD_SECONDS` sets each run's length (default 20 s; each case runs twice that: tollgate,
+//! then the naive limiter). `COLD_START=drained` empties every user's bucket just before each
+//! run (a drain the exact limiter and the over-admission check see, but not the figures), so
+//! that short runs measure the throttled steady state rather than the burst allowance of full
+//! buckets (which lasts `60 s / (L - 1)`, 120 s at 1.5x); the line then ends in
+//! `start=drained drained_users=<n> naive_drained_users=<n>` (users whose drain was admitted)
+//! instead of `start=full`.
+//!
+//! Filters: `cargo bench --bench distributed -- <filter>`. A filter whose first `/`-separated
+//! part is `cold_keys` runs only the slow-key cases whose id
+//! (`cold_keys/nodes=<N>/points_per_min=<P>/load=<L>`) contains it (`-- cold_keys`,
+//! `-- cold_keys/nodes=4/points_per_min=20`); any other filter goes to criterion, which matches
+//! it against each function's `group/function` id, and selects the slow-key cases whose id
+//! contains it as text. `--exact`, `--list` and `--ignored` apply to both; under `--test` (or
+//! `cargo test --benches`) each slow-key case runs for 1 s.
 
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
@@ -28,12 +54,15 @@ mod redis_cluster;
 #[path = "support/paired.rs"]
 mod paired;
 
+#[path = "support/cold_keys.rs"]
+mod cold_keys;
+
 use std::cell::RefCell;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use paired::median;
 use redis_server::RedisServer;
 use tollgate::store::{Claim, KeyEncoder, Limits, RedisClusterStore, RedisConfig, RedisStore, Store};
@@ -348,5 +377,67 @@ fn cluster_3_masters(c: &mut Criterion) {
     rt.block_on(node.shutdown());
 }
 
+/// The slow-key lines (see the file's doc): every case the arguments select, on a
+/// redis-server of their own.
+fn cold_keys_lines(args: &cold_keys::Args) {
+    let selected: Vec<(u64, cold_keys::Case)> = cold_keys::cases()
+        .into_iter()
+        .enumerate()
+        .filter(|(_, c)| args.selects(&c.id()))
+        .map(|(i, c)| (i as u64, c))
+        .collect();
+    if args.list {
+        for (_, case) in &selected {
+            println!("{}: benchmark", case.id());
+        }
+        return;
+    }
+    if selected.is_empty() {
+        return;
+    }
+    let length = if args.test {
+        Duration::from_secs_f64(cold_keys::TEST_SECONDS)
+    } else {
+        cold_keys::run_length()
+    };
+    let start = cold_keys::Start::from_env();
+    let server = RedisServer::start();
+    // Requests overlap in tasks of their own, as in a server: one worker per core.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for (i, case) in selected {
+        let r = rt.block_on(cold_keys::run_case(
+            &server.url(),
+            &case,
+            cold_keys::SEED + i,
+            length,
+            start,
+            NAIVE,
+        ));
+        if r.failed_round_trips > 0 || r.tollgate.failed > 0 || r.naive.failed > 0 {
+            eprintln!(
+                "distributed cold_keys {}: {} failed store calls, {} tollgate and {} naive requests failed \
+                 (counted as denied)",
+                case.id(),
+                r.failed_round_trips,
+                r.tollgate.failed,
+                r.naive.failed
+            );
+        }
+        println!("{}", r.line(&case));
+    }
+}
+
 criterion_group!(benches, hot_path, redis_cpu_per_sync, cluster_3_masters);
-criterion_main!(benches);
+
+fn main() {
+    let args = cold_keys::Args::from_env();
+    if !args.names_this_group_only() {
+        benches();
+        Criterion::default().configure_from_args().final_summary();
+    }
+    cold_keys_lines(&args);
+}

@@ -105,6 +105,143 @@ fn tune_json_prints_one_object_per_case_and_nothing_else_on_stdout() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `--slow-keys` runs check_async on the wall clock against the in-process store (no Redis
+/// needed) with 100 users at 20 per minute over 4 nodes, and the table carries the check
+/// latency beside utilization.
+#[test]
+fn tune_slow_keys_reports_check_latency_beside_utilization() {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-slow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("tune.svg");
+    let out = tollgate(&[
+        "tune",
+        "--slow-keys",
+        "--seconds",
+        "2",
+        "--loads",
+        "4",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("4 nodes sharing 20 per 60 s (token_bucket), burst 20 on each of 100 key(s)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("in-process store, wall clock") && stdout.contains("check_async"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("sync interval 100 ms"), "{stdout}");
+    assert!(stdout.contains("check p50") && stdout.contains("check p99"), "{stdout}");
+    // One row per shape: load, shape, admitted, ideal, over-admitted, utilization, round
+    // trips/s, p50 "µs", p99 "µs".
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.first() == Some(&"4x"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    for w in rows {
+        assert_eq!(w.len(), 11, "{w:?}");
+        let utilization: f64 = w[5].trim_end_matches('%').parse().unwrap();
+        assert!(utilization > 0.0 && utilization <= 100.0, "{w:?}");
+        let (p50, p99): (f64, f64) = (w[7].parse().unwrap(), w[9].parse().unwrap());
+        assert!(w[8] == "µs" && w[10] == "µs", "{w:?}");
+        assert!(p50 > 0.0 && p50 <= p99, "{w:?}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A flag given beside `--slow-keys` wins over the preset, and the burst follows the points.
+#[test]
+fn tune_slow_keys_yields_to_flags_given_beside_it() {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-slow-flags-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("tune.svg");
+    let out = tollgate(&[
+        "tune",
+        "--slow-keys",
+        "--nodes",
+        "2",
+        "--points",
+        "100",
+        "--loads",
+        "4",
+        "--seconds",
+        "0.5",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("2 nodes sharing 100 per 60 s (token_bucket), burst 100 on each of 100 key(s)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("check p99") && !stdout.contains("1.5x"), "{stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--async --json`: every case's object has the latency fields, in order, beside a sane
+/// utilization.
+#[test]
+fn tune_async_json_has_the_check_latency_of_each_case() {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-async-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("tune.svg");
+    let out = tollgate(&[
+        "tune",
+        "--async",
+        "--json",
+        "--intervals",
+        "50",
+        "--loads",
+        "1.5",
+        "--seconds",
+        "2",
+        "--nodes",
+        "3",
+        "--keys",
+        "20",
+        "--points",
+        "100",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cases: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON object: {l}: {e}")))
+        .collect();
+    assert_eq!(cases.len(), 2, "{stdout}");
+    for c in &cases {
+        assert_eq!(c["check"], "async", "{c}");
+        assert_eq!(c["store"], "in-process store, wall clock", "{c}");
+        let utilization = c["utilization"].as_f64().expect("utilization");
+        assert!(utilization > 0.0 && utilization <= 1.01, "{c}");
+        assert!(c["admitted"].as_u64().unwrap() <= c["offered"].as_u64().unwrap(), "{c}");
+        let p50 = c["check_p50_us"].as_f64().expect("check_p50_us");
+        let p99 = c["check_p99_us"].as_f64().expect("check_p99_us");
+        assert!(p50 > 0.0 && p50 <= p99, "{c}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn bad_arguments_get_a_clear_message_and_a_non_zero_exit() {
     for (args, want) in [
@@ -167,6 +304,8 @@ fn each_subcommand_has_its_own_help() {
         "--json",
         "--redis <URL>",
         "needs the `redis` feature",
+        "--async",
+        "--slow-keys",
     ] {
         assert!(usage.contains(flag), "{flag} missing from:\n{usage}");
     }

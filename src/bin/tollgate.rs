@@ -2,18 +2,23 @@
 //!
 //! `tollgate tune` measures how accurate distributed mode is for each sync interval: N nodes
 //! share one limit under uniform and skewed load, and an oracle compares what they admitted
-//! with what one exact limiter would have admitted.
+//! with what one exact limiter would have admitted. With `--async` the requests make
+//! `check_async` on the wall clock and the check latency is reported beside utilization;
+//! `--slow-keys` is the preset for per-user per-minute limits spread over instances.
 //!
 //! A subcommand is a variant of [`Command`] (its doc comment is its `--help` text) and an arm
 //! in [`main`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use tollgate::sim::{run_virtual, Report, Scenario, Skew};
+use tollgate::sim::{run_real, run_virtual, CheckMode, Report, Scenario, Skew};
+use tollgate::store::{MemoryStore, Store};
 use tollgate::{Algorithm, ColdStart, Policy};
 
 #[path = "tollgate/plot.rs"]
@@ -76,8 +81,8 @@ struct TuneArgs {
     /// What a node admits for a key before its first claim arrives: deny | optimistic:N.
     #[arg(long = "cold-start", value_name = "C", default_value = "deny", value_parser = cold_start)]
     cold_start: ColdStart,
-    /// Length of each run in seconds, in (0, 3600] [default: 30 on virtual time, 5 against
-    /// Redis].
+    /// Length of each run in seconds, in (0, 3600] [default: 30 on virtual time, 5 on the wall
+    /// clock (--async, --redis), 10 with --slow-keys].
     #[arg(long, value_name = "S", value_parser = run_seconds)]
     seconds: Option<f64>,
     /// Seed of the arrival process.
@@ -93,13 +98,76 @@ struct TuneArgs {
     #[arg(long)]
     json: bool,
     /// Run on the wall clock against this Redis (needs the `redis` feature); without it the
-    /// run uses the in-process store on virtual time.
+    /// run uses the in-process store (on virtual time, or on the wall clock with --async).
     #[arg(long, value_name = "URL", conflicts_with = "redis_cluster")]
     redis: Option<String>,
     /// The same against a Redis Cluster: seed URLs, comma-separated (needs the `redis`
     /// feature).
     #[arg(long = "redis-cluster", value_name = "URLS")]
     redis_cluster: Option<String>,
+    /// Requests make check_async, each in a task of its own (a key a node holds nothing for
+    /// waits for its claim), on the wall clock, and the table gets the check latency (p50,
+    /// p99 in µs, from a request's arrival to its decision) beside utilization. Runs against
+    /// the in-process store unless --redis or --redis-cluster is given.
+    #[arg(long = "async")]
+    async_checks: bool,
+    /// Slow keys, per-user per-minute limits spread over instances: --async --keys 100
+    /// --points 20 --duration-s 60 --burst <points> --nodes 4 --loads 1.5,4 --intervals 100
+    /// --seconds 10. Any of these flags given beside it wins. Full buckets take 60 s / (load -
+    /// 1) to empty (120 s at 1.5x): shorter runs measure mostly their burst allowance.
+    #[arg(long = "slow-keys")]
+    slow_keys: bool,
+}
+
+/// `--slow-keys`: users (keys) sharing the load.
+const SLOW_KEYS_USERS: u32 = 100;
+/// `--slow-keys`: requests per minute per user.
+const SLOW_KEYS_POINTS: u64 = 20;
+/// `--slow-keys`: the policy's duration in seconds.
+const SLOW_KEYS_DURATION_S: f64 = 60.0;
+/// `--slow-keys`: nodes (service instances).
+const SLOW_KEYS_NODES: u16 = 4;
+/// `--slow-keys`: offered loads.
+const SLOW_KEYS_LOADS: [f64; 2] = [1.5, 4.0];
+/// `--slow-keys`: the sync interval in ms.
+const SLOW_KEYS_INTERVAL_MS: u16 = 100;
+/// `--slow-keys`: each run's length in seconds.
+const SLOW_KEYS_SECONDS: f64 = 10.0;
+
+impl TuneArgs {
+    /// Applies `--slow-keys` to every setting the command line (`matches`) left at its
+    /// default. The burst follows the points (the semantics of a per-minute policy).
+    fn apply_preset(&mut self, matches: &ArgMatches) {
+        if !self.slow_keys {
+            return;
+        }
+        let default = |id: &str| matches.value_source(id) != Some(ValueSource::CommandLine);
+        self.async_checks = true;
+        if default("keys") {
+            self.keys = SLOW_KEYS_USERS;
+        }
+        if default("points") {
+            self.points = SLOW_KEYS_POINTS;
+        }
+        if default("duration_s") {
+            self.duration_s = SLOW_KEYS_DURATION_S;
+        }
+        if default("burst") {
+            self.burst = Some(self.points);
+        }
+        if default("nodes") {
+            self.nodes = SLOW_KEYS_NODES;
+        }
+        if default("loads") {
+            self.loads = SLOW_KEYS_LOADS.to_vec();
+        }
+        if default("intervals") {
+            self.intervals = vec![SLOW_KEYS_INTERVAL_MS];
+        }
+        if default("seconds") {
+            self.seconds = Some(SLOW_KEYS_SECONDS);
+        }
+    }
 }
 
 /// The algorithms, by the names of the configuration vocabulary.
@@ -183,13 +251,23 @@ impl Tune {
             "Redis Cluster, wall clock"
         } else if self.args.redis.is_some() {
             "Redis, wall clock"
+        } else if self.args.async_checks {
+            "in-process store, wall clock"
         } else {
             "in-process store, virtual time"
         }
     }
 
     fn wall_clock(&self) -> bool {
-        self.args.redis.is_some() || self.args.redis_cluster.is_some()
+        self.args.redis.is_some() || self.args.redis_cluster.is_some() || self.args.async_checks
+    }
+
+    fn check(&self) -> CheckMode {
+        if self.args.async_checks {
+            CheckMode::Async
+        } else {
+            CheckMode::Sync
+        }
     }
 }
 
@@ -245,33 +323,13 @@ fn run(tune: &Tune) -> Result<Vec<Row>, String> {
             }
         }
     }
-    #[cfg(feature = "redis")]
     let (runtime, store) = if tune.wall_clock() {
         let rt = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start a runtime: {e}"))?;
-        let store: std::sync::Arc<dyn tollgate::store::Store> = match (&args.redis, &args.redis_cluster) {
-            (_, Some(urls)) => {
-                let seeds: Vec<&str> = urls.split(',').map(str::trim).collect();
-                std::sync::Arc::new(
-                    rt.block_on(tollgate::store::RedisClusterStore::connect(seeds))
-                        .map_err(|e| format!("--redis-cluster {urls}: {e}"))?,
-                )
-            }
-            (Some(url), None) => std::sync::Arc::new(
-                rt.block_on(tollgate::store::RedisStore::connect(url.as_str()))
-                    .map_err(|e| format!("--redis {url}: {e}"))?,
-            ),
-            (None, None) => unreachable!("a wall-clock run has a Redis"),
-        };
+        let store = wall_clock_store(&rt, args)?;
         (Some(rt), Some(store))
     } else {
         (None, None)
     };
-    #[cfg(not(feature = "redis"))]
-    if tune.wall_clock() {
-        return Err(
-            "--redis needs the `redis` feature: cargo run --release --features redis -- tune --redis URL".into(),
-        );
-    }
     let bar = progress_bar(cases.len());
     let seconds = args.seconds.unwrap_or(if tune.wall_clock() { 5.0 } else { 30.0 });
     let mut rows = Vec::new();
@@ -286,15 +344,13 @@ fn run(tune: &Tune) -> Result<Vec<Row>, String> {
             cold_start: args.cold_start,
             seed: args.seed.wrapping_add(n as u64),
             keys: args.keys as usize,
+            check: tune.check(),
             ..Scenario::new(tune.policy.clone())
         };
-        #[cfg(feature = "redis")]
         let report = match (&runtime, &store) {
-            (Some(rt), Some(store)) => rt.block_on(tollgate::sim::run_real(&scenario, store.clone())),
+            (Some(rt), Some(store)) => rt.block_on(run_real(&scenario, store.clone())),
             _ => run_virtual(&scenario),
         };
-        #[cfg(not(feature = "redis"))]
-        let report = run_virtual(&scenario);
         rows.push(Row {
             interval,
             load,
@@ -307,18 +363,58 @@ fn run(tune: &Tune) -> Result<Vec<Row>, String> {
     Ok(rows)
 }
 
+/// The store of a wall-clock run: the Redis or Redis Cluster given, else the in-process store.
+#[cfg(feature = "redis")]
+fn wall_clock_store(rt: &tokio::runtime::Runtime, args: &TuneArgs) -> Result<Arc<dyn Store>, String> {
+    Ok(match (&args.redis, &args.redis_cluster) {
+        (_, Some(urls)) => {
+            let seeds: Vec<&str> = urls.split(',').map(str::trim).collect();
+            Arc::new(
+                rt.block_on(tollgate::store::RedisClusterStore::connect(seeds))
+                    .map_err(|e| format!("--redis-cluster {urls}: {e}"))?,
+            )
+        }
+        (Some(url), None) => Arc::new(
+            rt.block_on(tollgate::store::RedisStore::connect(url.as_str()))
+                .map_err(|e| format!("--redis {url}: {e}"))?,
+        ),
+        (None, None) => Arc::new(MemoryStore::new()),
+    })
+}
+
+/// The store of a wall-clock run: the in-process store (this build has no Redis client).
+#[cfg(not(feature = "redis"))]
+fn wall_clock_store(_rt: &tokio::runtime::Runtime, args: &TuneArgs) -> Result<Arc<dyn Store>, String> {
+    if args.redis.is_some() || args.redis_cluster.is_some() {
+        return Err(
+            "--redis needs the `redis` feature: cargo run --release --features redis -- tune --redis URL".into(),
+        );
+    }
+    Ok(Arc::new(MemoryStore::new()))
+}
+
+/// Nanoseconds as microseconds.
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}
+
 fn print_table(tune: &Tune, rows: &[Row]) {
     let args = &tune.args;
     println!(
-        "tollgate tune: {} nodes sharing {} on each of {} key(s) ({}), cold start {:?}",
+        "tollgate tune: {} nodes sharing {} on each of {} key(s) ({}), cold start {:?}{}",
         args.nodes,
         tune.policy,
         args.keys,
         tune.store(),
-        args.cold_start
+        args.cold_start,
+        if args.async_checks { ", check_async" } else { "" }
     );
     for &interval in &args.intervals {
         println!("\nsync interval {interval} ms");
+        if args.async_checks {
+            print_async_rows(rows, interval);
+            continue;
+        }
         println!(
             "  {:<6} {:<8} {:>10} {:>10} {:>14} {:>12} {:>16} {:>14}",
             "load", "shape", "admitted", "ideal", "over-admitted", "utilization", "round trips/s", "check p99"
@@ -340,11 +436,34 @@ fn print_table(tune: &Tune, rows: &[Row]) {
     }
 }
 
+/// The rows of one interval with the check latency of `--async` (p50, p99 in µs).
+fn print_async_rows(rows: &[Row], interval: u16) {
+    println!(
+        "  {:<6} {:<8} {:>10} {:>10} {:>14} {:>12} {:>16} {:>13} {:>13}",
+        "load", "shape", "admitted", "ideal", "over-admitted", "utilization", "round trips/s", "check p50", "check p99"
+    );
+    for r in rows.iter().filter(|r| r.interval == interval) {
+        let rep = &r.report;
+        println!(
+            "  {:<6} {:<8} {:>10} {:>10} {:>14} {:>11.2}% {:>16.1} {:>10.1} µs {:>10.1} µs",
+            format!("{}x", r.load),
+            shape(r.skew),
+            rep.admitted,
+            rep.ideal,
+            rep.over_admitted,
+            rep.utilization * 100.0,
+            rep.round_trips_per_s,
+            us(rep.check_p50_ns),
+            us(rep.check_p99_ns)
+        );
+    }
+}
+
 /// One JSON object per case, one per line.
 fn print_json(tune: &Tune, rows: &[Row]) {
     for r in rows {
         let rep = &r.report;
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "sync_interval_ms": r.interval,
             "load": r.load,
             "shape": shape(r.skew),
@@ -361,6 +480,11 @@ fn print_json(tune: &Tune, rows: &[Row]) {
             "check_p99_ns": rep.check_p99_ns,
             "checks": rep.checks,
         });
+        if tune.args.async_checks {
+            line["check"] = "async".into();
+            line["check_p50_us"] = us(rep.check_p50_ns).into();
+            line["check_p99_us"] = us(rep.check_p99_ns).into();
+        }
         println!("{line}");
     }
 }
@@ -441,8 +565,15 @@ fn check_config(_file: &std::path::Path) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
-        Command::Tune(args) => tune(args),
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match cli.command {
+        Command::Tune(mut args) => {
+            if let Some(("tune", m)) = matches.subcommand() {
+                args.apply_preset(m);
+            }
+            tune(args)
+        }
         Command::CheckConfig { file } => check_config(&file),
     }
 }
