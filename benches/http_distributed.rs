@@ -92,6 +92,9 @@ const MAX_SPEND_ROUNDS: u64 = 4;
 const LOOPBACK: &str = "127.0.0.1/32";
 /// The API-key hashing secret every node shares (distributed mode requires one).
 const API_KEY_SECRET: &str = "0123456789abcdef0123456789abcdef";
+/// Where each phase starts on the exact reference's manual clock (room for the time between
+/// the spending of the bursts and the phase).
+const EXACT_ORIGIN: Duration = Duration::from_secs(60);
 /// The route's answer.
 const HELLO: &str = "Hello, World!";
 
@@ -213,19 +216,82 @@ fn quantile_us(sorted: &[u64], q: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-/// Both Poisson processes of every user for `span`: the samples of the layered and the bare
-/// servers, each in order of sending per user.
+/// What a phase measured.
+struct Measured {
+    /// When the phase began.
+    start: Instant,
+    /// The layered servers' samples, per user in order of sending.
+    layered: Vec<Vec<Sample>>,
+    /// The bare servers' samples, likewise.
+    bare: Vec<Vec<Sample>>,
+    /// Latencies (ns) of `PING` to the bench's Redis over a connection of its own.
+    pings: Vec<u64>,
+    /// Redis server time per script call (`EVALSHA`: the nodes' claims), in microseconds.
+    script_us_per_call: f64,
+}
+
+/// Clears Redis's command statistics.
+async fn reset_stats(con: &mut redis::aio::MultiplexedConnection) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(con)
+        .await
+        .expect("CONFIG RESETSTAT");
+}
+
+/// Redis server time per `EVALSHA` since the statistics were cleared, in microseconds, from
+/// `INFO commandstats` (the server's wall-clock time: a busy machine inflates it).
+async fn script_us_per_call(con: &mut redis::aio::MultiplexedConnection) -> f64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(con)
+        .await
+        .expect("INFO commandstats");
+    let Some(line) = info.lines().find(|l| l.starts_with("cmdstat_evalsha:")) else {
+        return f64::NAN;
+    };
+    line.split([':', ','])
+        .find_map(|kv| kv.strip_prefix("usec_per_call="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Both Poisson processes of every user for `span`, and meanwhile a Poisson process of
+/// `PING`s to Redis at the rate of all users' layered requests together.
+#[allow(clippy::too_many_arguments)]
 async fn load(
     client: &HttpClient,
+    redis: &redis::aio::MultiplexedConnection,
     users: &Arc<Vec<User>>,
     layered: &[SocketAddr],
     bare: &[SocketAddr],
     mean_gap: Duration,
     span: Duration,
     phase: u64,
-) -> (Vec<Vec<Sample>>, Vec<Vec<Sample>>) {
+) -> Measured {
+    reset_stats(&mut redis.clone()).await;
     let start = Instant::now();
     let end = start + span;
+    let pings = {
+        let mut con = redis.clone();
+        let mut rng = Rng(phase.wrapping_mul(0x5851_f42d_4c95_7f2d));
+        let mean_gap = mean_gap / users.len() as u32;
+        tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut at = start + rng.exponential(mean_gap);
+            while at < end {
+                tokio::time::sleep_until(at).await;
+                let t0 = Instant::now();
+                let cmd = redis::cmd("PING");
+                let ping = cmd.query_async::<String>(&mut con);
+                if let Ok(Ok(_)) = tokio::time::timeout(REQUEST_TIMEOUT, ping).await {
+                    latencies.push(t0.elapsed().as_nanos() as u64);
+                }
+                at += rng.exponential(mean_gap);
+            }
+            latencies
+        })
+    };
     let mut tasks = JoinSet::new();
     for (target, servers) in [layered, bare].into_iter().enumerate() {
         for u in 0..users.len() {
@@ -265,13 +331,26 @@ async fn load(
         out[target][u] = samples;
     }
     let [layered, bare] = out;
-    (layered, bare)
+    Measured {
+        start,
+        layered,
+        bare,
+        pings: pings.await.expect("the ping task"),
+        script_us_per_call: script_us_per_call(&mut redis.clone()).await,
+    }
+}
+
+/// A user's bucket when a phase begins.
+#[derive(Clone, Copy)]
+enum Bucket {
+    Full,
+    /// Emptied this long before the phase began.
+    EmptiedBefore(Duration),
 }
 
 /// The share (percent) of `samples` one exact limiter of `policy` admits, each user's
-/// requests checked at the times they were sent; `spent[u]` units of user `u` were taken
-/// before the phase (`None`: the bucket was emptied).
-fn exact_allowed_pct(policy: Policy, samples: &[Vec<Sample>], spent: &[Option<u64>]) -> f64 {
+/// requests checked at the times they were sent, from the buckets `buckets` at the start.
+fn exact_allowed_pct(policy: Policy, samples: &[Vec<Sample>], buckets: &[Bucket]) -> f64 {
     let clock = ManualClock::new();
     let capacity = policy.capacity();
     let limiter = Limiter::<usize>::builder(policy)
@@ -279,21 +358,14 @@ fn exact_allowed_pct(policy: Policy, samples: &[Vec<Sample>], spent: &[Option<u6
         .build()
         .expect("a valid policy");
     let (mut allowed, mut total) = (0u64, 0u64);
-    // The phase starts at 1 s on this clock, after the units spent before it.
-    let origin = Duration::from_secs(1).as_nanos() as u64;
+    // The phase starts at this time on the manual clock: room for what came before it.
+    let origin = EXACT_ORIGIN.as_nanos() as u64;
     for (u, user) in samples.iter().enumerate() {
-        clock.set_ns(origin);
-        match spent[u] {
-            Some(n) => {
-                for _ in 0..n {
-                    let _ = limiter.check(&u);
-                }
-            }
+        if let Bucket::EmptiedBefore(before) = buckets[u] {
             // The clock stands still: the bucket empties within its capacity.
-            None => {
-                for _ in 0..=capacity {
-                    let _ = limiter.check(&u);
-                }
+            clock.set_ns(origin.saturating_sub(before.as_nanos() as u64));
+            for _ in 0..=capacity {
+                let _ = limiter.check(&u);
             }
         }
         for s in user {
@@ -307,8 +379,13 @@ fn exact_allowed_pct(policy: Policy, samples: &[Vec<Sample>], spent: &[Option<u6
 
 /// Spends what is left of every user's burst: each user sends requests one after another,
 /// round-robin over the instances, until every instance refused it in a row (at most
-/// [`MAX_SPEND_ROUNDS`] x `points` requests).
-async fn spend_bursts(client: &HttpClient, users: &Arc<Vec<User>>, layered: &[SocketAddr], points: u64) {
+/// [`MAX_SPEND_ROUNDS`] x `points` requests). Returns when each user's last refusal came.
+async fn spend_bursts(
+    client: &HttpClient,
+    users: &Arc<Vec<User>>,
+    layered: &[SocketAddr],
+    points: u64,
+) -> Vec<Instant> {
     let mut tasks = JoinSet::new();
     for u in 0..users.len() {
         let (client, users, servers) = (client.clone(), users.clone(), layered.to_vec());
@@ -319,7 +396,7 @@ async fn spend_bursts(client: &HttpClient, users: &Arc<Vec<User>>, layered: &[So
                 if request(&client, addr, &users[u]).await == 429 {
                     refused_in_a_row += 1;
                     if refused_in_a_row == servers.len() {
-                        return;
+                        return (u, Instant::now());
                     }
                 } else {
                     refused_in_a_row = 0;
@@ -328,9 +405,12 @@ async fn spend_bursts(client: &HttpClient, users: &Arc<Vec<User>>, layered: &[So
             panic!("user {u} still admitted after {} requests", MAX_SPEND_ROUNDS * points);
         });
     }
+    let mut emptied = vec![Instant::now(); users.len()];
     while let Some(r) = tasks.join_next().await {
-        r.expect("a spending task");
+        let (u, at) = r.expect("a spending task");
+        emptied[u] = at;
     }
+    emptied
 }
 
 /// The nodes' counters summed.
@@ -346,18 +426,11 @@ fn node_totals(nodes: &[Node]) -> [u64; 4] {
 }
 
 /// Prints a phase's line and its detail line.
-#[allow(clippy::too_many_arguments)]
-fn report(
-    name: &str,
-    points: u64,
-    layered: &[Vec<Sample>],
-    bare: &[Vec<Sample>],
-    exact_pct: f64,
-    before: [u64; 4],
-    after: [u64; 4],
-) {
+fn report(name: &str, points: u64, m: &Measured, exact_pct: f64, before: [u64; 4], after: [u64; 4]) {
     let flat = |v: &[Vec<Sample>]| -> Vec<Sample> { v.iter().flatten().copied().collect() };
-    let (layered, bare) = (flat(layered), flat(bare));
+    let (layered, bare) = (flat(&m.layered), flat(&m.bare));
+    let mut pings = m.pings.clone();
+    pings.sort_unstable();
     let sorted = |v: &[Sample]| {
         let mut l: Vec<u64> = v.iter().map(|s| s.latency_ns).collect();
         l.sort_unstable();
@@ -381,13 +454,18 @@ fn report(
     let d = |i: usize| after[i] - before[i];
     println!(
         "http distributed {name} detail requests={} bare_requests={} denied={denied} failed={failed} \
-         exact_allowed_pct={exact_pct:.1} p90_us={:.0} p999_us={:.0} bare_p999_us={:.0} \
+         exact_allowed_pct={exact_pct:.1} p90_us={:.0} p999_us={:.0} bare_p90_us={:.0} bare_p999_us={:.0} \
+         redis_ping_p50_us={:.0} redis_ping_p99_us={:.0} redis_script_us_per_call={:.1} \
          claims_on_demand={} deferred={} syncs={} round_trips={}",
         layered.len(),
         bare.len(),
         quantile_us(&with, 0.9),
         quantile_us(&with, 0.999),
+        quantile_us(&without, 0.9),
         quantile_us(&without, 0.999),
+        quantile_us(&pings, 0.5),
+        quantile_us(&pings, 0.99),
+        m.script_us_per_call,
         d(0),
         d(1),
         d(2),
@@ -473,26 +551,28 @@ fn main() {
         }
         while warm.join_next().await.is_some() {}
 
-        let before = node_totals(&nodes);
-        let (with, without) = load(&client, &users, &layered, &bare, mean_gap, span, 1).await;
-        let after = node_totals(&nodes);
-        let exact = exact_allowed_pct(policy.clone(), &with, &vec![Some(0); USERS]);
-        report("per_minute_tier", points, &with, &without, exact, before, after);
+        let redis = redis::Client::open(server.url())
+            .expect("a redis URL")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the bench's redis-server");
 
-        spend_bursts(&client, &users, &layered, points).await;
         let before = node_totals(&nodes);
-        let (with, without) = load(&client, &users, &layered, &bare, mean_gap, span, 2).await;
+        let m = load(&client, &redis, &users, &layered, &bare, mean_gap, span, 1).await;
         let after = node_totals(&nodes);
-        let exact = exact_allowed_pct(policy, &with, &vec![None; USERS]);
-        report(
-            "per_minute_tier_at_limit",
-            points,
-            &with,
-            &without,
-            exact,
-            before,
-            after,
-        );
+        let exact = exact_allowed_pct(policy.clone(), &m.layered, &[Bucket::Full; USERS]);
+        report("per_minute_tier", points, &m, exact, before, after);
+
+        let emptied = spend_bursts(&client, &users, &layered, points).await;
+        let before = node_totals(&nodes);
+        let m = load(&client, &redis, &users, &layered, &bare, mean_gap, span, 2).await;
+        let after = node_totals(&nodes);
+        let buckets: Vec<Bucket> = emptied
+            .iter()
+            .map(|&at| Bucket::EmptiedBefore(m.start.saturating_duration_since(at)))
+            .collect();
+        let exact = exact_allowed_pct(policy, &m.layered, &buckets);
+        report("per_minute_tier_at_limit", points, &m, exact, before, after);
 
         for node in &nodes {
             node.shutdown().await;
