@@ -8,8 +8,8 @@
 //! with its own `Node` (sync interval [`SYNC_INTERVAL`]) over its own `RedisStore` connection;
 //! [`INSTANCES`] servers of the same route without the layer. The configuration is the shipped
 //! `rate-limit-tiers.json` with an `api_key.secret` (which distributed mode requires, so that
-//! every node hashes API keys alike) and the loopback address as a trusted proxy: every user sends its
-//! own address in `x-forwarded-for`, as behind a load balancer, so each request passes the ip
+//! every node hashes API keys alike) and the loopback address as a trusted proxy: every user
+//! sends its own address in `x-forwarded-for`, as behind a load balancer, so each request passes the ip
 //! layer (1000 per minute per address, not reached here) and the user layer of its tier
 //! ([`TIER`]: 100 per minute per user, burst 100), both shared through Redis. A user is
 //! identified by its API key (`x-api-key`), which the layer's `api_key_validator` maps to the
@@ -40,11 +40,22 @@
 //!   in a row; not measured): the limits act, and about two requests in three are admitted.
 //!
 //! `allowed_pct` is the share of the layer's responses that were 2xx (the others are 429).
-//! After each phase a `detail` line gives the request counts, the share one exact limiter
-//! would have admitted of the same requests at the same times (`exact_allowed_pct`), and what
-//! the nodes did in the phase, summed over the instances (`claims_on_demand`: store calls
-//! made for waiting checks; `deferred`: waiting checks past the nodes' budget, whose claims
-//! went with the next sync; `syncs`, `round_trips`).
+//! After each phase's line a `detail` line gives:
+//!
+//! ```text
+//! http distributed <phase> detail requests=<n> bare_requests=<n> denied=<n> failed=<n> exact_allowed_pct=<..> p90_us=<..> p999_us=<..> bare_p90_us=<..> bare_p999_us=<..> redis_ping_p50_us=<..> redis_ping_p99_us=<..> redis_script_us_per_call=<..> claims_on_demand=<n> deferred=<n> syncs=<n> round_trips=<n>
+//! ```
+//!
+//! `failed`: requests without an answer within [`REQUEST_TIMEOUT`] (both routes);
+//! `exact_allowed_pct`: the share one exact limiter would have admitted of the same requests
+//! at the same times; `redis_ping_*`: a Poisson process of `PING`s to the same Redis over a
+//! connection of their own, at the rate of all layered requests together, in the same period
+//! (one round trip from this process); `redis_script_us_per_call`: Redis's own time per
+//! `EVALSHA` (the nodes' claims, from `INFO commandstats`); then what the nodes did in the
+//! phase, summed over the instances (`claims_on_demand`: store calls made for waiting checks;
+//! `deferred`: waiting checks past the nodes' budget, whose claims went with the next sync;
+//! `syncs`, `round_trips`). Everything shares this machine's cores with redis-server: on a
+//! busy machine the tails (p99) of every figure, the floor's included, grow.
 
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
@@ -441,7 +452,7 @@ fn report(name: &str, points: u64, m: &Measured, exact_pct: f64, before: [u64; 4
     let allowed = count(&layered, |s| (200..300).contains(&s));
     let denied = count(&layered, |s| s == 429);
     let failed = count(&layered, |s| s == 0) + count(&bare, |s| s == 0);
-    let bare_not_ok = count(&bare, |s| s != 200);
+    let bare_answered_otherwise = count(&bare, |s| s != 200 && s != 0);
     println!(
         "http distributed {name} users={USERS} points_per_min={points} load={LOAD} instances={INSTANCES} \
          p50_us={:.0} p99_us={:.0} bare_p50_us={:.0} bare_p99_us={:.0} allowed_pct={:.1}",
@@ -471,7 +482,7 @@ fn report(name: &str, points: u64, m: &Measured, exact_pct: f64, before: [u64; 4
         d(2),
         d(3),
     );
-    assert_eq!(bare_not_ok - count(&bare, |s| s == 0), 0, "the bare route answers 200");
+    assert_eq!(bare_answered_otherwise, 0, "the bare route answers 200");
 }
 
 fn main() {
