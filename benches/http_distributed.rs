@@ -43,7 +43,7 @@
 //! After each phase's line a `detail` line gives:
 //!
 //! ```text
-//! http distributed <phase> detail requests=<n> bare_requests=<n> denied=<n> failed=<n> exact_allowed_pct=<..> p90_us=<..> p999_us=<..> bare_p90_us=<..> bare_p999_us=<..> redis_ping_p50_us=<..> redis_ping_p99_us=<..> redis_script_us_per_call=<..> claims_on_demand=<n> deferred=<n> syncs=<n> round_trips=<n>
+//! http distributed <phase> detail requests=<n> bare_requests=<n> denied=<n> failed=<n> exact_allowed_pct=<..> p90_us=<..> p999_us=<..> bare_p90_us=<..> bare_p999_us=<..> redis_ping_p50_us=<..> redis_ping_p99_us=<..> redis_script_us_per_call=<..> claims_on_demand=<n> deferred=<n> syncs=<n> round_trips=<n> failed_round_trips=<n>
 //! ```
 //!
 //! `failed`: requests without an answer within [`REQUEST_TIMEOUT`] (both routes);
@@ -54,7 +54,8 @@
 //! `EVALSHA` (the nodes' claims, from `INFO commandstats`); then what the nodes did in the
 //! phase, summed over the instances (`claims_on_demand`: store calls made for waiting checks;
 //! `deferred`: waiting checks past the nodes' budget, whose claims went with the next sync;
-//! `syncs`, `round_trips`). Everything shares this machine's cores with redis-server: on a
+//! `syncs`, `round_trips`, `failed_round_trips`: calls that failed or timed out, which
+//! grant nothing). Everything shares this machine's cores with redis-server: on a
 //! busy machine the tails (p99) of every figure, the floor's included, grow.
 
 #[path = "../tests/common/redis_server.rs"]
@@ -425,19 +426,20 @@ async fn spend_bursts(
 }
 
 /// The nodes' counters summed.
-fn node_totals(nodes: &[Node]) -> [u64; 4] {
-    nodes.iter().map(Node::stats).fold([0; 4], |t, s: NodeStats| {
+fn node_totals(nodes: &[Node]) -> [u64; 5] {
+    nodes.iter().map(Node::stats).fold([0; 5], |t, s: NodeStats| {
         [
             t[0] + s.claims_on_demand,
             t[1] + s.claims_on_demand_deferred,
             t[2] + s.syncs,
             t[3] + s.round_trips,
+            t[4] + s.failed_round_trips,
         ]
     })
 }
 
 /// Prints a phase's line and its detail line.
-fn report(name: &str, points: u64, m: &Measured, exact_pct: f64, before: [u64; 4], after: [u64; 4]) {
+fn report(name: &str, points: u64, m: &Measured, exact_pct: f64, before: [u64; 5], after: [u64; 5]) {
     let flat = |v: &[Vec<Sample>]| -> Vec<Sample> { v.iter().flatten().copied().collect() };
     let (layered, bare) = (flat(&m.layered), flat(&m.bare));
     let mut pings = m.pings.clone();
@@ -467,7 +469,7 @@ fn report(name: &str, points: u64, m: &Measured, exact_pct: f64, before: [u64; 4
         "http distributed {name} detail requests={} bare_requests={} denied={denied} failed={failed} \
          exact_allowed_pct={exact_pct:.1} p90_us={:.0} p999_us={:.0} bare_p90_us={:.0} bare_p999_us={:.0} \
          redis_ping_p50_us={:.0} redis_ping_p99_us={:.0} redis_script_us_per_call={:.1} \
-         claims_on_demand={} deferred={} syncs={} round_trips={}",
+         claims_on_demand={} deferred={} syncs={} round_trips={} failed_round_trips={}",
         layered.len(),
         bare.len(),
         quantile_us(&with, 0.9),
@@ -481,6 +483,7 @@ fn report(name: &str, points: u64, m: &Measured, exact_pct: f64, before: [u64; 4
         d(1),
         d(2),
         d(3),
+        d(4),
     );
     assert_eq!(bare_answered_otherwise, 0, "the bare route answers 200");
 }
