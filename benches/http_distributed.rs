@@ -48,7 +48,9 @@
 //!
 //! `failed`: requests without an answer within [`REQUEST_TIMEOUT`] (both routes);
 //! `exact_allowed_pct`: the share one exact limiter would have admitted of the same requests
-//! at the same times; `redis_ping_*`: a Poisson process of `PING`s to the same Redis over a
+//! at the same times (at the limit, from a bucket emptied at each user's last refusal while
+//! spending: the store's bucket may have emptied a little earlier or later, so the two can
+//! differ by about a token per user, 2 points here); `redis_ping_*`: a Poisson process of `PING`s to the same Redis over a
 //! connection of their own, at the rate of all layered requests together, in the same period
 //! (one round trip from this process); `redis_script_us_per_call`: Redis's own time per
 //! `EVALSHA` (the nodes' claims, from `INFO commandstats`); then what the nodes did in the
