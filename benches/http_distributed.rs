@@ -1,7 +1,8 @@
 //! Request latency of a per-minute tier user through `RateLimitLayer` in distributed mode,
 //! over real HTTP, against the same route without the layer (the floor). Criterion-free: one
 //! measurement of `HTTP_DIST_SECONDS` (default 20) per phase, run as
-//! `cargo bench --features http,redis --bench http_distributed`.
+//! `cargo bench --features http,redis --bench http_distributed` (as a test, without
+//! `--bench`, 1 s per phase).
 //!
 //! Setup, all in this process on one tokio runtime (2 worker threads): a redis-server of its
 //! own on a loopback port; [`INSTANCES`] axum hello-world servers behind `RateLimitLayer`, each
@@ -43,14 +44,14 @@
 //! After each phase's line a `detail` line gives:
 //!
 //! ```text
-//! http distributed <phase> detail requests=<n> bare_requests=<n> denied=<n> failed=<n> exact_allowed_pct=<..> p90_us=<..> p999_us=<..> bare_p90_us=<..> bare_p999_us=<..> redis_ping_p50_us=<..> redis_ping_p99_us=<..> redis_script_us_per_call=<..> claims_on_demand=<n> deferred=<n> syncs=<n> round_trips=<n> failed_round_trips=<n>
+//! http distributed <phase> detail requests=<n> bare_requests=<n> denied=<n> failed=<n> exact_allowed_pct_min=<..> exact_allowed_pct_max=<..> p90_us=<..> p999_us=<..> bare_p90_us=<..> bare_p999_us=<..> redis_ping_p50_us=<..> redis_ping_p99_us=<..> redis_script_us_per_call=<..> claims_on_demand=<n> deferred=<n> syncs=<n> round_trips=<n> failed_round_trips=<n>
 //! ```
 //!
 //! `failed`: requests without an answer within [`REQUEST_TIMEOUT`] (both routes);
-//! `exact_allowed_pct`: the share one exact limiter would have admitted of the same requests
-//! at the same times (at the limit, from a bucket emptied at each user's last refusal while
-//! spending: the store's bucket may have emptied a little earlier or later, so the two can
-//! differ by about a token per user, 2 points here); `redis_ping_*`: a Poisson process of `PING`s to the same Redis over a
+//! `exact_allowed_pct_min` and `_max`: the share one exact limiter would have admitted of the
+//! same requests at the same times, from full buckets (both the same), or at the limit from a
+//! bucket that held nothing (min) or just under a token (max) at each user's last refusal while
+//! spending (a refusal says less than a token was left); `redis_ping_*`: a Poisson process of `PING`s to the same Redis over a
 //! connection of their own, at the rate of all layered requests together, in the same period
 //! (one round trip from this process); `redis_script_us_per_call`: Redis's own time per
 //! `EVALSHA` (the nodes' claims, from `INFO commandstats`); then what the nodes did in the
@@ -95,6 +96,9 @@ const TIER: &str = "free";
 const SYNC_INTERVAL: Duration = Duration::from_millis(100);
 /// Measured time per phase unless `HTTP_DIST_SECONDS` says otherwise.
 const DEFAULT_SECONDS: u64 = 20;
+/// Time per phase when run as a test (`cargo test --benches`) unless `HTTP_DIST_SECONDS` says
+/// otherwise.
+const SMOKE_SECONDS: u64 = 1;
 /// The longest a request may take before the bench gives up on it (counted as failed).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keep-alive connections opened to each server before measuring.
@@ -441,7 +445,7 @@ fn node_totals(nodes: &[Node]) -> [u64; 5] {
 }
 
 /// Prints a phase's line and its detail line.
-fn report(name: &str, points: u64, m: &Measured, exact_pct: f64, before: [u64; 5], after: [u64; 5]) {
+fn report(name: &str, points: u64, m: &Measured, exact_pct: [f64; 2], before: [u64; 5], after: [u64; 5]) {
     let flat = |v: &[Vec<Sample>]| -> Vec<Sample> { v.iter().flatten().copied().collect() };
     let (layered, bare) = (flat(&m.layered), flat(&m.bare));
     let mut pings = m.pings.clone();
@@ -469,11 +473,13 @@ fn report(name: &str, points: u64, m: &Measured, exact_pct: f64, before: [u64; 5
     let d = |i: usize| after[i] - before[i];
     println!(
         "http distributed {name} detail requests={} bare_requests={} denied={denied} failed={failed} \
-         exact_allowed_pct={exact_pct:.1} p90_us={:.0} p999_us={:.0} bare_p90_us={:.0} bare_p999_us={:.0} \
+         exact_allowed_pct_min={:.1} exact_allowed_pct_max={:.1} p90_us={:.0} p999_us={:.0} bare_p90_us={:.0} bare_p999_us={:.0} \
          redis_ping_p50_us={:.0} redis_ping_p99_us={:.0} redis_script_us_per_call={:.1} \
          claims_on_demand={} deferred={} syncs={} round_trips={} failed_round_trips={}",
         layered.len(),
         bare.len(),
+        exact_pct[0],
+        exact_pct[1],
         quantile_us(&with, 0.9),
         quantile_us(&with, 0.999),
         quantile_us(&without, 0.9),
@@ -492,10 +498,12 @@ fn report(name: &str, points: u64, m: &Measured, exact_pct: f64, before: [u64; 5
 
 fn main() {
     // `cargo bench` passes `--bench` and any filter: this bench has one measurement, run whole.
+    // Without `--bench` (`cargo test --benches`) it runs briefly, as a smoke test.
+    let measuring = std::env::args().any(|a| a == "--bench");
     let seconds = std::env::var("HTTP_DIST_SECONDS")
         .ok()
         .map(|s| s.parse::<u64>().expect("HTTP_DIST_SECONDS: whole seconds"))
-        .unwrap_or(DEFAULT_SECONDS);
+        .unwrap_or(if measuring { DEFAULT_SECONDS } else { SMOKE_SECONDS });
     let span = Duration::from_secs(seconds);
     let (config, points, duration) = tiers_config();
     let policy = Policy::new(points, Duration::from_secs(duration));
@@ -577,17 +585,28 @@ fn main() {
         let m = load(&client, &redis, &users, &layered, &bare, mean_gap, span, 1).await;
         let after = node_totals(&nodes);
         let exact = exact_allowed_pct(policy.clone(), &m.layered, &[Bucket::Full; USERS]);
-        report("per_minute_tier", points, &m, exact, before, after);
+        report("per_minute_tier", points, &m, [exact; 2], before, after);
 
         let emptied = spend_bursts(&client, &users, &layered, points).await;
         let before = node_totals(&nodes);
         let m = load(&client, &redis, &users, &layered, &bare, mean_gap, span, 2).await;
         let after = node_totals(&nodes);
-        let buckets: Vec<Bucket> = emptied
-            .iter()
-            .map(|&at| Bucket::EmptiedBefore(m.start.saturating_duration_since(at)))
-            .collect();
-        let exact = exact_allowed_pct(policy, &m.layered, &buckets);
+        // A bucket that held just under a token at the refusal: emptied one token's time before.
+        let token = Duration::from_secs(duration) / points as u32;
+        let emptied_before = |earlier: Duration| -> Vec<Bucket> {
+            emptied
+                .iter()
+                .map(|&at| Bucket::EmptiedBefore(m.start.saturating_duration_since(at) + earlier))
+                .collect()
+        };
+        let exact = [
+            exact_allowed_pct(policy.clone(), &m.layered, &emptied_before(Duration::ZERO)),
+            exact_allowed_pct(
+                policy,
+                &m.layered,
+                &emptied_before(token.saturating_sub(Duration::from_nanos(1))),
+            ),
+        ];
         report("per_minute_tier_at_limit", points, &m, exact, before, after);
 
         for node in &nodes {
