@@ -10,9 +10,9 @@
 //! [`INSTANCES`] servers of the same route without the layer. The configuration is the shipped
 //! `rate-limit-tiers.json` with an `api_key.secret` (which distributed mode requires, so that
 //! every node hashes API keys alike) and the loopback address as a trusted proxy: every user
-//! sends its own address in `x-forwarded-for`, as behind a load balancer, so each request passes the ip
-//! layer (1000 per minute per address, not reached here) and the user layer of its tier
-//! ([`TIER`]: 100 per minute per user, burst 100), both shared through Redis. A user is
+//! sends its own address in `x-forwarded-for`, as behind a load balancer, so each request
+//! passes the ip layer (1000 per minute per address, not reached here) and the user layer of
+//! its tier ([`TIER`]: 100 per minute per user, burst 100), both shared through Redis. A user is
 //! identified by its API key (`x-api-key`), which the layer's `api_key_validator` maps to the
 //! user and its tier from an in-memory table.
 //!
@@ -51,15 +51,16 @@
 //! `exact_allowed_pct_min` and `_max`: the share one exact limiter would have admitted of the
 //! same requests at the same times, from full buckets (both the same), or at the limit from a
 //! bucket that held nothing (min) or just under a token (max) at each user's last refusal while
-//! spending (a refusal says less than a token was left); `redis_ping_*`: a Poisson process of `PING`s to the same Redis over a
-//! connection of their own, at the rate of all layered requests together, in the same period
-//! (one round trip from this process); `redis_script_us_per_call`: Redis's own time per
-//! `EVALSHA` (the nodes' claims, from `INFO commandstats`); then what the nodes did in the
-//! phase, summed over the instances (`claims_on_demand`: store calls made for waiting checks;
-//! `deferred`: waiting checks past the nodes' budget, whose claims went with the next sync;
-//! `syncs`, `round_trips`, `failed_round_trips`: calls that failed or timed out, which
-//! grant nothing). Everything shares this machine's cores with redis-server: on a
-//! busy machine the tails (p99) of every figure, the floor's included, grow.
+//! spending (a refusal says less than a token was left); `redis_ping_*`: a Poisson process of
+//! `PING`s to the same Redis over a connection of their own, at the rate of all layered
+//! requests together, in the same period (one round trip from this process);
+//! `redis_script_us_per_call`: Redis's own time per `EVALSHA` (the nodes' claims, syncs
+//! included, from `INFO commandstats`); then what the nodes did in the phase, summed over the
+//! instances (`claims_on_demand`: store calls made for waiting checks; `deferred`: waiting
+//! checks past the nodes' budget, whose claims went with the next sync; `syncs`,
+//! `round_trips`, `failed_round_trips`: calls that failed or timed out, which grant nothing).
+//! Everything shares this machine's cores with redis-server: on a busy machine the tails (p99)
+//! of every figure, the floor's included, grow.
 
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
@@ -202,8 +203,8 @@ fn hello() -> Router {
     Router::new().route("/", get(|| async { HELLO }))
 }
 
-/// The shipped tiers file with an API-key secret and the loopback address as a trusted proxy, and the tier's
-/// policy (points, duration in seconds).
+/// The shipped tiers file with an API-key secret and the loopback address as a trusted proxy,
+/// and the tier's policy (points, duration in seconds).
 fn tiers_config() -> (Config, u64, u64) {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/rate-limit-tiers.json");
     let text = std::fs::read_to_string(path).expect("the shipped tiers file");
