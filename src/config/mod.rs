@@ -1487,7 +1487,7 @@ impl Rules {
                 if a.secret.is_none() {
                     problems.add(
                         "api_key.secret",
-                        "required in distributed mode (every node must hash API keys alike)",
+                        "required in distributed mode: 32 hex digits, the same on every instance (every node must hash API keys alike), e.g. \"api_key\": {\"secret\": \"<output of openssl rand -hex 16>\"}",
                     );
                 }
             }
