@@ -827,7 +827,8 @@ pub trait Layer: sealed::Sealed {
     /// Counts the layer's final decision for the metrics.
     #[doc(hidden)]
     fn count(&self, decision: &Decision);
-    /// Distributed mode, a key with no claim yet: the node's sync notification and interval.
+    /// Distributed mode, a key whose held tokens do not cover `cost`: asks for a claim on
+    /// demand and returns the wait for its call (`None`: nothing to ask for).
     #[doc(hidden)]
     fn claim_on_demand(&self, cost: u64) -> Option<ClaimWait<'_>>;
 }
