@@ -91,7 +91,7 @@ async fn a_burst_within_the_limit_on_one_node_is_admitted_whole() {
 /// Ten checks make at most two calls, each with one claim for the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_checks_of_one_cold_key_share_one_claim() {
-    let store = Slow::new(Duration::from_millis(20));
+    let store = Slow::new(Duration::from_millis(50));
     let node = node(store.clone());
     let per_user = limiter(Policy::per_minute(100), "per_user", &node);
     let decisions = all_at_once(&per_user, (0..10).map(|_| "bob".to_string())).await;
@@ -110,7 +110,7 @@ async fn concurrent_checks_of_one_cold_key_share_one_claim() {
 /// of new keys makes larger calls, not more of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_keys_asked_while_a_call_is_on_its_way_share_the_next_call() {
-    let store = Slow::new(Duration::from_millis(20));
+    let store = Slow::new(Duration::from_millis(50));
     let node = node(store.clone());
     let per_user = limiter(Policy::per_minute(20), "per_user", &node);
     let decisions = all_at_once(&per_user, (0..50).map(|i| format!("user-{i}"))).await;
