@@ -47,11 +47,15 @@ impl Store for Slow {
 }
 
 fn node(store: Arc<dyn Store>) -> Node {
-    Node::builder(store)
-        .sync_interval(Duration::from_millis(100))
-        .start()
-        .unwrap()
+    node_syncing_every(store, Duration::from_millis(100))
 }
+
+fn node_syncing_every(store: Arc<dyn Store>, interval: Duration) -> Node {
+    Node::builder(store).sync_interval(interval).start().unwrap()
+}
+
+/// Long enough that no regular sync runs during a test that counts the store's claims.
+const NO_SYNC_SOON: Duration = Duration::from_secs(5);
 
 /// Runs one `check_async` per key, all started before any is answered.
 async fn all_at_once(limiter: &Limiter, keys: impl Iterator<Item = String>) -> Vec<tollgate::Decision> {
@@ -92,7 +96,7 @@ async fn a_burst_within_the_limit_on_one_node_is_admitted_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_checks_of_one_cold_key_share_one_claim() {
     let store = Slow::new(Duration::from_millis(50));
-    let node = node(store.clone());
+    let node = node_syncing_every(store.clone(), NO_SYNC_SOON);
     let per_user = limiter(Policy::per_minute(100), "per_user", &node);
     let decisions = all_at_once(&per_user, (0..10).map(|_| "bob".to_string())).await;
     assert!(decisions.iter().all(|d| d.is_allowed()), "all ten within the limit");
@@ -111,7 +115,7 @@ async fn concurrent_checks_of_one_cold_key_share_one_claim() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_keys_asked_while_a_call_is_on_its_way_share_the_next_call() {
     let store = Slow::new(Duration::from_millis(50));
-    let node = node(store.clone());
+    let node = node_syncing_every(store.clone(), NO_SYNC_SOON);
     let per_user = limiter(Policy::per_minute(20), "per_user", &node);
     let decisions = all_at_once(&per_user, (0..50).map(|i| format!("user-{i}"))).await;
     assert!(decisions.iter().all(|d| d.is_allowed()));
@@ -193,7 +197,7 @@ async fn a_hot_key_keeps_tokens_ahead_of_its_checks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_on_one_node_share_one_call() {
     let store = Slow::new(Duration::from_millis(5));
-    let node = node(store.clone());
+    let node = node_syncing_every(store.clone(), NO_SYNC_SOON);
     let ip = limiter(Policy::per_minute(100), "ip", &node);
     let user = limiter(Policy::per_minute(10), "user", &node);
     let d = check_all_async(1, &[&ip.bind("192.0.2.7"), &user.bind("frank")])
