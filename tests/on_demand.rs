@@ -209,3 +209,44 @@ async fn layers_on_one_node_share_one_call() {
     assert_eq!(store.claims.load(Ordering::Relaxed), 2);
     node.shutdown().await;
 }
+
+/// A waiting check whose task is dropped while its call is on its way (a client that hung up)
+/// leaves the others served: the checks queued behind it ask again and are admitted, and
+/// nothing is admitted beyond the limit (what the dropped call was granted stays with the
+/// store's count of this node, never spent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_check_dropped_mid_call_leaves_the_others_served() {
+    let store = Slow::new(Duration::from_millis(50));
+    let node = node_syncing_every(store.clone(), NO_SYNC_SOON);
+    let per_user = limiter(Policy::per_minute(5), "per_user", &node);
+    let first = {
+        let l = per_user.clone();
+        tokio::spawn(async move { l.check_async("gina").await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let others = {
+        let l = per_user.clone();
+        tokio::spawn(async move {
+            let mut d = Vec::new();
+            for _ in 0..3 {
+                d.push(l.check_async("gina").await.is_allowed());
+            }
+            d
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    let served = tokio::time::timeout(Duration::from_secs(2), others)
+        .await
+        .expect("the others were answered")
+        .unwrap();
+    assert_eq!(served, [true, true, true], "the store still had tokens for them");
+    // At most the limit in all: the dropped call's grant (1) is never spent.
+    let mut more = 0;
+    for _ in 0..5 {
+        more += u64::from(per_user.check_async("gina").await.is_allowed());
+    }
+    assert!(3 + more <= 5, "{} admitted", 3 + more);
+    node.shutdown().await;
+}
