@@ -581,3 +581,72 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_sliding_key_holding_only_its_previous_window_is_kept() {
+    let (s, t) = setup();
+    let k = StoreKey::from_raw("prev-only");
+    let l = Limits::sliding_window(10, Duration::from_secs(1)).unwrap();
+    let w0 = T0 / 1_000_000;
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 10, 0)).granted, 10);
+    t.advance(Duration::from_millis(1100));
+    // Node 1 spent its 10 and wants nothing: the key now holds only the previous window.
+    one(&s, 1, claim(&k, l, 0, 0, 0, w0));
+    assert!(s.pttl(&k).is_some(), "the previous window's count still weighs");
+    // It weighs ceil(10 x 0.9) = 9: one token is left, not a fresh key's ten.
+    let g = one(&s, 2, claim(&k, l, 0, 0, 10, 0));
+    assert_eq!((g.granted, g.window), (1, w0 + 1));
+}
+
+#[test]
+fn a_window_claim_windows_later_gets_a_fresh_window() {
+    for (name, l) in [
+        ("fixed", Limits::fixed_window(10, Duration::from_secs(1)).unwrap()),
+        ("sliding", Limits::sliding_window(10, Duration::from_secs(1)).unwrap()),
+    ] {
+        let (s, t) = setup();
+        let k = StoreKey::from_raw(name);
+        let w0 = T0 / 1_000_000;
+        assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 10, 0)).granted, 10);
+        t.advance(Duration::from_secs(3));
+        let g = one(&s, 1, claim(&k, l, 4, 0, 10, w0));
+        assert_eq!((g.granted, g.window, g.revoked), (10, w0 + 3, 4), "{name}");
+    }
+}
+
+#[test]
+fn a_drained_bucket_outlives_its_refill_and_a_window_count_its_weight() {
+    let (s, _t) = setup();
+    // 10 tokens at 5 per second: empty, it is full again after 2 s; until then it must not
+    // expire (a key that expires early comes back full).
+    let k = StoreKey::from_raw("bucket");
+    assert_eq!(one(&s, 1, claim(&k, tb(10, 5), 0, 0, 10, 0)).granted, 10);
+    assert!(s.pttl(&k).is_some_and(|ms| ms >= 2000), "{:?}", s.pttl(&k));
+    // The node spent them all: no holding is left, the bucket is still empty.
+    one(&s, 1, claim(&k, tb(10, 5), 0, 0, 0, 0));
+    assert!(s.pttl(&k).is_some_and(|ms| ms >= 2000), "{:?}", s.pttl(&k));
+    // A sliding window's count weighs in the next window too: at least two windows, and
+    // again from the window a later claim moves it to.
+    let (s, t) = setup();
+    let k = StoreKey::from_raw("sliding");
+    let l = Limits::sliding_window(10, Duration::from_secs(1)).unwrap();
+    let w0 = T0 / 1_000_000;
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 5, 0)).granted, 5);
+    assert!(s.pttl(&k).is_some_and(|ms| ms >= 2000), "{:?}", s.pttl(&k));
+    t.advance(Duration::from_millis(1500));
+    assert!(one(&s, 1, claim(&k, l, 0, 0, 5, w0)).granted > 0);
+    assert!(s.pttl(&k).is_some_and(|ms| ms >= 1500), "{:?}", s.pttl(&k));
+}
+
+#[test]
+fn a_capacity_lowered_under_live_holdings_grants_nothing_returned_again() {
+    let (s, _t) = setup();
+    let k = StoreKey::from_raw("lowered");
+    let wide = tb(20, 1);
+    assert_eq!(one(&s, 1, claim(&k, wide, 0, 0, 10, 0)).granted, 10);
+    assert_eq!(one(&s, 2, claim(&k, wide, 0, 0, 10, 0)).granted, 10);
+    // The policy shrinks to 10 while both nodes hold 10: holdings already exceed it, so what
+    // node 2 returns is not granted to it again.
+    let g = one(&s, 2, claim(&k, tb(10, 1), 5, 5, 5, 0));
+    assert_eq!(g.granted, 0, "{g:?}");
+}
