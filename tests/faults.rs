@@ -628,6 +628,71 @@ async fn a4_hung_redis_sigstop_is_detected_within_the_timeout_and_checks_never_w
     fleet.shutdown().await;
 }
 
+/// README: a check that waits for a claim on demand waits at most `sync_interval +
+/// sync_timeout`. Redis hangs (SIGSTOP): waiting checks of new keys are answered within that
+/// bound (denied: nothing is admitted that the store did not grant), the calls on demand that
+/// time out open the circuit like syncs, and from then on the failure policy answers at once;
+/// when Redis comes back, new keys are claimed on demand again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a11_waiting_checks_of_new_keys_are_answered_within_their_bound_when_redis_hangs() {
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::new(server.url())).await.unwrap();
+    let node = Node::builder(Arc::new(store))
+        .sync_interval(T)
+        .sync_timeout(TIMEOUT)
+        .start()
+        .unwrap();
+    let limiter: Limiter = Limiter::builder(Policy::per_minute(20))
+        .name("user")
+        .node(&node)
+        .build()
+        .unwrap();
+    let bound = T + TIMEOUT;
+    for i in 0..10 {
+        assert!(limiter.check_async(&format!("healthy-{i}")).await.is_allowed());
+    }
+    assert!(node.stats().claims_on_demand >= 1);
+    server.signal("STOP");
+    let mut slowest = Duration::ZERO;
+    let mut admitted = 0;
+    let mut open_at = None;
+    for i in 0..40 {
+        let start = Instant::now();
+        let d = limiter.check_async(&format!("hung-{i}")).await;
+        slowest = slowest.max(start.elapsed());
+        admitted += u64::from(d.is_allowed());
+        if open_at.is_none() && node.circuit() != CircuitState::Closed {
+            open_at = Some(i);
+        }
+    }
+    let stats = node.stats();
+    server.signal("CONT");
+    // Scheduling slack on a loaded machine: one more timeout.
+    assert!(
+        slowest <= bound + TIMEOUT,
+        "a waiting check took {slowest:?} (bound {bound:?})"
+    );
+    let opened = open_at.unwrap_or_else(|| panic!("the circuit never opened: {stats:?}"));
+    assert!(opened <= 3, "the circuit opened only at check {opened}: {stats:?}");
+    // The failure policy's share starts empty at the outage: new keys get (almost) nothing.
+    assert!(admitted <= 1, "{admitted} admitted while Redis hung");
+    let mut recovered = false;
+    for i in 0..50 {
+        tokio::time::sleep(T).await;
+        if node.circuit() == CircuitState::Closed && limiter.check_async(&format!("back-{i}")).await.is_allowed() {
+            recovered = true;
+            break;
+        }
+    }
+    assert!(
+        recovered,
+        "no claim on demand after Redis came back: {:?}",
+        node.stats()
+    );
+    node.shutdown().await;
+}
+
 /// Conservation with faults on instance 0's link: returns `(store count, admitted, stats)`.
 async fn ledger_run(fault: Fault) -> (u64, u64, u64, u64) {
     let server = RedisServer::start();
