@@ -15,7 +15,8 @@
 //! * `BIND`: the address to listen on (default `127.0.0.1:3000`).
 //! * `REDIS_URL`: distributed mode through Redis (build with `--features http,redis`), or
 //!   through a Redis Cluster of which it is a seed when the file says
-//!   `"redis": {"cluster": true, ...}`; local mode without it.
+//!   `"redis": {"cluster": true, ...}`; local mode without it. A tiers file without
+//!   `api_key.secret` (the shipped one) gets the deployment's shared secret from Redis.
 //!
 //!
 //! The log (standard output, `info` and above) shows reloads and rejected files, and in
@@ -53,15 +54,58 @@ async fn demo_auth(mut req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// Where the instances of a deployment keep their shared API-key secret when the tiers file
+/// has none (inside the default key prefix, so a least-privilege ACL user can reach it).
+#[cfg(feature = "redis")]
+const SHARED_SECRET_KEY: &str = "tg:api-key-secret";
+
+/// The deployment's API-key secret, for a tiers file without `api_key.secret` in distributed
+/// mode (every instance must hash API keys alike): the first instance to start stores a random
+/// one in Redis (`SET NX`), every instance uses the stored one. A real deployment would rather
+/// put its own in the file (`"api_key": {"secret": "<32 hex digits>"}`).
+#[cfg(feature = "redis")]
+async fn shared_api_key_secret(url: &str) -> Result<[u8; 16], Box<dyn std::error::Error>> {
+    let mut con = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
+    // Random bytes from the OS, through ahash's keys (drawn from the OS at process start).
+    let random = ahash::RandomState::new();
+    let fresh: String = [random.hash_one(1u8), random.hash_one(2u8)]
+        .iter()
+        .map(|h| format!("{h:016x}"))
+        .collect();
+    let _: Option<String> = redis::cmd("SET")
+        .arg(SHARED_SECRET_KEY)
+        .arg(&fresh)
+        .arg("NX")
+        .query_async(&mut con)
+        .await?;
+    let hex: String = redis::cmd("GET").arg(SHARED_SECRET_KEY).query_async(&mut con).await?;
+    let mut secret = [0u8; 16];
+    for (i, b) in secret.iter_mut().enumerate() {
+        *b = hex
+            .get(2 * i..2 * i + 2)
+            .and_then(|d| u8::from_str_radix(d, 16).ok())
+            .ok_or_else(|| format!("{SHARED_SECRET_KEY} in Redis is not 32 hex digits"))?;
+    }
+    Ok(secret)
+}
+
 async fn live_config(
     path: &str,
-    config: Config,
+    #[allow(unused_mut)] mut config: Config,
 ) -> Result<(LiveConfig, Option<tollgate::Node>), Box<dyn std::error::Error>> {
-    let builder = LiveConfig::builder().config(config.clone()).file(path);
     let Ok(url) = std::env::var("REDIS_URL") else {
         tracing::info!("local mode");
-        return Ok((builder.build()?, None));
+        return Ok((LiveConfig::builder().config(config).file(path).build()?, None));
     };
+    #[cfg(feature = "redis")]
+    {
+        let cluster = config.redis.as_ref().is_some_and(|r| r.cluster);
+        if let Some(api_key) = config.api_key.as_mut().filter(|a| a.secret.is_none() && !cluster) {
+            api_key.secret = Some(shared_api_key_secret(&url).await?);
+            tracing::info!("api_key.secret: not in the tiers file; using the deployment's shared one from Redis");
+        }
+    }
+    let builder = LiveConfig::builder().config(config.clone()).file(path);
     #[cfg(feature = "redis")]
     {
         // The tiers file's `redis` settings, at REDIS_URL (with `"cluster": true`, a Redis

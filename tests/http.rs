@@ -1140,6 +1140,12 @@ async fn distributed_mode_serves_the_same_limits() {
         .build()
         .unwrap();
     assert!(live.rules().is_distributed());
+    // A reload without the secret keeps the one in use (every node keeps hashing alike); the
+    // first configuration must have one.
+    let mut without: serde_json::Value = serde_json::from_str(BASE).unwrap();
+    without["api_key"] = json!({"header": "x-api-key"});
+    live.replace_json(&without.to_string())
+        .expect("a reload without the secret keeps the one in use");
     let s = start_live(live, clock).await;
     let c = client();
     let mut statuses = Vec::new();

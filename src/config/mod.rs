@@ -1482,7 +1482,8 @@ impl Rules {
             }
         }
         let distributed = settings.node.is_some();
-        if distributed {
+        // A reload without a secret keeps the one in use (every node keeps hashing alike).
+        if distributed && old.is_none() {
             if let Some(a) = &config.api_key {
                 if a.secret.is_none() {
                     problems.add(
