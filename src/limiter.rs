@@ -38,9 +38,25 @@ pub enum BuildError {
     /// `max_keys` was 0.
     #[error("max_keys: must be > 0")]
     MaxKeys,
-    /// The policy cannot be shared through the store.
+    /// The policy cannot be shared through the store: the field, and why.
     #[error("invalid policy for distributed mode: {0}")]
-    Distributed(String),
+    Distributed(PolicyError),
+    /// A live limiter of the node already shares a limit under this name and policy (the store
+    /// records one holding per node and key, which two limiters would overwrite).
+    #[error("{0}")]
+    NameInUse(String),
+}
+
+/// The policy field a store limit's error is about.
+fn limits_field(e: &crate::store::LimitsError, policy: &Policy) -> &'static str {
+    use crate::store::LimitsError;
+    match e {
+        LimitsError::Capacity(_) | LimitsError::Span if policy.get_algorithm() == crate::Algorithm::TokenBucket => {
+            "burst"
+        }
+        LimitsError::Capacity(_) | LimitsError::Span | LimitsError::Points => "points",
+        LimitsError::Window | LimitsError::Lease => "duration",
+    }
 }
 
 /// Random delay added to waits, so that many waiters do not wake at the same instant.
@@ -200,23 +216,25 @@ impl<K: Hash + Eq + Send + Sync + Clone + Identifier + 'static> LimiterBuilder<K
         let inner = node.inner.clone();
         self.node_clock = Some(inner.clock.clone());
         self.dist = Some(Box::new(move |name, policy, max_keys| {
+            let invalid = |field: &'static str, reason: String| BuildError::Distributed(PolicyError { field, reason });
             if policy.get_block_duration().is_some() {
-                return Err(BuildError::Distributed(
-                    "block_duration: not available in distributed mode".into(),
-                ));
+                return Err(invalid("block_duration", "not available in distributed mode".into()));
             }
             let limits = crate::store::Limits::from_policy(policy, inner.lease)
-                .map_err(|e| BuildError::Distributed(e.to_string()))?;
+                .map_err(|e| invalid(limits_field(&e, policy), e.to_string()))?;
             if let Some(advice) = sizing_advice(policy, inner.sync_interval) {
                 tracing::warn!(limiter = name, "{advice}");
             }
             if policy.get_algorithm() != crate::Algorithm::TokenBucket
                 && policy.duration() < crate::consts::MIN_CLAIM_SPAN
             {
-                return Err(BuildError::Distributed(format!(
-                    "duration: a window must be at least {} ms in distributed mode",
-                    crate::consts::MIN_CLAIM_SPAN.as_millis()
-                )));
+                return Err(invalid(
+                    "duration",
+                    format!(
+                        "a window must be at least {} ms in distributed mode",
+                        crate::consts::MIN_CLAIM_SPAN.as_millis()
+                    ),
+                ));
             }
             // The store key names the policy too: a changed policy starts from fresh state
             // instead of reading another algorithm's state.
@@ -227,8 +245,8 @@ impl<K: Hash + Eq + Send + Sync + Clone + Identifier + 'static> LimiterBuilder<K
                 policy.duration().as_millis(),
                 policy.capacity()
             ));
-            let rule = policy.compile().map_err(|e| BuildError::Distributed(e.to_string()))?;
-            DistKeys::new(inner, namespace, limits, rule, max_keys).map_err(BuildError::Distributed)
+            let rule = policy.compile().map_err(BuildError::Distributed)?;
+            DistKeys::new(inner, namespace, limits, rule, max_keys).map_err(BuildError::NameInUse)
         }));
         self
     }

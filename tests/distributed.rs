@@ -368,7 +368,18 @@ fn two_limiters_with_the_same_name_and_policy_on_one_node_are_refused() {
         .node(&node)
         .build()
         .unwrap_err();
+    assert!(matches!(err, tollgate::BuildError::NameInUse(_)), "{err:?}");
     assert!(err.to_string().contains("already runs on this node"), "{err}");
+    // A policy distributed mode cannot share names its field.
+    let err = Limiter::<String>::builder(Policy::per_second(10).block_duration(Duration::from_secs(5)))
+        .name("blocking")
+        .node(&node)
+        .build()
+        .unwrap_err();
+    match err {
+        tollgate::BuildError::Distributed(e) => assert_eq!(e.field, "block_duration", "{e}"),
+        other => panic!("{other:?}"),
+    }
     // Another policy under the same name is another store key (a reload that changes it).
     let _b: Limiter = Limiter::builder(Policy::per_second(20))
         .name("api")

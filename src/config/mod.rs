@@ -1441,12 +1441,8 @@ impl Rules {
                     slot: 0,
                     with_ip: true,
                 }),
-                Err(crate::BuildError::Distributed(m)) => {
-                    // "block_duration: not available in distributed mode"
-                    match m.split_once(": ") {
-                        Some((field, why)) if !field.contains(' ') => problems.add(format!("{path}.{field}"), why),
-                        _ => problems.add(path, m),
-                    }
+                Err(crate::BuildError::Distributed(e)) => {
+                    problems.add(format!("{path}.{}", e.field), e.reason);
                     None
                 }
                 Err(e) => {
