@@ -650,3 +650,33 @@ fn a_capacity_lowered_under_live_holdings_grants_nothing_returned_again() {
     let g = one(&s, 2, claim(&k, tb(10, 1), 5, 5, 5, 0));
     assert_eq!(g.granted, 0, "{g:?}");
 }
+
+#[test]
+fn a_store_counts_its_keys_and_has_a_server_identity_of_its_own() {
+    let (s, _t) = setup();
+    assert!(s.is_empty() && s.len() == 0);
+    for name in ["a", "b"] {
+        one(&s, 1, claim(&StoreKey::from_raw(name), tb(10, 1), 0, 0, 1, 0));
+    }
+    assert!(!s.is_empty() && s.len() == 2);
+    s.clear();
+    assert!(s.is_empty() && s.len() == 0);
+    // Nodes take a server identity of 0 for "none seen yet": every store has its own, never 0.
+    let (other, _t) = setup();
+    let r = KeyEncoder::default().registry_key();
+    let a = s.heartbeat_now(&r, 1, Duration::from_millis(500)).server;
+    let b = other.heartbeat_now(&r, 1, Duration::from_millis(500)).server;
+    assert!(a > 1 && b > 1 && a != b, "{a} {b}");
+}
+
+#[test]
+fn a_store_on_the_system_clock_refills_as_time_passes() {
+    let s = MemoryStore::new();
+    let k = StoreKey::from_raw("wall");
+    let l = tb(1000, 1000);
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 1000, 0)).granted, 1000);
+    assert_eq!(one(&s, 2, claim(&k, l, 0, 0, 1, 0)).granted, 0);
+    std::thread::sleep(Duration::from_millis(50));
+    // 1000 per second: at least 50 tokens after 50 ms of the system clock.
+    assert!(one(&s, 2, claim(&k, l, 0, 0, 1000, 0)).granted >= 50);
+}
