@@ -654,13 +654,15 @@ fn a_capacity_lowered_under_live_holdings_grants_nothing_returned_again() {
 #[test]
 fn a_store_counts_its_keys_and_has_a_server_identity_of_its_own() {
     let (s, _t) = setup();
-    assert!(s.is_empty() && s.len() == 0);
+    assert!(s.is_empty());
+    assert_eq!(s.len(), 0);
     for name in ["a", "b"] {
         one(&s, 1, claim(&StoreKey::from_raw(name), tb(10, 1), 0, 0, 1, 0));
     }
     assert!(!s.is_empty() && s.len() == 2);
     s.clear();
-    assert!(s.is_empty() && s.len() == 0);
+    assert!(s.is_empty());
+    assert_eq!(s.len(), 0);
     // Nodes take a server identity of 0 for "none seen yet": every store has its own, never 0.
     let (other, _t) = setup();
     let r = KeyEncoder::default().registry_key();
