@@ -215,15 +215,15 @@ pub(crate) trait Member: Send + Sync {
     /// Adds one claim per key worth syncing, and returns what `apply` needs to find them again.
     /// With `drain`, every held token is returned and nothing is wanted.
     /// Every claim carries `seq`, this sync's number (see [`Claim::seq`]).
-    fn prepare(&self, node: &NodeInner, now: u64, drain: bool, seq: u64, out: &mut Vec<Claim>) -> Box<dyn Any + Send>;
+    fn prepare(&self, node: &NodeInner, now: u64, drain: bool, seq: u64, out: &mut Vec<Claim>) -> Ticket;
     /// Like `prepare`, for the keys waiting checks asked for since the last call (a claim on
     /// demand): one claim per such key, carrying what they asked for.
-    fn prepare_asked(&self, node: &NodeInner, now: u64, seq: u64, out: &mut Vec<Claim>) -> Box<dyn Any + Send>;
+    fn prepare_asked(&self, node: &NodeInner, now: u64, seq: u64, out: &mut Vec<Claim>) -> Ticket;
     /// Applies the outcomes of the claims `prepare` added (`None`: the batch failed).
     fn apply(
         &self,
         node: &NodeInner,
-        ticket: Box<dyn Any + Send>,
+        ticket: Ticket,
         sent_at: u64,
         outcomes: &[Option<ClaimOutcome>],
         report: &mut ApplyReport,
@@ -231,6 +231,18 @@ pub(crate) trait Member: Send + Sync {
     /// Claimed tokens held now, over all keys.
     #[cfg(feature = "metrics")]
     fn held(&self) -> u64;
+}
+
+/// What a member needs to find its claims again when their outcomes come back.
+pub(crate) type Ticket = Box<dyn Any + Send>;
+
+/// One exchange's claims: each live member's, with the ticket that finds them again (the
+/// member's claims are `claims[start..end]`).
+struct Round {
+    members: Vec<Arc<dyn Member>>,
+    sent_at: u64,
+    claims: Vec<Claim>,
+    tickets: Vec<(usize, usize, Ticket)>,
 }
 
 /// What a sync's outcomes showed beyond the grants.
@@ -546,10 +558,10 @@ impl NodeBuilder {
 
     /// The most store calls per second this node makes on demand, for checks that wait for a
     /// claim ([`Limiter::check_async`](crate::Limiter::check_async) on a key whose held tokens
-    /// do not cover it); default 500, a tenth of it at once. One call carries every key asked for since the previous call, so
-    /// a flood of new keys makes larger calls, not more of them. Past the budget such claims
-    /// go with the next sync (counted in [`NodeStats::claims_on_demand_deferred`]); 0 sends
-    /// them all with the syncs.
+    /// do not cover it); default 500, a tenth of it at once. One call carries every key asked
+    /// for since the previous call, so a flood of new keys makes larger calls, not more of
+    /// them. Past the budget such claims go with the next sync (counted in
+    /// [`NodeStats::claims_on_demand_deferred`]); 0 sends them all with the syncs.
     pub fn claims_on_demand_per_second(mut self, calls: u64) -> Self {
         self.on_demand_per_second = calls;
         self
@@ -850,35 +862,25 @@ impl NodeInner {
                 .map(|step| step.allowed)
                 .unwrap_or(false),
         };
-        if self.breaker.is_open() || self.is_stopped() || !within_budget() {
-            if self.on_demand_budget.is_some() && !self.breaker.is_open() && !self.is_stopped() {
-                self.counters.on_demand_deferred.fetch_add(1, Ordering::Relaxed);
-            }
+        let later = if self.breaker.is_open() || self.is_stopped() {
+            true
+        } else if !within_budget() {
+            self.counters.on_demand_deferred.fetch_add(1, Ordering::Relaxed);
+            true
+        } else {
+            false
+        };
+        if later {
             self.asked.store(true, Ordering::Release);
             self.request_priority();
             return false;
         }
-        let members: Vec<Arc<dyn Member>> = self.members.lock().iter().filter_map(|(_, m)| m.upgrade()).collect();
-        let sent_at = self.clock.now_ns();
-        // Under the sync lock, as a sync's: every call's number is greater than the last.
-        let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
-        let mut claims = Vec::new();
-        let mut tickets = Vec::with_capacity(members.len());
-        for m in &members {
-            let start = claims.len();
-            let ticket = m.prepare_asked(self, sent_at, seq, &mut claims);
-            tickets.push((start, claims.len(), ticket));
-        }
-        if claims.is_empty() {
+        let round = self.gather(|m, sent_at, seq, out| m.prepare_asked(self, sent_at, seq, out));
+        if round.claims.is_empty() {
             return true;
         }
         self.counters.on_demand.fetch_add(1, Ordering::Relaxed);
-        let (outcomes, error) = self.exchange(&claims).await;
-        let mut report = ApplyReport::default();
-        for (m, (start, end, ticket)) in members.iter().zip(tickets) {
-            m.apply(self, ticket, sent_at, &outcomes[start..end], &mut report);
-        }
-        self.report(&report);
+        let error = self.settle(round).await;
         match error {
             Some(e) => self.failed(&e, self.clock.now_ns()),
             None => self.succeeded(self.clock.now_ns()),
@@ -1022,35 +1024,21 @@ impl NodeInner {
                 }
             }
         }
-        let members: Vec<Arc<dyn Member>> = self.members.lock().iter().filter_map(|(_, m)| m.upgrade()).collect();
-        let sent_at = self.clock.now_ns();
-        // Under the sync lock: every sync's number is greater than the one before it.
-        let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
         // This sync visits every key, those asked for on demand included (before the queues
         // are read: a key asked for meanwhile raises the flag again).
         self.asked.store(false, Ordering::Release);
-        let mut claims = Vec::new();
-        let mut tickets = Vec::with_capacity(members.len());
-        for m in &members {
-            let start = claims.len();
-            let ticket = m.prepare(self, sent_at, drain, seq, &mut claims);
-            tickets.push((start, claims.len(), ticket));
-        }
-        let (outcomes, mut error) = self.exchange(&claims).await;
-        let mut report = ApplyReport::default();
-        for (m, (start, end, ticket)) in members.iter().zip(tickets) {
-            m.apply(self, ticket, sent_at, &outcomes[start..end], &mut report);
-        }
-        self.report(&report);
+        let round = self.gather(|m, sent_at, seq, out| m.prepare(self, sent_at, drain, seq, out));
+        let claims = round.claims.len();
+        let mut error = self.settle(round).await;
         let now = self.clock.now_ns();
         let heartbeat_every = self.heartbeat_every().as_nanos() as u64;
         let last = self.last_heartbeat.load(Ordering::Relaxed);
-        let mut touched = beat_done || !claims.is_empty();
+        let mut touched = beat_done || claims > 0;
         if error.is_none() && !drain && !beat_done && (last == 0 || now.saturating_sub(last) >= heartbeat_every) {
             self.last_heartbeat.store(now.max(1), Ordering::Relaxed);
             touched = true;
             if let Err(e) = self.heartbeat(self.sync_timeout).await {
-                if claims.is_empty() {
+                if claims == 0 {
                     error = Some(e);
                 } else {
                     // The claims went through: the store works, only the registry did not
@@ -1069,6 +1057,39 @@ impl NodeInner {
         }
         self.last_sync.store(now, Ordering::Relaxed);
         self.synced.notify_waiters();
+    }
+
+    /// One round of claims, from every live member, under one number: the sync lock is held,
+    /// so it is greater than every earlier round's (see [`Claim::seq`]).
+    fn gather(&self, prepare: impl Fn(&dyn Member, u64, u64, &mut Vec<Claim>) -> Ticket) -> Round {
+        let members: Vec<Arc<dyn Member>> = self.members.lock().iter().filter_map(|(_, m)| m.upgrade()).collect();
+        let sent_at = self.clock.now_ns();
+        let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut claims = Vec::new();
+        let mut tickets = Vec::with_capacity(members.len());
+        for m in &members {
+            let start = claims.len();
+            let ticket = prepare(&**m, sent_at, seq, &mut claims);
+            tickets.push((start, claims.len(), ticket));
+        }
+        Round {
+            members,
+            sent_at,
+            claims,
+            tickets,
+        }
+    }
+
+    /// Sends a round's claims, hands each member the outcomes of its own, and reports what
+    /// they showed; returns the first error of the exchange.
+    async fn settle(&self, round: Round) -> Option<StoreError> {
+        let (outcomes, error) = self.exchange(&round.claims).await;
+        let mut report = ApplyReport::default();
+        for (m, (start, end, ticket)) in round.members.iter().zip(round.tickets) {
+            m.apply(self, ticket, round.sent_at, &outcomes[start..end], &mut report);
+        }
+        self.report(&report);
+        error
     }
 
     /// Sends `claims` in batches of `batch_size` and collects one outcome per claim (`None`:
