@@ -12,7 +12,7 @@ use tollgate::store::{
     Claim, ClaimOutcome, ErrorClass, Heartbeat, ManualTime, MemoryStore, NodeId, Store, StoreError, StoreFuture,
     StoreKey,
 };
-use tollgate::{CircuitState, ColdStart, FailurePolicy, Limiter, ManualClock, Node, Policy};
+use tollgate::{CircuitState, ColdStart, FailurePolicy, Limiter, ManualClock, Node, NodeBuilder, Policy};
 
 /// Store time at the start of every test (microseconds since the Unix epoch).
 const T0_US: u64 = 1_700_000_000_000_000;
@@ -49,6 +49,16 @@ impl World {
 
     fn node(&self, cold: ColdStart) -> Node {
         self.node_on(self.store.clone(), None, cold, Duration::from_millis(100))
+    }
+
+    /// A node on `flaky` whose circuit opens at the first failed sync, with the failure
+    /// policy's share (`LocalShare`) and the settings `tune` adds.
+    fn degrading_node(&self, flaky: &Arc<Flaky>, tune: impl FnOnce(NodeBuilder) -> NodeBuilder) -> Node {
+        let b = Node::builder(flaky.clone() as Arc<dyn Store>)
+            .clock(self.clock.clock())
+            .failure_threshold(1)
+            .failure_policy(FailurePolicy::LocalShare);
+        tune(b).build_manual().unwrap()
     }
 
     fn advance(&self, d: Duration) {
@@ -283,6 +293,16 @@ struct Flaky {
     down: AtomicBool,
 }
 
+impl Flaky {
+    /// `store` behind a switch, up (`down` false) or down.
+    fn over(store: &Arc<MemoryStore>, down: bool) -> Arc<Self> {
+        Arc::new(Flaky {
+            inner: store.clone(),
+            down: AtomicBool::new(down),
+        })
+    }
+}
+
 impl Store for Flaky {
     fn claim<'a>(&'a self, node: NodeId, claims: &'a [Claim]) -> StoreFuture<'a, Vec<ClaimOutcome>> {
         if self.down.load(Ordering::Acquire) {
@@ -310,21 +330,9 @@ impl Store for Flaky {
 #[tokio::test]
 async fn a_store_restarted_empty_costs_at_most_one_extra_capacity_in_total() {
     let w = World::new();
-    let flaky = Arc::new(Flaky {
-        inner: w.store.clone(),
-        down: AtomicBool::new(false),
-    });
+    let flaky = Flaky::over(&w.store, false);
     let interval = Duration::from_millis(100);
-    let mk = || {
-        Node::builder(flaky.clone() as Arc<dyn Store>)
-            .clock(w.clock.clock())
-            .sync_interval(interval)
-            .failure_threshold(1)
-            .failure_policy(FailurePolicy::LocalShare)
-            .expected_nodes(2)
-            .build_manual()
-            .unwrap()
-    };
+    let mk = || w.degrading_node(&flaky, |b| b.sync_interval(interval).expected_nodes(2));
     let nodes = [mk(), mk()];
     let (capacity, rate) = (50u64, 50u64);
     let ls: Vec<Limiter> = nodes.iter().map(|n| limiter(Policy::per_second(rate), n)).collect();
@@ -375,16 +383,8 @@ async fn a_store_restarted_empty_costs_at_most_one_extra_capacity_in_total() {
 #[tokio::test]
 async fn a_cost_above_the_share_is_denied_while_degraded() {
     let w = World::new();
-    let flaky = Arc::new(Flaky {
-        inner: w.store.clone(),
-        down: AtomicBool::new(true),
-    });
-    let node = Node::builder(flaky as Arc<dyn Store>)
-        .clock(w.clock.clock())
-        .failure_threshold(1)
-        .expected_nodes(4)
-        .build_manual()
-        .unwrap();
+    let flaky = Flaky::over(&w.store, true);
+    let node = w.degrading_node(&flaky, |b| b.expected_nodes(4));
     let l = limiter(Policy::per_second(100), &node);
     node.sync_once().await;
     w.advance(Duration::from_secs(10));
@@ -401,19 +401,9 @@ async fn a_cost_above_the_share_is_denied_while_degraded() {
 #[tokio::test]
 async fn a_key_keeps_its_share_through_a_drain_while_degraded() {
     let w = World::new();
-    let flaky = Arc::new(Flaky {
-        inner: w.store.clone(),
-        down: AtomicBool::new(false),
-    });
+    let flaky = Flaky::over(&w.store, false);
     let interval = Duration::from_millis(100);
-    let node = Node::builder(flaky.clone() as Arc<dyn Store>)
-        .clock(w.clock.clock())
-        .sync_interval(interval)
-        .failure_threshold(1)
-        .failure_policy(FailurePolicy::LocalShare)
-        .expected_nodes(2)
-        .build_manual()
-        .unwrap();
+    let node = w.degrading_node(&flaky, |b| b.sync_interval(interval).expected_nodes(2));
     // 20 per hour; this node's share while degraded: 10 per hour.
     let l = limiter(Policy::per_hour(20), &node);
     let burst = |n: usize| (0..n).filter(|_| l.check("key").is_allowed()).count() as u64;
@@ -452,17 +442,8 @@ async fn a_key_keeps_its_share_through_a_drain_while_degraded() {
 #[tokio::test]
 async fn a_refund_of_a_degraded_admission_never_credits_claimed_tokens() {
     let w = World::new();
-    let flaky = Arc::new(Flaky {
-        inner: w.store.clone(),
-        down: AtomicBool::new(false),
-    });
-    let node = Node::builder(flaky.clone() as Arc<dyn Store>)
-        .clock(w.clock.clock())
-        .failure_threshold(1)
-        .failure_policy(FailurePolicy::LocalShare)
-        .lease(Duration::from_secs(10))
-        .build_manual()
-        .unwrap();
+    let flaky = Flaky::over(&w.store, false);
+    let node = w.degrading_node(&flaky, |b| b.lease(Duration::from_secs(10)));
     let l = limiter(Policy::per_second(1000).burst(100), &node);
     let claimed = std::cell::Cell::new(0u64);
     let count = |d: &tollgate::Decision, cost: u64| {
