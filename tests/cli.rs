@@ -10,28 +10,28 @@ fn tollgate(args: &[&str]) -> std::process::Output {
         .expect("run the tollgate binary")
 }
 
-#[test]
-fn tune_prints_a_table_per_interval_and_writes_the_plot() {
-    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}", std::process::id()));
+/// Runs `tollgate tune ARGS --svg <a temporary file named after tag>`; asserts it succeeded and
+/// returns its standard output, its standard error and the plot's path.
+fn tune(tag: &str, args: &[&str]) -> (String, String, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let svg = dir.join("tune.svg");
-    let out = tollgate(&[
-        "tune",
-        "--intervals",
-        "50,250",
-        "--seconds",
-        "3",
-        "--nodes",
-        "4",
-        "--svg",
-        svg.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut all = vec!["tune"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--svg", svg.to_str().unwrap()]);
+    let out = tollgate(&all);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    (stdout, String::from_utf8_lossy(&out.stderr).into_owned(), svg)
+}
+
+#[test]
+fn tune_prints_a_table_per_interval_and_writes_the_plot() {
+    let (stdout, _, svg) = tune("table", &["--intervals", "50,250", "--seconds", "3", "--nodes", "4"]);
     assert!(
         stdout.contains("sync interval 50 ms") && stdout.contains("sync interval 250 ms"),
         "{stdout}"
@@ -40,33 +40,24 @@ fn tune_prints_a_table_per_interval_and_writes_the_plot() {
     assert_eq!(stdout.matches("80/20").count(), 4, "{stdout}");
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg") && plot.contains("polyline"), "{plot}");
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(svg.parent().unwrap()).unwrap();
 }
 
 #[test]
 fn tune_json_prints_one_object_per_case_and_nothing_else_on_stdout() {
-    let dir = std::env::temp_dir().join(format!("tollgate-cli-json-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let svg = dir.join("tune.svg");
-    let out = tollgate(&[
-        "tune",
-        "--json",
-        "--intervals",
-        "50,250",
-        "--loads",
-        "1.5",
-        "--seconds",
-        "2",
-        "--nodes",
-        "3",
-        "--svg",
-        svg.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, stderr, svg) = tune(
+        "json",
+        &[
+            "--json",
+            "--intervals",
+            "50,250",
+            "--loads",
+            "1.5",
+            "--seconds",
+            "2",
+            "--nodes",
+            "3",
+        ],
     );
     let cases: Vec<serde_json::Value> = stdout
         .lines()
@@ -94,7 +85,6 @@ fn tune_json_prints_one_object_per_case_and_nothing_else_on_stdout() {
     );
     // The plot is still written; its note goes to stderr, and no progress bar is drawn when
     // stderr is not a terminal.
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("plot written to"), "{stderr}");
     assert!(!stderr.contains('['), "a progress bar on a pipe: {stderr}");
     let plot = std::fs::read_to_string(&svg).unwrap();
@@ -102,7 +92,7 @@ fn tune_json_prints_one_object_per_case_and_nothing_else_on_stdout() {
         plot.contains("utilization loss") && plot.contains("round trips"),
         "{plot}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(svg.parent().unwrap()).unwrap();
 }
 
 /// `--slow-keys` runs check_async on the wall clock against the in-process store (no Redis
@@ -110,25 +100,7 @@ fn tune_json_prints_one_object_per_case_and_nothing_else_on_stdout() {
 /// latency beside utilization.
 #[test]
 fn tune_slow_keys_reports_check_latency_beside_utilization() {
-    let dir = std::env::temp_dir().join(format!("tollgate-cli-slow-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let svg = dir.join("tune.svg");
-    let out = tollgate(&[
-        "tune",
-        "--slow-keys",
-        "--seconds",
-        "2",
-        "--loads",
-        "4",
-        "--svg",
-        svg.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, _, svg) = tune("slow", &["--slow-keys", "--seconds", "2", "--loads", "4"]);
     assert!(
         stdout.contains("4 nodes sharing 20 per 60 s (token_bucket), burst 20 on each of 100 key(s)"),
         "{stdout}"
@@ -155,74 +127,56 @@ fn tune_slow_keys_reports_check_latency_beside_utilization() {
         assert!(w[8] == "µs" && w[10] == "µs", "{w:?}");
         assert!(p50 > 0.0 && p50 <= p99, "{w:?}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(svg.parent().unwrap()).unwrap();
 }
 
 /// A flag given beside `--slow-keys` wins over the preset, and the burst follows the points.
 #[test]
 fn tune_slow_keys_yields_to_flags_given_beside_it() {
-    let dir = std::env::temp_dir().join(format!("tollgate-cli-slow-flags-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let svg = dir.join("tune.svg");
-    let out = tollgate(&[
-        "tune",
-        "--slow-keys",
-        "--nodes",
-        "2",
-        "--points",
-        "100",
-        "--loads",
-        "4",
-        "--seconds",
-        "0.5",
-        "--svg",
-        svg.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, _, svg) = tune(
+        "slow-flags",
+        &[
+            "--slow-keys",
+            "--nodes",
+            "2",
+            "--points",
+            "100",
+            "--loads",
+            "4",
+            "--seconds",
+            "0.5",
+        ],
     );
     assert!(
         stdout.contains("2 nodes sharing 100 per 60 s (token_bucket), burst 100 on each of 100 key(s)"),
         "{stdout}"
     );
     assert!(stdout.contains("check p99") && !stdout.contains("1.5x"), "{stdout}");
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(svg.parent().unwrap()).unwrap();
 }
 
 /// `--async --json`: every case's object has the latency fields, in order, beside a sane
 /// utilization.
 #[test]
 fn tune_async_json_has_the_check_latency_of_each_case() {
-    let dir = std::env::temp_dir().join(format!("tollgate-cli-async-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let svg = dir.join("tune.svg");
-    let out = tollgate(&[
-        "tune",
-        "--async",
-        "--json",
-        "--intervals",
-        "50",
-        "--loads",
-        "1.5",
-        "--seconds",
-        "2",
-        "--nodes",
-        "3",
-        "--keys",
-        "20",
-        "--points",
-        "100",
-        "--svg",
-        svg.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, _, svg) = tune(
+        "async",
+        &[
+            "--async",
+            "--json",
+            "--intervals",
+            "50",
+            "--loads",
+            "1.5",
+            "--seconds",
+            "2",
+            "--nodes",
+            "3",
+            "--keys",
+            "20",
+            "--points",
+            "100",
+        ],
     );
     let cases: Vec<serde_json::Value> = stdout
         .lines()
@@ -239,7 +193,7 @@ fn tune_async_json_has_the_check_latency_of_each_case() {
         let p99 = c["check_p99_us"].as_f64().expect("check_p99_us");
         assert!(p50 > 0.0 && p50 <= p99, "{c}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(svg.parent().unwrap()).unwrap();
 }
 
 #[test]
