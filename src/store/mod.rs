@@ -61,20 +61,16 @@ use std::time::Duration;
 
 use crate::policy::{Algorithm, Policy};
 
-#[cfg(feature = "redis")]
-mod cluster;
 pub mod keys;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 
 #[cfg(feature = "redis")]
-pub use self::cluster::{key_slot, ClusterStats, RedisClusterStore};
-#[cfg(feature = "redis")]
 #[doc(hidden)]
 pub use self::redis::decode_reply_resp;
 #[cfg(feature = "redis")]
-pub use self::redis::{RedisConfig, RedisStore};
+pub use self::redis::{key_slot, ClusterStats, RedisClusterStore, RedisConfig, RedisStore};
 pub use keys::{KeyConfigError, KeyEncoder, StoreKey};
 pub use memory::{ManualTime, MemoryStore, TimeSource};
 
