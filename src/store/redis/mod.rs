@@ -10,12 +10,15 @@
 //! * `join`: waiting for several calls at once;
 //! * `slots`: a cluster's hash slots, masters and redirections;
 //! * `single`: [`RedisStore`];
-//! * `cluster`: [`RedisClusterStore`], which routes its calls itself.
+//! * `router`: a cluster's connections and slot map, and the send rounds that follow
+//!   redirections;
+//! * `cluster`: [`RedisClusterStore`]: a batch as calls per slot, their outcomes, the registry.
 
 mod cluster;
 mod config;
 mod error;
 mod join;
+mod router;
 mod single;
 mod slots;
 mod tls;
