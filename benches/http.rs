@@ -3,7 +3,10 @@
 //! peer, as criterion groups.
 //!
 //! The variants, each a criterion function of both groups: `default` (`RateLimit-Policy` and
-//! `RateLimit` on every response), `policy_header=denials` (`RateLimit-Policy` with refusals
+//! `RateLimit` on every response), `body=wrapped` (the same without
+//! [`same_body`](tollgate::http::RateLimitLayer::same_body): the response body wrapped, which
+//! axum boxes again; every other tollgate variant keeps the route's body type),
+//! `policy_header=denials` (`RateLimit-Policy` with refusals
 //! only: `"response": {"policy_header": "denials"}`), `headers=none` (no rate-limit header on
 //! admissions), `one_limit headers=none` (the anonymous tier only, keyed by client address,
 //! no header on admissions: the work tower_governor does), `peer=tower_governor` (0.8, its
@@ -21,8 +24,22 @@
 //!
 //! ```text
 //! http in_process added_ns_per_request=<ns> bare_ns_per_request=<ns>
+//! http in_process body=wrapped added_ns_per_request=<ns> bare_ns_per_request=<ns>
 //! http in_process policy_header=denials added_ns_per_request=<ns> bare_ns_per_request=<ns>
 //! ...
+//! ```
+//!
+//! Then each pair of tollgate and its peer doing comparable work is timed in rounds of its own,
+//! in process: the plain route, tollgate, the peer and the plain route again over the same
+//! number of requests (which of the two goes first alternates), so that both are measured
+//! against the same plain runs. The line gives the medians over the rounds of what each adds
+//! to a request and their quotient (pair `one_limit`: one limit, no header on admissions,
+//! against tower_governor's defaults; pair `default`: tollgate's defaults against
+//! tower_governor with `use_headers()`):
+//!
+//! ```text
+//! http in_process_vs_peer one_limit tollgate_ns=<ns> peer_ns=<ns> ratio=<tollgate/peer>
+//! http in_process_vs_peer default tollgate_ns=<ns> peer_ns=<ns> ratio=<tollgate/peer>
 //! ```
 //!
 //! Group `http_throughput`: every server runs in one runtime and has its own keep-alive client
@@ -35,13 +52,18 @@
 //!
 //! ```text
 //! http throughput with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
+//! http throughput body=wrapped with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! http throughput policy_header=denials with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! http throughput headers=none with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! http throughput one_limit headers=none with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! http throughput peer=tower_governor with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! http throughput peer=tower_governor+headers with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
 //! http throughput reference=headers_only with_layer=<req/s> without_layer=<req/s> ratio=<with/without>
+//! http throughput_vs_peer one_limit tollgate_ratio=<ratio> peer_ratio=<ratio>
+//! http throughput_vs_peer default tollgate_ratio=<ratio> peer_ratio=<ratio>
 //! ```
+//!
+//! (`throughput_vs_peer` repeats the two pairs' ratios to the bare route from the lines above.)
 
 #[path = "support/paired.rs"]
 mod paired;
@@ -86,6 +108,14 @@ const MIN_KEPT_REQUESTS: u64 = 200;
 /// Responses per iteration of the throughput group: switching servers costs a settling time,
 /// so an iteration is a batch large enough to dwarf it.
 const BATCH: u64 = 1000;
+/// Rounds of each pair's in-process comparison, and requests per run in a round.
+const PAIR_ROUNDS: usize = 31;
+const PAIR_REQUESTS: u64 = 20_000;
+/// The pairs of tollgate and its peer: the pair's name, and the labels of the two variants.
+const PAIRS: [(&str, &str, &str); 2] = [
+    ("one_limit", "one_limit headers=none ", "peer=tower_governor "),
+    ("default", "", "peer=tower_governor+headers "),
+];
 
 async fn serve(router: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -238,6 +268,38 @@ fn in_process(group: &mut BenchmarkGroup<'_, WallTime>, routers: &mut [(&'static
     }
 }
 
+/// The pairs' in-process comparison (see the module doc).
+fn in_process_vs_peer(routers: &mut [(&'static str, Router)]) {
+    let labels: Vec<&str> = routers.iter().map(|(l, _)| *l).collect();
+    let index = |label: &str| labels.iter().position(|l| *l == label).expect("a bench variant");
+    let plain = routers.len() - 1;
+    let per = |d: Duration| d.as_nanos() as f64 / PAIR_REQUESTS as f64;
+    for (pair, ours, peer) in PAIRS {
+        let (ours, peer) = (index(ours), index(peer));
+        let (mut added_ours, mut added_peer) = (Vec::new(), Vec::new());
+        for round in 0..PAIR_ROUNDS {
+            let before = in_process_time(&mut routers[plain].1, PAIR_REQUESTS);
+            let (first, second) = if round % 2 == 0 { (ours, peer) } else { (peer, ours) };
+            let first_t = in_process_time(&mut routers[first].1, PAIR_REQUESTS);
+            let second_t = in_process_time(&mut routers[second].1, PAIR_REQUESTS);
+            let after = in_process_time(&mut routers[plain].1, PAIR_REQUESTS);
+            let (ours_t, peer_t) = if round % 2 == 0 {
+                (first_t, second_t)
+            } else {
+                (second_t, first_t)
+            };
+            let around = (per(before) + per(after)) / 2.0;
+            added_ours.push(per(ours_t) - around);
+            added_peer.push(per(peer_t) - around);
+        }
+        let (ours_ns, peer_ns) = (median(added_ours), median(added_peer));
+        println!(
+            "http in_process_vs_peer {pair} tollgate_ns={ours_ns:.0} peer_ns={peer_ns:.0} ratio={:.3}",
+            ours_ns / peer_ns
+        );
+    }
+}
+
 fn http(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -276,23 +338,27 @@ fn http(c: &mut Criterion) {
     .unwrap();
     // The routers need the runtime for the config's and tower_governor's background work.
     let _guard = rt.enter();
-    let default = hello().layer(RateLimitLayer::new(live(""))).with_state::<()>(());
+    let default = hello()
+        .layer(RateLimitLayer::new(live("")).same_body())
+        .with_state::<()>(());
     // The two headers the default configuration sends on an admission, as it sends them:
     // the reference variant adds them to every response without checking anything.
     let sent = headers_sent(&mut default.clone());
     let mut routers = [
         ("", default),
+        ("body=wrapped ", hello().layer(RateLimitLayer::new(live("")))),
         (
             "policy_header=denials ",
-            hello().layer(RateLimitLayer::new(live(
-                r#", "response": {"policy_header": "denials"}"#,
-            ))),
+            hello().layer(RateLimitLayer::new(live(r#", "response": {"policy_header": "denials"}"#)).same_body()),
         ),
         (
             "headers=none ",
-            hello().layer(RateLimitLayer::new(live(r#", "response": {"headers": "none"}"#))),
+            hello().layer(RateLimitLayer::new(live(r#", "response": {"headers": "none"}"#)).same_body()),
         ),
-        ("one_limit headers=none ", hello().layer(RateLimitLayer::new(one_limit))),
+        (
+            "one_limit headers=none ",
+            hello().layer(RateLimitLayer::new(one_limit).same_body()),
+        ),
         ("peer=tower_governor ", hello().layer(GovernorLayer::new(governor()))),
         (
             "peer=tower_governor+headers ",
@@ -316,6 +382,7 @@ fn http(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     in_process(&mut group, &mut routers);
     group.finish();
+    in_process_vs_peer(&mut routers);
 
     let (active, receiver) = watch::channel(STOP - 1);
     let clients = rt.block_on(async {
@@ -361,8 +428,16 @@ fn http(c: &mut Criterion) {
     group.finish();
     active.send_replace(STOP);
     let without = median(without);
-    for (label, rps, ratio) in lines {
+    for (label, rps, ratio) in &lines {
         println!("http throughput {label}with_layer={rps:.0} without_layer={without:.0} ratio={ratio:.3}");
+    }
+    let ratio_of = |label: &str| lines.iter().find(|(l, ..)| *l == label).map_or(f64::NAN, |(.., r)| *r);
+    for (pair, ours, peer) in PAIRS {
+        println!(
+            "http throughput_vs_peer {pair} tollgate_ratio={:.3} peer_ratio={:.3}",
+            ratio_of(ours),
+            ratio_of(peer)
+        );
     }
 }
 

@@ -166,7 +166,12 @@ async fn serve(path: &str, config: Config) -> Result<(), Box<dyn std::error::Err
     let app = Router::new()
         .route("/", get(|| async { "hello\n" }))
         .route("/api/ai/generate", post(|| async { "an expensive answer\n" }))
-        .layer(RateLimitLayer::builder(live).api_key_validator(demo_keys).build())
+        .layer(
+            RateLimitLayer::builder(live)
+                .api_key_validator(demo_keys)
+                .build()
+                .same_body(),
+        )
         // Outermost: authentication runs before the rate limit.
         .layer(middleware::from_fn(demo_auth));
 

@@ -44,7 +44,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let app = Router::new()
         .route("/", get(|| async { "hello\n" }))
-        .layer(RateLimitLayer::new(live))
+        .layer(RateLimitLayer::new(live).same_body())
         // Outside the rate limit: scrapes are never limited.
         .route("/metrics", get(scrape));
 

@@ -1166,6 +1166,15 @@ async fn distributed_mode_serves_the_same_limits() {
         r.header("ratelimit-policy"),
         Some(r#""ip";q=50;w=60, "user:anonymous";q=3;w=60"#)
     );
+    // The same limits behind the layer typed with the inner body: the refused client still
+    // refused with the JSON body, a new user admitted after waiting for its first claim.
+    let same = serve_router(app_same_body(s.live.clone()), true).await;
+    let refused = send(&c, same, "GET", "/", &[]).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.json()["policy"], "user:anonymous");
+    let admitted = send(&c, same, "GET", "/", &[("x-user", "bob"), ("x-tier", "free")]).await;
+    assert_eq!((admitted.status.as_u16(), admitted.text()), (200, "hello"));
+    assert!(admitted.header("ratelimit").is_some(), "{:?}", admitted.headers);
     node.shutdown().await;
 }
 
@@ -1269,4 +1278,85 @@ async fn a_refused_grpc_call_gets_resource_exhausted_over_http2() {
     let r = send(&client(), addr, "POST", "/demo.Greeter/SayHello", &[]).await;
     assert_eq!(r.status, 429);
     assert!(!r.headers.contains_key("grpc-status"));
+}
+
+/// The layer's answers with the inner service's body type, over a real connection: status,
+/// every header but `date`, and body.
+async fn answers(
+    router: Router,
+    connect_info: bool,
+    requests: &[(&str, &str, &[(&str, &str)])],
+) -> Vec<(u16, Vec<(String, String)>, Bytes)> {
+    let addr = serve_router(router, connect_info).await;
+    let c = client();
+    let mut out = Vec::new();
+    for (method, path, headers) in requests {
+        let r = send(&c, addr, method, path, headers).await;
+        let mut h: Vec<(String, String)> = r
+            .headers
+            .iter()
+            .filter(|(n, _)| n.as_str() != "date")
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        h.sort();
+        out.push((r.status.as_u16(), h, r.body));
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_same_body_layer_answers_byte_for_byte_as_the_wrapping_one() {
+    let json = with(json!({"response": {"headers": "both"}}));
+    let new_live = || {
+        LiveConfig::builder()
+            .config(Config::from_json(&json).unwrap())
+            .clock(ManualClock::new().clock())
+            .build()
+            .unwrap()
+    };
+    let premium: &[(&str, &str)] = &[("x-user", "ann"), ("x-tier", "premium")];
+    let requests: Vec<(&str, &str, &[(&str, &str)])> = vec![
+        ("GET", "/", &[]),
+        ("GET", "/", &[]),
+        ("HEAD", "/", &[]),
+        ("GET", "/", &[]),
+        ("GET", "/whoami", &[]),
+        ("POST", "/api/ai/generate", premium),
+        ("POST", "/api/ai/generate", premium),
+        ("POST", "/api/ai/generate", premium),
+        ("GET", "/", premium),
+    ];
+    let wrapped = answers(app(layer(new_live())), true, &requests).await;
+    let same = answers(app_same_body(new_live()), true, &requests).await;
+    let statuses: Vec<u16> = wrapped.iter().map(|a| a.0).collect();
+    assert_eq!(statuses, [200, 200, 200, 429, 429, 200, 200, 429, 200], "{wrapped:?}");
+    assert!(wrapped[3].2.starts_with(b"{\"error\""), "a 429 has the JSON body");
+    assert_eq!(same, wrapped);
+    // No client address: the key-error answer, alike too.
+    let wrapped = answers(app(layer(new_live())), false, &requests[..1]).await;
+    let same = answers(app_same_body(new_live()), false, &requests[..1]).await;
+    assert_eq!(wrapped[0].0, 500);
+    assert_eq!(same, wrapped);
+}
+
+/// [`app`] behind the layer with [`layer`]'s resolvers, typed with the inner body.
+fn app_same_body(live: LiveConfig) -> Router {
+    let header = |name: &'static str| {
+        move |p: &axum::http::request::Parts| {
+            p.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(|s| s.to_owned().into())
+        }
+    };
+    let layer = RateLimitLayer::builder(live)
+        .user_resolver(header("x-user"))
+        .tier_resolver(header("x-tier"))
+        .build()
+        .same_body();
+    Router::new()
+        .route("/", get(|| async { "hello" }))
+        .route("/api/ai/generate", post(|| async { "generated" }))
+        .route("/whoami", get(|| async { "plain" }))
+        .layer(layer)
 }

@@ -75,6 +75,11 @@ impl Attach {
         out
     }
 
+    /// True when there is no header to add.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.draft.is_none() && self.legacy.is_none()
+    }
+
     pub(crate) fn apply(self, headers: &mut HeaderMap) {
         if let Some(mut state) = self.draft {
             if self.policy_len > 0 {

@@ -80,25 +80,30 @@
 //! IPv6 clients are counted per /64 by default (`client_ip.ipv6_prefix`), IPv4 per address;
 //! IPv4-mapped IPv6 addresses count as IPv4.
 
+mod decide;
+mod future;
 mod grpc;
 pub(crate) mod headers;
 mod key;
 mod layer;
+mod plan;
+mod service;
+mod shared;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use self::future::{BodyKind, ResponseBody, ResponseFuture, SameBody, Wrapped};
 pub use self::grpc::{GRPC_MESSAGE, GRPC_RETRY_PUSHBACK_MS, GRPC_STATUS};
 pub use self::headers::{
     ceil_secs, retry_after_secs, QUOTA_EXCEEDED, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT, X_RATELIMIT_REMAINING,
     X_RATELIMIT_RESET,
 };
 pub use self::key::client_ip;
-pub use self::layer::{
-    ApiKeyValidator, RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseBody, ResponseFuture, Stats,
-    TierResolver, UserResolver,
-};
+pub use self::layer::{RateLimitLayer, RateLimitLayerBuilder, Stats};
+pub use self::service::RateLimit;
+pub use self::shared::{ApiKeyValidator, TierResolver, UserResolver};
 
 /// The TCP peer of a request, for servers that do not use axum's `ConnectInfo`: insert it
 /// into each request's extensions (hyper: from the accepted connection).
