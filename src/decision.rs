@@ -6,21 +6,29 @@ use std::time::Duration;
 use crate::algorithm::Rule;
 use crate::consts::MIN_SWEEP_INTERVAL_NS;
 
-/// Where a decision's state came from.
+/// What a decision's figures are, and where they came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Source {
-    /// The key's own cell.
-    Key,
-    /// The table was full: the shared overflow cell of the policy answered.
-    Overflow,
-    /// The table was full and the limiter is set to deny untracked keys.
-    TableFull,
-    /// Distributed mode: the key's claimed tokens answered. `state` holds the remaining
-    /// quota, `now` the reset time and `extra` the retry time (nanoseconds).
-    Claimed,
-    /// Distributed mode with the store unreachable: the failure policy answered. Same fields
-    /// as `Claimed`.
-    Degraded,
+pub(crate) enum Figures {
+    /// A cell of `rule` answered: the key's own, or with `overflow` the shared overflow cell
+    /// of a full table. `state` is the cell's state after the check (before it, for a denial
+    /// that changed nothing), at `now`; the figures are computed from them when asked for.
+    Cell {
+        overflow: bool,
+        rule: Rule,
+        state: u64,
+        now: u64,
+    },
+    /// Distributed mode: the key's claimed tokens answered, or with `degraded` the failure
+    /// policy (the store unreachable). The figures as the claims saw them, in nanoseconds.
+    Claimed {
+        degraded: bool,
+        capacity: u64,
+        remaining: u64,
+        reset_ns: u64,
+        retry_ns: u64,
+    },
+    /// The table was full and untracked keys are denied.
+    TableFull { capacity: u64 },
 }
 
 /// The answer to a check: allowed or not, and where the key stands.
@@ -31,15 +39,9 @@ pub(crate) enum Source {
 #[derive(Clone, Copy)]
 pub struct Decision {
     pub(crate) allowed: bool,
-    pub(crate) source: Source,
-    pub(crate) rule: Rule,
-    /// The key's state after the check (before it, for a denial that changed nothing).
-    pub(crate) state: u64,
-    pub(crate) now: u64,
     pub(crate) cost: u64,
     pub(crate) name: &'static str,
-    /// `Claimed` only: the retry time in nanoseconds.
-    pub(crate) extra: u64,
+    pub(crate) figures: Figures,
 }
 
 impl Decision {
@@ -58,25 +60,28 @@ impl Decision {
     /// The most the policy lets a key spend at once (the burst for a token bucket, the points
     /// per window otherwise).
     pub fn limit(&self) -> u64 {
-        self.rule.capacity
+        match self.figures {
+            Figures::Cell { rule, .. } => rule.capacity,
+            Figures::Claimed { capacity, .. } | Figures::TableFull { capacity } => capacity,
+        }
     }
 
     /// What a request of cost 1 could still take now, after this decision.
     pub fn remaining(&self) -> u64 {
-        match self.source {
-            Source::TableFull => 0,
-            Source::Claimed | Source::Degraded => self.state,
-            _ => self.rule.remaining(self.state, self.now),
+        match self.figures {
+            Figures::Cell { rule, state, now, .. } => rule.remaining(state, now),
+            Figures::Claimed { remaining, .. } => remaining,
+            Figures::TableFull { .. } => 0,
         }
     }
 
     /// How long until the key is back to a full quota if it takes nothing more.
     pub fn reset_after(&self) -> Duration {
-        match self.source {
-            Source::TableFull => Duration::from_nanos(MIN_SWEEP_INTERVAL_NS),
-            Source::Claimed | Source::Degraded => Duration::from_nanos(self.now),
-            _ => Duration::from_nanos(self.rule.reset_after(self.state, self.now)),
-        }
+        Duration::from_nanos(match self.figures {
+            Figures::Cell { rule, state, now, .. } => rule.reset_after(state, now),
+            Figures::Claimed { reset_ns, .. } => reset_ns,
+            Figures::TableFull { .. } => MIN_SWEEP_INTERVAL_NS,
+        })
     }
 
     /// For a denial, how long until the same request would be allowed if nothing else takes
@@ -85,11 +90,11 @@ impl Decision {
         if self.allowed {
             return None;
         }
-        Some(match self.source {
-            Source::TableFull => Duration::from_nanos(MIN_SWEEP_INTERVAL_NS),
-            Source::Claimed | Source::Degraded => Duration::from_nanos(self.extra.max(1)),
-            _ => Duration::from_nanos(self.rule.retry_after(self.state, self.now, self.cost).max(1)),
-        })
+        Some(Duration::from_nanos(match self.figures {
+            Figures::Cell { rule, state, now, .. } => rule.retry_after(state, now, self.cost).max(1),
+            Figures::Claimed { retry_ns, .. } => retry_ns.max(1),
+            Figures::TableFull { .. } => MIN_SWEEP_INTERVAL_NS,
+        }))
     }
 
     /// The name of the policy (layer) that decided: the limiter's name.
@@ -100,24 +105,29 @@ impl Decision {
     /// True when the key was not tracked because the table was full, and the shared overflow
     /// bucket (or the table-full denial) answered instead.
     pub fn is_untracked(&self) -> bool {
-        matches!(self.source, Source::Overflow | Source::TableFull)
+        matches!(
+            self.figures,
+            Figures::Cell { overflow: true, .. } | Figures::TableFull { .. }
+        )
     }
 
     /// An allowed decision that left under a fifth of the quota (for the metrics).
     #[cfg(feature = "metrics")]
     #[inline]
     pub(crate) fn near_limit(&self) -> bool {
-        match self.source {
-            Source::Key | Source::Overflow => self.rule.near_limit(self.state, self.now),
-            Source::Claimed | Source::Degraded => self.state.saturating_mul(5) < self.rule.capacity,
-            Source::TableFull => false,
+        match self.figures {
+            Figures::Cell { rule, state, now, .. } => rule.near_limit(state, now),
+            Figures::Claimed {
+                capacity, remaining, ..
+            } => remaining.saturating_mul(5) < capacity,
+            Figures::TableFull { .. } => false,
         }
     }
 
     /// True when the store was unreachable and the node's failure policy answered (distributed
     /// mode only; see [`FailurePolicy`](crate::FailurePolicy)).
     pub fn is_degraded(&self) -> bool {
-        self.source == Source::Degraded
+        matches!(self.figures, Figures::Claimed { degraded: true, .. })
     }
 
     /// The cost the decision was for.
@@ -152,4 +162,20 @@ pub struct InsufficientCapacity {
     pub capacity: u64,
     /// The policy's name.
     pub policy: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The HTTP layer copies a decision per request and per layer: it must not grow past the
+    /// size it had when its figures were three shared words.
+    #[test]
+    fn a_decision_fits_in_96_bytes() {
+        assert!(
+            std::mem::size_of::<Decision>() <= 96,
+            "{} bytes",
+            std::mem::size_of::<Decision>()
+        );
+    }
 }

@@ -4,7 +4,7 @@ use std::fmt;
 
 use crate::algorithm::Rule;
 use crate::clock::Clock;
-use crate::decision::{Decision, InsufficientCapacity, Source};
+use crate::decision::{Decision, Figures, InsufficientCapacity};
 use crate::local::cell::Cell;
 use crate::policy::{Policy, PolicyError};
 
@@ -112,13 +112,14 @@ impl DirectLimiter {
     fn decision(&self, allowed: bool, state: u64, now: u64, cost: u64) -> Decision {
         Decision {
             allowed,
-            source: Source::Key,
-            rule: self.rule,
-            state,
-            now,
             cost,
             name: self.name,
-            extra: 0,
+            figures: Figures::Cell {
+                overflow: false,
+                rule: self.rule,
+                state,
+                now,
+            },
         }
     }
 }

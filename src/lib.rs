@@ -102,6 +102,7 @@ mod direct;
 mod distributed;
 #[cfg(feature = "http")]
 pub mod http;
+mod intern;
 mod limiter;
 mod local;
 #[cfg(feature = "metrics")]
@@ -122,8 +123,8 @@ pub use clock::{Clock, ManualClock};
 pub use consts::{DEFAULT_MAX_KEYS, MAX_CAPACITY, MAX_DURATION, MAX_RATE_PER_SEC, MAX_TIME_NS, MIN_DURATION};
 pub use decision::{Decision, InsufficientCapacity};
 pub use direct::DirectLimiter;
-pub use distributed::{CircuitState, ColdStart, FailurePolicy, Identifier, Node, NodeBuilder, NodeError, NodeStats};
-pub use limiter::{
-    check_all, check_all_async, sizing_advice, Bound, BuildError, Jitter, Layer, Limiter, LimiterBuilder, WhenFull,
+pub use distributed::{
+    sizing_advice, CircuitState, ColdStart, FailurePolicy, Identifier, Node, NodeBuilder, NodeError, NodeStats,
 };
+pub use limiter::{check_all, check_all_async, Bound, BuildError, Jitter, Layer, Limiter, LimiterBuilder, WhenFull};
 pub use policy::{Algorithm, Policy, PolicyError, PolicySpec};

@@ -31,8 +31,11 @@ mod identifier;
 #[cfg(all(test, tollgate_loom))]
 mod loom_models;
 mod node;
+mod setup;
 
 pub use breaker::CircuitState;
 pub(crate) use claims::{Ask, DistKeys, Outcome};
 pub use identifier::Identifier;
 pub use node::{ColdStart, FailurePolicy, Node, NodeBuilder, NodeError, NodeStats};
+pub use setup::sizing_advice;
+pub(crate) use setup::{dist_keys, SetupError};
