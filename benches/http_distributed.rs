@@ -83,7 +83,7 @@ use tokio::time::Instant;
 use tollgate::config::{Config, LiveConfig};
 use tollgate::http::{RateLimitLayer, Verified};
 use tollgate::store::{RedisConfig, RedisStore};
-use tollgate::{Limiter, ManualClock, Node, NodeStats, Policy};
+use tollgate::{node::NodeStats, Limiter, ManualClock, Node, Policy};
 
 /// Service instances, each with its own node.
 const INSTANCES: usize = 4;

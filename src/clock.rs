@@ -86,7 +86,7 @@ impl Clock {
         Clock(Source::Precise(p))
     }
 
-    /// Nanoseconds since the origin of this clock, never above [`MAX_TIME_NS`](crate::MAX_TIME_NS).
+    /// Nanoseconds since the origin of this clock, never above 2^62 (about 146 years).
     #[inline]
     pub fn now_ns(&self) -> u64 {
         match &self.0 {

@@ -108,6 +108,9 @@ mod local;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 mod policy;
+// The engine of the `tollgate` command line (`tollgate tune`): public for the binary only, not
+// part of the library's API.
+#[doc(hidden)]
 pub mod sim;
 pub mod store;
 mod sync;
@@ -120,11 +123,30 @@ mod tally;
 mod readme {}
 
 pub use clock::{Clock, ManualClock};
-pub use consts::{DEFAULT_MAX_KEYS, MAX_CAPACITY, MAX_DURATION, MAX_RATE_PER_SEC, MAX_TIME_NS, MIN_DURATION};
 pub use decision::{Decision, InsufficientCapacity};
 pub use direct::DirectLimiter;
-pub use distributed::{
-    sizing_advice, CircuitState, ColdStart, FailurePolicy, Identifier, Node, NodeBuilder, NodeError, NodeStats,
-};
-pub use limiter::{check_all, check_all_async, Bound, BuildError, Jitter, Layer, Limiter, LimiterBuilder, WhenFull};
-pub use policy::{Algorithm, Policy, PolicyError, PolicySpec};
+pub use distributed::{ColdStart, FailurePolicy, Node, NodeBuilder};
+pub use limiter::{check_all, check_all_async, BuildError, Jitter, Limiter, LimiterBuilder, WhenFull};
+pub use policy::{Algorithm, Policy, PolicyError};
+
+/// The serde shape of a policy in a tiers file (`points`, `duration`, `algorithm`, ...): the
+/// configuration's business, not a type to name.
+#[doc(hidden)]
+pub use policy::PolicySpec;
+
+/// The bounds every policy and key table is checked against.
+pub mod limits {
+    pub use crate::consts::{DEFAULT_MAX_KEYS, MAX_CAPACITY, MAX_DURATION, MAX_RATE_PER_SEC, MIN_DURATION};
+}
+
+/// A [`Node`]'s figures, state and errors, the trait of keys that can be shared through a
+/// store, and the advice on sizing a distributed policy.
+pub mod node {
+    pub use crate::distributed::{sizing_advice, CircuitState, Identifier, NodeError, NodeStats};
+}
+
+/// What [`check_all`] and [`check_all_async`] take: a limiter bound to a key ([`layers::Bound`]), as a
+/// [`layers::Layer`] (a sealed trait: what the all-or-nothing checks need of a layer).
+pub mod layers {
+    pub use crate::limiter::{Bound, Layer};
+}

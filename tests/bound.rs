@@ -12,7 +12,7 @@ use tollgate::store::{
     Claim, ClaimOutcome, ErrorClass, Heartbeat, ManualTime, MemoryStore, NodeId, Store, StoreError, StoreFuture,
     StoreKey,
 };
-use tollgate::{CircuitState, ColdStart, FailurePolicy, Limiter, ManualClock, Node, NodeBuilder, Policy};
+use tollgate::{node::CircuitState, ColdStart, FailurePolicy, Limiter, ManualClock, Node, NodeBuilder, Policy};
 
 /// Store time at the start of every test (microseconds since the Unix epoch).
 const T0_US: u64 = 1_700_000_000_000_000;

@@ -24,7 +24,10 @@ use std::time::{Duration, Instant};
 use redis_cluster::RedisCluster;
 use tollgate::sim::{run_real, Scenario};
 use tollgate::store::{key_slot, KeyEncoder, RedisClusterStore, RedisConfig};
-use tollgate::{Algorithm, CircuitState, ColdStart, Limiter, Node, NodeStats, Policy};
+use tollgate::{
+    node::{CircuitState, NodeStats},
+    Algorithm, ColdStart, Limiter, Node, Policy,
+};
 
 /// The cluster tests start servers and drive load: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -308,7 +308,7 @@ fn start_outside_a_runtime_is_a_clear_error() {
 
 #[test]
 fn the_sizing_rule_is_checked() {
-    use tollgate::sizing_advice;
+    use tollgate::node::sizing_advice;
     let interval = Duration::from_millis(100);
     assert!(sizing_advice(&Policy::per_second(1000).burst(200), interval).is_none());
     let advice = sizing_advice(&Policy::per_second(1000).burst(199), interval).unwrap();

@@ -28,7 +28,8 @@ use tollgate::store::{
     StoreFuture, StoreKey,
 };
 use tollgate::{
-    Algorithm, CircuitState, ColdStart, FailurePolicy, Limiter, Node, NodeBuilder, NodeError, NodeStats, Policy,
+    node::{CircuitState, NodeError, NodeStats},
+    Algorithm, ColdStart, FailurePolicy, Limiter, Node, NodeBuilder, Policy,
 };
 
 /// The sync interval of every node here.

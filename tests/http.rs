@@ -1280,13 +1280,13 @@ async fn a_refused_grpc_call_gets_resource_exhausted_over_http2() {
     assert!(!r.headers.contains_key("grpc-status"));
 }
 
-/// The layer's answers with the inner service's body type, over a real connection: status,
-/// every header but `date`, and body.
-async fn answers(
-    router: Router,
-    connect_info: bool,
-    requests: &[(&str, &str, &[(&str, &str)])],
-) -> Vec<(u16, Vec<(String, String)>, Bytes)> {
+/// A request to send: method, path and headers.
+type Sent<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+/// An answer: status, every header but `date` (sorted), and body.
+type Answer = (u16, Vec<(String, String)>, Bytes);
+
+/// The answers of `router` to `requests`, over a real connection.
+async fn answers(router: Router, connect_info: bool, requests: &[Sent<'_>]) -> Vec<Answer> {
     let addr = serve_router(router, connect_info).await;
     let c = client();
     let mut out = Vec::new();
@@ -1315,7 +1315,7 @@ async fn the_same_body_layer_answers_byte_for_byte_as_the_wrapping_one() {
             .unwrap()
     };
     let premium: &[(&str, &str)] = &[("x-user", "ann"), ("x-tier", "premium")];
-    let requests: Vec<(&str, &str, &[(&str, &str)])> = vec![
+    let requests: Vec<Sent<'_>> = vec![
         ("GET", "/", &[]),
         ("GET", "/", &[]),
         ("HEAD", "/", &[]),

@@ -15,7 +15,7 @@ use tollgate::metrics as tm;
 use tollgate::store::{
     Claim, ClaimOutcome, ErrorClass, Heartbeat, MemoryStore, NodeId, Store, StoreError, StoreFuture, StoreKey,
 };
-use tollgate::{check_all, CircuitState, Limiter, ManualClock, Node, Policy};
+use tollgate::{check_all, node::CircuitState, Limiter, ManualClock, Node, Policy};
 
 /// A memory store that can be switched to failing.
 struct Flaky {

@@ -29,7 +29,7 @@ use tollgate::store::{
     Claim, ClaimOutcome, ErrorClass, Heartbeat, KeyEncoder, Limits, NodeId, RedisConfig, RedisStore, Store, StoreError,
     StoreFuture, StoreKey,
 };
-use tollgate::{Limiter, Node, NodeStats, Policy};
+use tollgate::{node::NodeStats, Limiter, Node, Policy};
 
 // ---------------------------------------------------------------------------------------------
 // Store helpers
@@ -615,7 +615,7 @@ async fn a_least_privilege_user_runs_a_node_and_a_key_outside_the_prefix_is_refu
         0,
         "{s:?}"
     );
-    assert_eq!(s.circuit, tollgate::CircuitState::Closed, "{s:?}");
+    assert_eq!(s.circuit, tollgate::node::CircuitState::Closed, "{s:?}");
     assert!(admitted > 0, "nothing admitted after the refusal");
     let d = limiter.check_async("user-1").await;
     assert!(d.is_allowed() && !d.is_degraded(), "{d:?}");

@@ -34,7 +34,7 @@ impl Shared {
     /// The decision in distributed mode: it may wait for a claim.
     pub(super) async fn decide_async(&self, rules: &Rules, plan: &Plan<'_>) -> Action {
         let bound = plan.bound();
-        let dyns: [&(dyn crate::Layer + Sync); 3] = [&bound[0], &bound[1], &bound[2]];
+        let dyns: [&(dyn crate::layers::Layer + Sync); 3] = [&bound[0], &bound[1], &bound[2]];
         let d = check_all_async(1, &dyns[..plan.len()]).await;
         self.act(rules, plan, d.expect("a cost of 1 always fits a valid policy"))
     }

@@ -15,7 +15,7 @@ use super::shared::{bump, Shared};
 use super::{PeerAddr, ShadowVerdict, Tier, UserId, Verified};
 use crate::config::{Config, Limit, Rules};
 use crate::consts::MAX_LOGGED_UNKNOWN_TIERS;
-use crate::Bound;
+use crate::layers::Bound;
 
 /// What the layer reads from a request: the request itself, or its parts when a resolver
 /// (which takes [`Parts`]) is set.
@@ -211,8 +211,6 @@ pub(super) enum Prepared<'r> {
     Shadow(ShadowVerdict),
     Check(Plan<'r>),
 }
-
-/// A decision carried out: the request goes through, with what to add to its response, or is
 
 fn peer(extensions: &Extensions) -> Option<IpAddr> {
     if let Some(p) = extensions.get::<PeerAddr>() {

@@ -80,7 +80,7 @@ pub enum KeyConfigError {
     /// The prefix is longer than 64 bytes, or has a byte outside printable ASCII, or a brace.
     #[error("key prefix must be at most 64 printable ASCII bytes without '{{', '}}' or spaces")]
     Prefix,
-    /// The number of groups is 0 or above [`MAX_GROUPS`].
+    /// The number of groups is 0 or above `MAX_GROUPS` (4096).
     #[error("groups must be in 1..=4096")]
     Groups,
     /// The identifier cap is 0 or above 4096.

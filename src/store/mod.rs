@@ -47,6 +47,15 @@
 //! node's sync number ([`Claim::seq`]), and the store ignores a claim that is not newer than
 //! the last one it applied from that node ([`Grant::stale`]); window claims need no such guard.
 //!
+//! # Implementing a store
+//!
+//! [`Store`] is the extension point for another backend: the claim protocol above (its types
+//! are this module's) is what a node relies on for its bound, so an implementation must give
+//! exactly [`MemoryStore`]'s replies to every sequence of claims. The repository checks the
+//! Lua scripts that way (`tests/store_differential.rs` drives both with the same random
+//! sequences and compares every reply and the state sizes); a new store should pass the same
+//! test before it is trusted with a bound.
+//!
 //! # State size
 //!
 //! A token bucket's state holds one record per node that holds tokens of the key under a
@@ -61,7 +70,7 @@ use std::time::Duration;
 
 use crate::policy::{Algorithm, Policy};
 
-pub mod keys;
+mod keys;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
@@ -69,8 +78,12 @@ mod redis;
 #[cfg(feature = "redis")]
 #[doc(hidden)]
 pub use self::redis::decode_reply_resp;
+/// The Redis Cluster hash slot of a key (CRC16 of its hash tag): for tests that place keys.
 #[cfg(feature = "redis")]
-pub use self::redis::{key_slot, ClusterStats, RedisClusterStore, RedisConfig, RedisStore};
+#[doc(hidden)]
+pub use self::redis::key_slot;
+#[cfg(feature = "redis")]
+pub use self::redis::{ClusterStats, RedisClusterStore, RedisConfig, RedisStore};
 pub use keys::{KeyConfigError, KeyEncoder, StoreKey};
 pub use memory::{ManualTime, MemoryStore, TimeSource};
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Waker};
 
 use tollgate::store::{ClaimOutcome, ManualTime, MemoryStore, Store, StoreKey};
-use tollgate::{check_all, CircuitState, ColdStart, Decision, Limiter, ManualClock, Node};
+use tollgate::{check_all, node::CircuitState, ColdStart, Decision, Limiter, ManualClock, Node};
 
 use crate::net::{Done, Net};
 use crate::oracle::{Oracle, Violation};
