@@ -51,7 +51,7 @@ impl Report {
 /// ```
 pub fn check(text: &str) -> Result<Report, ConfigError> {
     let config = Config::from_json(text)?;
-    let settings = super::BuildSettings {
+    let settings = super::rules::BuildSettings {
         clock: Some(ManualClock::new().clock()),
         node: None,
     };

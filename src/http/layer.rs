@@ -21,6 +21,7 @@ use tower_service::Service;
 use super::grpc::{self, Refused};
 use super::headers::{self, Attach};
 use super::key::{self, Keys};
+use super::policy_header::PolicyHeaderCache;
 use super::{PeerAddr, ShadowVerdict, Tier, UserId, Verified};
 use crate::config::{Config, HeaderStyle, Limit, LiveConfig, PolicyHeader, Rules};
 use crate::consts::MAX_LOGGED_UNKNOWN_TIERS;
@@ -79,6 +80,8 @@ struct Shared {
     counters: Counters,
     /// The unknown tier names already logged (at most [`MAX_LOGGED_UNKNOWN_TIERS`]).
     logged_tiers: RwLock<HashSet<String>>,
+    /// The header text of the rules in force.
+    policy_headers: PolicyHeaderCache,
 }
 
 /// The rate-limiting middleware: a tower [`Layer`] that wraps a service in [`RateLimit`].
@@ -201,6 +204,7 @@ impl RateLimitLayerBuilder {
                 api_key: self.api_key,
                 counters: Counters::default(),
                 logged_tiers: RwLock::new(HashSet::new()),
+                policy_headers: PolicyHeaderCache::default(),
             }),
         }
     }
@@ -665,11 +669,12 @@ impl Shared {
             }
         }
         let applied = &applied[..layers.len()];
+        let text = self.policy_headers.get(rules);
         let policy = match config.response.policy_header {
             PolicyHeader::Denials if d.is_allowed() => None,
-            _ => rules.policy_value(plan.ip.is_some(), plan.tier, plan.endpoint.map(|(i, _)| i)),
+            _ => text.value(plan.ip.is_some(), plan.tier, plan.endpoint.map(|(i, _)| i)),
         };
-        let attach = Attach::new(config.response.headers, policy, applied, &d);
+        let attach = Attach::new(config.response.headers, policy, &text, applied, &d);
         if d.is_allowed() {
             return Action::Pass(Finish::new(attach, None));
         }

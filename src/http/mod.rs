@@ -84,6 +84,7 @@ mod grpc;
 pub(crate) mod headers;
 mod key;
 mod layer;
+mod policy_header;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
