@@ -78,6 +78,8 @@ mod validate;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
+use std::path::Path;
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -90,6 +92,7 @@ pub use self::net::{Cidr, ClientIp, ForwardedHeader};
 pub use self::report::{check, Report};
 pub(crate) use self::rules::Limit;
 pub use self::rules::Rules;
+use self::spec::ConfigSpec;
 use crate::Policy;
 
 /// Which rate-limit headers responses carry.
@@ -308,4 +311,62 @@ pub struct Config {
     pub redis: Option<RedisSettings>,
     /// The most keys each limiter tracks.
     pub max_keys: usize,
+}
+
+impl Config {
+    /// Parses and validates a JSON document: the full form (an object with `tiers` and the
+    /// other fields above), or the flat form, tier names mapped to policies, with the
+    /// defaults for everything else:
+    ///
+    /// ```
+    /// use tollgate::config::Config;
+    ///
+    /// let c = Config::from_json(r#"{"anonymous": {"points": 20, "duration": 60},
+    ///                               "free": {"points": 100, "duration": 60}}"#).unwrap();
+    /// assert_eq!((c.default_tier.as_str(), c.anonymous_tier.as_str()), ("free", "anonymous"));
+    ///
+    /// let err = Config::from_json(r#"{"free": {"points": 100}}"#).unwrap_err();
+    /// assert_eq!(err.to_string(), "free.duration: missing (the period, in seconds)");
+    /// ```
+    ///
+    /// A UTF-8 byte-order mark before the document is skipped; anything but whitespace after
+    /// it is an error.
+    pub fn from_json(json: &str) -> Result<Config, ConfigError> {
+        ConfigSpec::read(json)?.validate()
+    }
+
+    /// Reads, parses and validates a JSON file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::one("", format!("cannot read {}: {e}", path.display())))?;
+        Self::from_json(&text)
+    }
+
+    /// The original four tiers (`anonymous` 20, `free` 100, `premium` 1000, `enterprise` 10000
+    /// per minute) and nothing else.
+    ///
+    /// ```
+    /// let c = tollgate::config::Config::seed();
+    /// assert_eq!(c.tiers["premium"].points(), 1000);
+    /// assert_eq!((c.default_tier.as_str(), c.anonymous_tier.as_str()), ("free", "anonymous"));
+    /// ```
+    pub fn seed() -> Config {
+        Self::from_json(
+            r#"{"tiers": {
+                "anonymous": {"points": 20, "duration": 60},
+                "free": {"points": 100, "duration": 60},
+                "premium": {"points": 1000, "duration": 60},
+                "enterprise": {"points": 10000, "duration": 60}
+            }}"#,
+        )
+        .expect("the seed tiers are valid")
+    }
+}
+
+impl FromStr for Config {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        Self::from_json(s)
+    }
 }

@@ -1,14 +1,12 @@
-//! The file as written: the serde form of every section, and how a document is read into it.
-//! [`validate`](super::validate) turns it into a [`Config`].
+//! The file as written: the serde form of every section, and how a document is read into it
+//! (the validation turns it into a [`Config`](super::Config)).
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::str::FromStr;
 
 use serde::Deserialize;
 use serde_json::{Number, Value};
 
-use super::{document, BodyStyle, Config, ConfigError, FailurePolicy, ForwardedHeader, HeaderStyle, PolicyHeader};
+use super::{document, BodyStyle, ConfigError, FailurePolicy, ForwardedHeader, HeaderStyle, PolicyHeader};
 use crate::Algorithm;
 
 /// The top-level fields of the file. A document with none of them is the flat form: tier
@@ -209,35 +207,21 @@ pub(super) struct RedisSpec {
     pub(super) cluster: bool,
 }
 
-impl Config {
-    /// Parses and validates a JSON document: the full form (an object with `tiers` and the
-    /// other fields above), or the flat form, tier names mapped to policies, with the
-    /// defaults for everything else:
-    ///
-    /// ```
-    /// use tollgate::config::Config;
-    ///
-    /// let c = Config::from_json(r#"{"anonymous": {"points": 20, "duration": 60},
-    ///                               "free": {"points": 100, "duration": 60}}"#).unwrap();
-    /// assert_eq!((c.default_tier.as_str(), c.anonymous_tier.as_str()), ("free", "anonymous"));
-    ///
-    /// let err = Config::from_json(r#"{"free": {"points": 100}}"#).unwrap_err();
-    /// assert_eq!(err.to_string(), "free.duration: missing (the period, in seconds)");
-    /// ```
-    ///
-    /// A UTF-8 byte-order mark before the document is skipped; anything but whitespace after
-    /// it is an error.
-    pub fn from_json(json: &str) -> Result<Config, ConfigError> {
+impl ConfigSpec {
+    /// The document as written: the full form, or the flat form read as its `tiers`. A
+    /// UTF-8 byte-order mark before the document is skipped; anything but whitespace after it
+    /// is an error.
+    pub(super) fn read(json: &str) -> Result<ConfigSpec, ConfigError> {
         let doc = document::parse(json).map_err(ConfigError::from)?;
-        let spec = match doc {
+        match doc {
             Value::Object(map) if map.is_empty() || map.keys().any(|k| FIELDS.contains(&k.as_str())) => {
-                typed::<ConfigSpec>(Value::Object(map))?
+                typed::<ConfigSpec>(Value::Object(map))
             }
-            flat @ Value::Object(_) => ConfigSpec {
+            flat @ Value::Object(_) => Ok(ConfigSpec {
                 flat: true,
                 tiers: Some(typed(flat)?),
                 ..ConfigSpec::default()
-            },
+            }),
             other => {
                 let got = match other {
                     Value::Array(_) => "an array",
@@ -246,44 +230,15 @@ impl Config {
                     Value::Bool(_) => "a boolean",
                     _ => "null",
                 };
-                return Err(ConfigError::one(
+                Err(ConfigError::one(
                     "",
                     format!(
                         "the document must be a JSON object, {{\"tiers\": {{...}}, ...}} or tier names \
                          mapped to policies (got {got})"
                     ),
-                ));
+                ))
             }
-        };
-        spec.validate()
-    }
-
-    /// Reads, parses and validates a JSON file.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::one("", format!("cannot read {}: {e}", path.display())))?;
-        Self::from_json(&text)
-    }
-
-    /// The original four tiers (`anonymous` 20, `free` 100, `premium` 1000, `enterprise` 10000
-    /// per minute) and nothing else.
-    ///
-    /// ```
-    /// let c = tollgate::config::Config::seed();
-    /// assert_eq!(c.tiers["premium"].points(), 1000);
-    /// assert_eq!((c.default_tier.as_str(), c.anonymous_tier.as_str()), ("free", "anonymous"));
-    /// ```
-    pub fn seed() -> Config {
-        Self::from_json(
-            r#"{"tiers": {
-                "anonymous": {"points": 20, "duration": 60},
-                "free": {"points": 100, "duration": 60},
-                "premium": {"points": 1000, "duration": 60},
-                "enterprise": {"points": 10000, "duration": 60}
-            }}"#,
-        )
-        .expect("the seed tiers are valid")
+        }
     }
 }
 
@@ -297,16 +252,9 @@ fn typed<T: serde::de::DeserializeOwned>(doc: Value) -> Result<T, ConfigError> {
     })
 }
 
-impl FromStr for Config {
-    type Err = ConfigError;
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
-        Self::from_json(s)
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::super::Config;
     use crate::Policy;
 
     #[test]
