@@ -28,6 +28,62 @@ impl Report {
                 IpScope::Tiers(names) => !c.layers.user || names.contains(tier),
             }
     }
+
+    /// The line of one tier: its roles and the limits of its requests.
+    fn tier_line(&self, f: &mut fmt::Formatter<'_>, name: &str, p: &Policy) -> fmt::Result {
+        let c = &self.config;
+        let mut roles = Vec::new();
+        if *name == c.anonymous_tier {
+            roles.push("requests without an identity");
+        }
+        if *name == c.default_tier {
+            roles.push("identified requests without a known tier");
+        }
+        write!(f, "  {name}")?;
+        if !roles.is_empty() {
+            write!(f, " ({})", roles.join("; "))?;
+        }
+        f.write_str(":")?;
+        let mut sep = " ";
+        if let (Some(ip), true) = (&c.layers.ip, self.ip_counts(name)) {
+            f.write_str(sep)?;
+            policy(f, "ip", ip, "client address")?;
+            sep = "; ";
+        }
+        if c.layers.user {
+            f.write_str(sep)?;
+            policy(f, "user", p, "identity")?;
+            sep = "; ";
+        }
+        if sep == " " {
+            f.write_str(" no limit")?;
+        }
+        writeln!(f)
+    }
+
+    /// The endpoint lines: one per endpoint, or that the layer is off.
+    fn endpoint_lines(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        if c.layers.endpoint && !c.endpoints.is_empty() {
+            writeln!(f, "and per endpoint (the first that matches):")?;
+            for e in &c.endpoints {
+                write!(f, "  {}", e.route())?;
+                if e.method == "GET" {
+                    f.write_str(" (and HEAD)")?;
+                }
+                f.write_str(": ")?;
+                policy(f, "endpoint", &e.policy, "identity")?;
+                writeln!(f)?;
+            }
+        } else if !c.endpoints.is_empty() {
+            writeln!(
+                f,
+                "endpoint layer off: {} endpoints listed, not limited",
+                c.endpoints.len()
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// Validates a tiers file's text: every problem as `path: reason` lines (the error's
@@ -51,7 +107,7 @@ impl Report {
 /// ```
 pub fn check(text: &str) -> Result<Report, ConfigError> {
     let config = Config::from_json(text)?;
-    let settings = super::BuildSettings {
+    let settings = super::rules::BuildSettings {
         clock: Some(ManualClock::new().clock()),
         node: None,
     };
@@ -85,33 +141,7 @@ impl fmt::Display for Report {
         )?;
         writeln!(f, "limits per request, by tier (every layer must admit it):")?;
         for (name, p) in &c.tiers {
-            let mut roles = Vec::new();
-            if *name == c.anonymous_tier {
-                roles.push("requests without an identity");
-            }
-            if *name == c.default_tier {
-                roles.push("identified requests without a known tier");
-            }
-            write!(f, "  {name}")?;
-            if !roles.is_empty() {
-                write!(f, " ({})", roles.join("; "))?;
-            }
-            f.write_str(":")?;
-            let mut sep = " ";
-            if let (Some(ip), true) = (&c.layers.ip, self.ip_counts(name)) {
-                f.write_str(sep)?;
-                policy(f, "ip", ip, "client address")?;
-                sep = "; ";
-            }
-            if c.layers.user {
-                f.write_str(sep)?;
-                policy(f, "user", p, "identity")?;
-                sep = "; ";
-            }
-            if sep == " " {
-                f.write_str(" no limit")?;
-            }
-            writeln!(f)?;
+            self.tier_line(f, name, p)?;
         }
         if !c.layers.user {
             if let Some(ip) = &c.layers.ip {
@@ -120,24 +150,7 @@ impl fmt::Display for Report {
                 writeln!(f)?;
             }
         }
-        if c.layers.endpoint && !c.endpoints.is_empty() {
-            writeln!(f, "and per endpoint (the first that matches):")?;
-            for e in &c.endpoints {
-                write!(f, "  {}", e.route())?;
-                if e.method == "GET" {
-                    f.write_str(" (and HEAD)")?;
-                }
-                f.write_str(": ")?;
-                policy(f, "endpoint", &e.policy, "identity")?;
-                writeln!(f)?;
-            }
-        } else if !c.endpoints.is_empty() {
-            writeln!(
-                f,
-                "endpoint layer off: {} endpoints listed, not limited",
-                c.endpoints.len()
-            )?;
-        }
+        self.endpoint_lines(f)?;
         match &c.api_key {
             Some(a) => writeln!(
                 f,

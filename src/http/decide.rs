@@ -6,9 +6,9 @@ use super::future::Finish;
 use super::grpc::Refused;
 use super::headers::{self, Attach};
 use super::plan::{Plan, Refusal};
-use super::shared::{bump, Shared};
+use super::shared::{bump, Shared, Snapshot};
 use super::ShadowVerdict;
-use crate::config::{Config, HeaderStyle, Limit, PolicyHeader, Rules};
+use crate::config::{Config, HeaderStyle, Limit, PolicyHeader};
 use crate::{check_all_async, Decision};
 
 /// A decision carried out: the request goes through, with what to add to its response, or is
@@ -20,7 +20,7 @@ pub(super) enum Action {
 
 impl Shared {
     /// The decision in local mode: made now.
-    pub(super) fn decide(&self, rules: &Rules, plan: &Plan<'_>) -> Action {
+    pub(super) fn decide(&self, snap: &Snapshot, plan: &Plan<'_>) -> Action {
         let d = if plan.len() == 1 {
             // One layer (the common anonymous case): bound alone, nothing else to set up.
             crate::limiter::check_layers(1, &[&plan.first_bound()])
@@ -28,28 +28,29 @@ impl Shared {
             let bound = plan.bound();
             crate::limiter::check_layers(1, &[&bound[0], &bound[1], &bound[2]][..plan.len()])
         };
-        self.act(rules, plan, d.expect("a cost of 1 always fits a valid policy"))
+        self.act(snap, plan, d.expect("a cost of 1 always fits a valid policy"))
     }
 
     /// The decision in distributed mode: it may wait for a claim.
-    pub(super) async fn decide_async(&self, rules: &Rules, plan: &Plan<'_>) -> Action {
+    pub(super) async fn decide_async(&self, snap: &Snapshot, plan: &Plan<'_>) -> Action {
         let bound = plan.bound();
         let dyns: [&(dyn crate::layers::Layer + Sync); 3] = [&bound[0], &bound[1], &bound[2]];
         let d = check_all_async(1, &dyns[..plan.len()]).await;
-        self.act(rules, plan, d.expect("a cost of 1 always fits a valid policy"))
+        self.act(snap, plan, d.expect("a cost of 1 always fits a valid policy"))
     }
 
-    fn act(&self, rules: &Rules, plan: &Plan<'_>, d: Decision) -> Action {
-        let config = rules.config();
+    fn act(&self, snap: &Snapshot, plan: &Plan<'_>, d: Decision) -> Action {
+        let config = snap.rules.config();
         if d.is_allowed() && config.response.headers == HeaderStyle::None {
             return Action::Pass(Finish::default());
         }
         let applied = plan.limits();
+        let text = &snap.text;
         let policy = match config.response.policy_header {
             PolicyHeader::Denials if d.is_allowed() => None,
-            _ => rules.policy_value(plan.has_ip(), plan.tier(), plan.endpoint()),
+            _ => text.value(plan.has_ip(), plan.tier(), plan.endpoint()),
         };
-        let attach = Attach::new(config.response.headers, policy, applied, &d);
+        let attach = Attach::new(config.response.headers, policy, text, applied, &d);
         if d.is_allowed() {
             return Action::Pass(Finish::new(attach, None));
         }

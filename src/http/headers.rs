@@ -6,6 +6,7 @@ use ::http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use ::http::{HeaderMap, Response, StatusCode};
 use bytes::{Bytes, BytesMut};
 
+use super::policy_header::PolicyHeaders;
 use crate::config::{BodyStyle, HeaderStyle, Limit};
 use crate::Decision;
 
@@ -50,8 +51,14 @@ pub(crate) struct Attach {
 
 impl Attach {
     /// The headers for `decision`, taken against `applied` (the limits the request passed
-    /// through, in order), whose `RateLimit-Policy` value is `policy`.
-    pub(crate) fn new(style: HeaderStyle, policy: Option<&HeaderValue>, applied: &[&Limit], d: &Decision) -> Attach {
+    /// through, in order, named in `text`), whose `RateLimit-Policy` value is `policy`.
+    pub(crate) fn new(
+        style: HeaderStyle,
+        policy: Option<&HeaderValue>,
+        text: &PolicyHeaders,
+        applied: &[&Limit],
+        d: &Decision,
+    ) -> Attach {
         if applied.is_empty() {
             return Attach::default();
         }
@@ -64,7 +71,7 @@ impl Attach {
             // Copied rather than shared: a shared value's reference count would be written by
             // every request on every core.
             let policy = policy.map_or(&[][..], HeaderValue::as_bytes);
-            let quoted = own.and_then(|l| l.quoted_name.as_deref());
+            let quoted = own.and_then(|l| text.quoted(l));
             out.draft = Some(draft_values(policy, quoted, remaining, reset));
             out.policy_len = policy.len();
         }
@@ -154,26 +161,6 @@ fn cut(parts: &[&[u8]]) -> Bytes {
     let mut buf = BytesMut::with_capacity(len);
     concat(&mut buf);
     buf.freeze()
-}
-
-/// `name` as a structured-field string, when its bytes may appear in a header value.
-pub(crate) fn quoted_name(name: &str) -> Option<Box<[u8]>> {
-    let mut out = Vec::with_capacity(name.len() + 2);
-    push_sf_string(&mut out, name);
-    HeaderValue::from_bytes(&out).ok()?;
-    Some(out.into_boxed_slice())
-}
-
-/// Appends `s` as a structured-field string: quoted, with `"` and `\\` escaped.
-pub(crate) fn push_sf_string(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
-    for b in s.bytes() {
-        if matches!(b, b'"' | b'\\') {
-            out.push(b'\\');
-        }
-        out.push(b);
-    }
-    out.push(b'"');
 }
 
 /// `00`, `01`, ... `99`.
@@ -279,6 +266,7 @@ pub(crate) fn key_error(status: u16) -> Response<Bytes> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::policy_header::quoted_name;
     use super::*;
 
     #[test]

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use ::http::{HeaderMap, HeaderValue};
 use siphasher::sip128::{Hasher128, SipHasher13};
 
-use crate::config::{canonical, mask, ClientIp, ForwardedHeader};
+use crate::config::{mask, ClientIp, ForwardedHeader};
 
 /// The most forwarding hops examined from the right; a longer chain of trusted proxies counts
 /// as malformed.
@@ -144,7 +144,7 @@ impl fmt::Debug for KeyBuf {
 ///
 /// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are returned as IPv4.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, cfg: &ClientIp) -> IpAddr {
-    let peer = canonical(peer);
+    let peer = peer.to_canonical();
     let trusted = |ip: IpAddr| cfg.trusted_proxies.iter().any(|c| c.contains(ip));
     if cfg.trusted_proxies.is_empty() || !trusted(peer) {
         return peer;
@@ -153,7 +153,11 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, cfg: &ClientIp) -> IpAddr {
         ForwardedHeader::XRealIp => {
             let mut values = headers.get_all("x-real-ip").iter();
             match (values.next(), values.next()) {
-                (Some(v), None) => v.to_str().ok().and_then(parse_node).map_or(peer, canonical),
+                (Some(v), None) => v
+                    .to_str()
+                    .ok()
+                    .and_then(parse_node)
+                    .map_or(peer, |ip| ip.to_canonical()),
                 _ => peer,
             }
         }
@@ -184,7 +188,7 @@ fn walk(hops: impl Iterator<Item = Option<IpAddr>>, peer: IpAddr, trusted: impl 
         if i >= MAX_HOPS {
             return peer;
         }
-        let Some(ip) = hop.map(canonical) else {
+        let Some(ip) = hop.map(|ip| ip.to_canonical()) else {
             return peer;
         };
         if !trusted(ip) {
@@ -233,7 +237,7 @@ fn forwarded_for(element: &str) -> Option<IpAddr> {
 /// Appends the ip layer's key of `ip`: the client address under its group prefix
 /// (`203.0.113.7`, `2001:db8:1:2::/64`).
 fn push_ip_key(k: &mut KeyBuf, ip: IpAddr, cfg: &ClientIp) {
-    let ip = canonical(ip);
+    let ip = ip.to_canonical();
     let (prefix, full) = match ip {
         IpAddr::V4(_) => (cfg.ipv4_prefix, 32),
         IpAddr::V6(_) => (cfg.ipv6_prefix, 128),

@@ -1,18 +1,17 @@
 //! The tower `Layer`: its builder and its counters.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use ::http::request::Parts;
 use tower_layer::Layer;
 
 use super::future::{SameBody, Wrapped};
 use super::service::RateLimit;
-use super::shared::{ApiKeyValidator, Counters, Shared, TierResolver, UserResolver};
+use super::shared::{ApiKeyValidator, Shared, TierResolver, UserResolver};
 use super::Verified;
 #[cfg(doc)]
 use super::{Tier, UserId};
@@ -163,14 +162,7 @@ impl RateLimitLayerBuilder {
     /// The layer.
     pub fn build(self) -> RateLimitLayer {
         RateLimitLayer {
-            shared: Arc::new(Shared {
-                live: self.live,
-                tier: self.tier,
-                user: self.user,
-                api_key: self.api_key,
-                counters: Counters::default(),
-                logged_tiers: RwLock::new(HashSet::new()),
-            }),
+            shared: Arc::new(Shared::new(self.live, self.tier, self.user, self.api_key)),
             kind: PhantomData,
         }
     }

@@ -87,6 +87,7 @@ pub(crate) mod headers;
 mod key;
 mod layer;
 mod plan;
+mod policy_header;
 mod service;
 mod shared;
 

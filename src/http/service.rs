@@ -13,10 +13,10 @@ use super::future::{Answer, BodyKind, Finish, ResponseFuture, Wrapped};
 use super::headers::Attach;
 use super::key::Keys;
 use super::plan::{Detached, Prepared};
-use super::shared::Shared;
+use super::shared::{Shared, Snapshot};
 #[cfg(doc)]
 use super::{PeerAddr, RateLimitLayer, ShadowVerdict, Stats, UserId};
-use crate::config::Rules;
+use arc_swap::Guard;
 
 /// The service [`RateLimitLayer`] makes: decides on each request before the inner service
 /// sees it.
@@ -92,16 +92,17 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let rules = self.shared.live.load();
+        let snap = self.shared.snapshot();
+        let rules = &snap.rules;
         let mut keys = Keys::empty();
         // The request is split into its parts only for a resolver (they take `Parts`).
         let prepared = if self.shared.resolves() {
             let (parts, body) = req.into_parts();
-            let prepared = self.shared.prepare(&rules, &parts, &mut keys);
+            let prepared = self.shared.prepare(rules, &parts, &mut keys);
             req = Request::from_parts(parts, body);
             prepared
         } else {
-            self.shared.prepare(&rules, &req, &mut keys)
+            self.shared.prepare(rules, &req, &mut keys)
         };
         // The inner service is called from one place, so that the request and its future are
         // moved as little as possible.
@@ -111,9 +112,9 @@ where
             Prepared::Shadow(v) => Finish::new(Attach::default(), Some(v)),
             Prepared::Check(plan) if rules.is_distributed() => {
                 let plan = plan.detach();
-                return self.distributed(req, plan, Arc::clone(&rules));
+                return self.distributed(req, plan, Guard::into_inner(snap));
             }
-            Prepared::Check(plan) => match self.shared.decide(&rules, &plan) {
+            Prepared::Check(plan) => match self.shared.decide(&snap, &plan) {
                 Action::Refuse(r) => return ResponseFuture::ready(r.answer(&req)),
                 Action::Pass(finish) => finish,
             },
@@ -132,7 +133,7 @@ impl<S, K> RateLimit<S, K> {
         &mut self,
         mut req: Request<ReqBody>,
         plan: Detached,
-        rules: Arc<Rules>,
+        snap: Arc<Snapshot>,
     ) -> ResponseFuture<S::Future, ResBody, S::Error, K>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -146,8 +147,8 @@ impl<S, K> RateLimit<S, K> {
         let shared = self.shared.clone();
         ResponseFuture::boxed(Box::pin(async move {
             // A reload may have removed every limit of the plan: nothing left to check.
-            let action = match plan.attach(&rules) {
-                Some(plan) => shared.decide_async(&rules, &plan).await,
+            let action = match plan.attach(&snap.rules) {
+                Some(plan) => shared.decide_async(&snap, &plan).await,
                 None => Action::Pass(Finish::default()),
             };
             match action {
