@@ -53,6 +53,11 @@ fn with(fields: Value) -> String {
 }
 
 fn app(layer: RateLimitLayer) -> Router {
+    routes().layer(layer)
+}
+
+/// The test routes, without the layer.
+fn routes() -> Router {
     Router::new()
         .route("/", get(|| async { "hello" }))
         .route("/api/ai/generate", post(|| async { "generated" }))
@@ -65,11 +70,15 @@ fn app(layer: RateLimitLayer) -> Router {
                 }
             }),
         )
-        .layer(layer)
 }
 
 /// The layer with the demo resolvers: user id from `x-user`, tier from `x-tier`.
 fn layer(live: LiveConfig) -> RateLimitLayer {
+    builder(live).build()
+}
+
+/// [`layer`]'s builder.
+fn builder(live: LiveConfig) -> tollgate::http::RateLimitLayerBuilder {
     let header = |name: &'static str| {
         move |p: &axum::http::request::Parts| {
             p.headers
@@ -81,7 +90,6 @@ fn layer(live: LiveConfig) -> RateLimitLayer {
     RateLimitLayer::builder(live)
         .user_resolver(header("x-user"))
         .tier_resolver(header("x-tier"))
-        .build()
 }
 
 async fn serve_router(router: Router, connect_info: bool) -> SocketAddr {
@@ -1339,24 +1347,7 @@ async fn the_same_body_layer_answers_byte_for_byte_as_the_wrapping_one() {
     assert_eq!(same, wrapped);
 }
 
-/// [`app`] behind the layer with [`layer`]'s resolvers, typed with the inner body.
+/// [`app`] behind [`layer`], typed with the inner body.
 fn app_same_body(live: LiveConfig) -> Router {
-    let header = |name: &'static str| {
-        move |p: &axum::http::request::Parts| {
-            p.headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(|s| s.to_owned().into())
-        }
-    };
-    let layer = RateLimitLayer::builder(live)
-        .user_resolver(header("x-user"))
-        .tier_resolver(header("x-tier"))
-        .build()
-        .same_body();
-    Router::new()
-        .route("/", get(|| async { "hello" }))
-        .route("/api/ai/generate", post(|| async { "generated" }))
-        .route("/whoami", get(|| async { "plain" }))
-        .layer(layer)
+    routes().layer(builder(live).build().same_body())
 }
