@@ -153,7 +153,9 @@ pub(crate) struct ApplyReport {
 }
 
 /// The state a node's handle, its sync task and its limiters share. Its fields are private to
-/// the node; the limiters' keys read what they need through the methods below.
+/// the node, and the limiters' keys read what they need through the methods below; four stay
+/// visible to the crate because the limiter reads them: `clock`, `sync_interval`, `lease` and
+/// `degraded_ever`.
 pub(crate) struct NodeInner {
     /// The store identity: unique per process (see [`NodeBuilder::id`]).
     id: NodeId,
@@ -290,6 +292,7 @@ impl NodeInner {
         self.counters.fail_open_admitted.fetch_add(cost, Ordering::Relaxed);
     }
 
+    /// The node has shut down (or is shutting down).
     pub(crate) fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Relaxed)
     }

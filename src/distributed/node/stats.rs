@@ -44,7 +44,7 @@ pub struct NodeStats {
     pub state_losses: u64,
     /// Times the sync task panicked and was restarted.
     pub task_restarts: u64,
-    /// Cost admitted by [`FailurePolicy::FailOpen`] while the circuit was open.
+    /// Cost admitted by [`FailurePolicy::FailOpen`](crate::FailurePolicy::FailOpen) while the circuit was open.
     pub fail_open_admitted: u64,
     /// Tokens returned in claims whose batch failed: the store may or may not have taken them
     /// back; this node no longer holds them (admits less, never more).
@@ -60,7 +60,7 @@ pub struct NodeStats {
     /// for since the previous one. Counted in `round_trips` too.
     pub claims_on_demand: u64,
     /// Times checks asked for a claim on demand beyond the node's budget
-    /// ([`NodeBuilder::claims_on_demand_per_second`]): their claims went with the next sync.
+    /// ([`NodeBuilder::claims_on_demand_per_second`](crate::NodeBuilder::claims_on_demand_per_second)): their claims went with the next sync.
     pub claims_on_demand_deferred: u64,
 }
 
