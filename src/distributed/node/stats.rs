@@ -194,11 +194,17 @@ impl NodeInner {
         }
     }
 
-    /// Claimed tokens held now, over every live member's keys.
+    /// Claimed tokens held now, over every live member's keys. The member list stays locked
+    /// meanwhile: a limiter registering under a name another has just left must not find
+    /// that one alive through this count.
     #[cfg(feature = "metrics")]
     fn held(&self) -> u64 {
-        let live: Vec<_> = self.members.lock().iter().filter_map(|(_, m)| m.upgrade()).collect();
-        live.iter().map(|m| m.held()).sum()
+        self.members
+            .lock()
+            .iter()
+            .filter_map(|(_, m)| m.upgrade())
+            .map(|m| m.held())
+            .sum()
     }
 }
 

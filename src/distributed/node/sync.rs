@@ -113,13 +113,9 @@ impl NodeInner {
     /// The steps of a sync: gate, probe, gather and settle, heartbeat, breaker feedback.
     async fn sync_steps(&self, drain: bool) {
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-        let permit = self.breaker.permit(self.clock.now_ns());
-        if permit == Permit::Wait && !drain {
-            // Open: the store is not touched; held tokens and the failure policy answer.
-            self.priority.store(false, Ordering::Release);
-            self.synced.notify_waiters();
+        let Some(permit) = self.gate(drain) else {
             return;
-        }
+        };
         let _one_at_a_time = self.sync_lock.lock().await;
         self.priority.store(false, Ordering::Release);
         let probed = permit == Permit::Probe;
@@ -142,14 +138,31 @@ impl NodeInner {
             }
             error => error,
         };
+        self.feedback(error, touched, now);
+        self.last_sync.store(now, Ordering::Relaxed);
+        self.synced.notify_waiters();
+    }
+
+    /// Whether this sync may go to the store, and how: `None` while the circuit is open (a
+    /// drain at shutdown goes all the same); held tokens and the failure policy answer then.
+    fn gate(&self, drain: bool) -> Option<Permit> {
+        let permit = self.breaker.permit(self.clock.now_ns());
+        if permit == Permit::Wait && !drain {
+            self.priority.store(false, Ordering::Release);
+            self.synced.notify_waiters();
+            return None;
+        }
+        Some(permit)
+    }
+
+    /// Feeds the breaker with a sync's result: its `error`, or its success if it `touched`
+    /// the store at `now` (a sync with nothing to send proves nothing about the store).
+    fn feedback(&self, error: Option<StoreError>, touched: bool, now: u64) {
         match error {
             Some(e) => self.failed(&e, self.clock.now_ns()),
-            // A sync with nothing to send proves nothing about the store.
             None if touched => self.succeeded(now),
             None => {}
         }
-        self.last_sync.store(now, Ordering::Relaxed);
-        self.synced.notify_waiters();
     }
 
     /// A half-open probe: one heartbeat on a fresh connection. True when the store answered
