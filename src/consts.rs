@@ -46,6 +46,46 @@ pub(crate) const CLOCK_RATE_TOLERANCE_PPM: u64 = 500;
 /// must stay spendable well beyond `CLAIM_MARGIN_NS`.
 pub(crate) const MIN_CLAIM_SPAN: Duration = Duration::from_millis(50);
 
+/// The range of a node's timing settings: its sync interval, its sync timeout and the
+/// circuit breaker's open times (one range for all of them).
+pub(crate) const MIN_NODE_TIMING: Duration = Duration::from_millis(1);
+
+/// See [`MIN_NODE_TIMING`].
+pub(crate) const MAX_NODE_TIMING: Duration = Duration::from_secs(3600);
+
+/// A node's default sync interval.
+pub(crate) const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The default lease is this many sync intervals, and at least [`MIN_DEFAULT_LEASE`].
+pub(crate) const LEASE_INTERVALS: u32 = 4;
+
+/// The shortest default lease.
+pub(crate) const MIN_DEFAULT_LEASE: Duration = Duration::from_secs(1);
+
+/// The default sync timeout is one sync interval, and at least this: a batch of many keys on
+/// a busy server is not a failure.
+pub(crate) const MIN_DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// A half-open probe is allowed half a sync interval, and at least this (never more than the
+/// sync timeout).
+pub(crate) const MIN_PROBE_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// A node's first heartbeat ([`crate::NodeBuilder::connect`]) is allowed the sync timeout, and
+/// at least this: a first connection may take longer than a sync is allowed to.
+pub(crate) const MIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A node tells the registry it is alive every sync, at most this often.
+pub(crate) const MIN_HEARTBEAT_PERIOD: Duration = Duration::from_secs(1);
+
+/// The registry counts a node for this many heartbeat periods (and at least one lease) after
+/// its last heartbeat: a node drops out of the count only after missing this many (with one,
+/// the count flickered between heartbeats that came a little late).
+pub(crate) const HEARTBEAT_TTL_PERIODS: u32 = 3;
+
+/// Two syncs are at least a tenth of the sync interval apart (early ones included), and at
+/// least this.
+pub(crate) const MIN_SYNC_GAP: Duration = Duration::from_millis(1);
+
 /// Redis Cluster: the most times one script call is sent (the first time, then after `MOVED`,
 /// `ASK`, `TRYAGAIN` or `NOSCRIPT`, none of which ran it) within one sync.
 #[cfg(feature = "redis")]

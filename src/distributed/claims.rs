@@ -1,6 +1,5 @@
 //! A distributed limiter's keys: claimed tokens per key, spent by checks, topped up by syncs.
 
-use std::any::Any;
 use std::borrow::Borrow;
 use std::hash::Hash;
 use std::sync::atomic::AtomicUsize;
@@ -9,13 +8,14 @@ use std::sync::Arc;
 use papaya::HashMap;
 
 use super::ask::AskCell;
-use super::cell::{ClaimCell, Grant, Usage};
+use super::cell::{ClaimCell, Grant, Ledger, Usage};
+use super::demand::{self, Sizing};
 use super::identifier::Identifier;
 use super::node::{ApplyReport, ColdStart, FailurePolicy, Member, NodeInner};
 use crate::algorithm::Rule;
-use crate::consts::{CLAIM_MARGIN_NS, CLOCK_RATE_TOLERANCE_PPM, DEMAND_ONE};
+use crate::consts::{CLAIM_MARGIN_NS, CLOCK_RATE_TOLERANCE_PPM};
 use crate::local::cell::Cell;
-use crate::store::{Claim, ClaimOutcome, Limits, StoreAlgorithm};
+use crate::store::{Claim, ClaimOutcome, KeyError, Limits, StoreAlgorithm};
 use crate::sync::{AtomicU64, Ordering};
 
 /// How much sooner than the store's count claimed tokens stop being spendable, for tokens the
@@ -85,6 +85,8 @@ pub(crate) struct DistKeys<K> {
     /// The policy as local arithmetic (for the failure policy's share).
     rule: Rule,
     node: Arc<NodeInner>,
+    /// The keys the round in flight claimed for, in order, with what each claim wanted.
+    in_flight: parking_lot::Mutex<Vec<(K, u64)>>,
 }
 
 impl<K> DistKeys<K>
@@ -109,6 +111,7 @@ where
             limits,
             rule,
             node: node.clone(),
+            in_flight: parking_lot::Mutex::new(Vec::new()),
         });
         let weak: std::sync::Weak<dyn Member> = Arc::downgrade(&keys) as _;
         node.register(namespace, weak)?;
@@ -132,7 +135,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        if self.node.breaker.is_open() || self.node.is_stopped() {
+        if self.node.breaker().is_open() || self.node.is_stopped() {
             return false;
         }
         let guard = self.map.guard();
@@ -182,7 +185,7 @@ where
             return None;
         }
         let mut fresh = DistCell::default();
-        if let ColdStart::Optimistic(n) = self.node.cold_start {
+        if let ColdStart::Optimistic(n) = self.node.cold_start() {
             fresh.claim = ClaimCell::with_cold(n);
         }
         match self.map.try_insert(key.to_owned(), fresh, guard) {
@@ -241,7 +244,7 @@ where
             return Ask::Done(Outcome {
                 allowed: false,
                 remaining: 0,
-                retry_after_ns: self.node.sync_interval.as_nanos() as u64,
+                retry_after_ns: self.node.timing().interval_ns(),
                 reset_after_ns: 0,
                 untracked: true,
                 degraded: false,
@@ -257,7 +260,7 @@ where
             Err(valid_until) => valid_until,
         };
         // Held tokens do not cover it: the store decides, unless it is unreachable.
-        if self.node.breaker.is_open() || cell.failed_since.load(Ordering::Relaxed) != 0 {
+        if self.node.breaker().is_open() || cell.failed_since.load(Ordering::Relaxed) != 0 {
             return Ask::Done(self.degraded(cell, cost, now, true));
         }
         if valid_until == 0 && !self.node.is_stopped() && cell.claim.take_cold(cost) {
@@ -290,12 +293,7 @@ where
     #[cold]
     fn degraded(&self, cell: &DistCell, cost: u64, now: u64, take: bool) -> Outcome {
         let node = &*self.node;
-        let wait = node
-            .breaker
-            .open_until()
-            .saturating_sub(now)
-            .max(node.sync_interval.as_nanos() as u64 / 10)
-            .max(1);
+        let wait = node.retry_hint(now);
         let answer = |allowed: bool, remaining: u64, retry_after_ns: u64, reset_after_ns: u64| Outcome {
             allowed,
             remaining,
@@ -304,7 +302,7 @@ where
             untracked: false,
             degraded: true,
         };
-        match node.failure_policy {
+        match node.failure_policy() {
             FailurePolicy::FailClosed => answer(false, 0, wait, 0),
             FailurePolicy::FailOpen => {
                 if take {
@@ -323,8 +321,8 @@ where
                     // spent before the share. A share that started full would add its whole
                     // capacity to every outage (and a store restarted empty adds one more).
                     let mut since = 0;
-                    if node.breaker.is_open() {
-                        since = node.breaker.outage_since();
+                    if node.breaker().is_open() {
+                        since = node.breaker().outage_since();
                     }
                     since = since.max(cell.failed_since.load(Ordering::Relaxed));
                     let step = if take {
@@ -354,7 +352,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        if self.node.failure_policy != FailurePolicy::LocalShare {
+        if self.node.failure_policy() != FailurePolicy::LocalShare {
             return;
         }
         let guard = self.map.guard();
@@ -364,14 +362,13 @@ where
     }
 
     fn outcome(&self, cell: &DistCell, allowed: bool, local: u64, now: u64) -> Outcome {
-        let interval = self.node.sync_interval.as_nanos() as u64;
         let retry = if allowed {
             0
         } else {
             cell.exhausted_until
                 .load(Ordering::Relaxed)
                 .saturating_sub(now)
-                .max(interval / 10)
+                .max(self.node.timing().retry_floor_ns())
                 .max(1)
         };
         Outcome {
@@ -410,7 +407,7 @@ where
             Some(cell) => {
                 let valid = now < cell.claim.valid_until();
                 let tokens = if valid { cell.claim.held(Ordering::Acquire) } else { 0 };
-                if tokens < cost && (self.node.breaker.is_open() || cell.failed_since.load(Ordering::Relaxed) != 0) {
+                if tokens < cost && (self.node.breaker().is_open() || cell.failed_since.load(Ordering::Relaxed) != 0) {
                     return self.degraded(cell, cost, now, false);
                 }
                 let cold = if cell.claim.valid_until() == 0 {
@@ -420,14 +417,10 @@ where
                 };
                 self.outcome(cell, tokens >= cost || cold >= cost, tokens, now)
             }
-            None if self.node.breaker.is_open() => self.degraded(&DistCell::default(), cost, now, false),
+            None if self.node.breaker().is_open() => self.degraded(&DistCell::default(), cost, now, false),
             None => {
-                let allowed = matches!(self.node.cold_start, ColdStart::Optimistic(n) if n >= cost);
-                let retry = if allowed {
-                    0
-                } else {
-                    self.node.sync_interval.as_nanos() as u64
-                };
+                let allowed = matches!(self.node.cold_start(), ColdStart::Optimistic(n) if n >= cost);
+                let retry = if allowed { 0 } else { self.node.timing().interval_ns() };
                 Outcome {
                     allowed,
                     remaining: 0,
@@ -452,102 +445,117 @@ where
     /// The key's claim for this sync (`None`: nothing to ask, return or tell), with `asked`
     /// units asked for on demand by waiting checks on top of what its demand calls for.
     fn claim_for(&self, key: &K, cell: &DistCell, now: u64, drain: bool, seq: u64, asked: u64) -> Option<Claim> {
-        let node = &*self.node;
         let capacity = self.limits.capacity();
         let mut s = cell.claim.lock();
-        let Usage {
-            valid,
-            held,
-            spent,
-            cold_used,
-            denied,
-        } = cell.claim.measure(&mut s, now);
-        // Demand per sync interval, scaled when this sync comes early (priority).
-        let interval = node.sync_interval.as_nanos() as u64;
-        let elapsed = if s.last == 0 {
-            interval
-        } else {
-            now.saturating_sub(s.last).clamp(interval / 10, interval)
-        };
-        let raw = spent + denied + cold_used;
-        let per_interval = (raw as u128 * interval as u128 / elapsed.max(1) as u128) as u64;
-        // The estimate (in 1/DEMAND_ONE units) decays by half per interval of time, not per
-        // sync: a node that syncs ten times an interval for its busy keys must not forget
-        // a slow key's demand ten times as fast (it would return that key's tokens between two
-        // of its requests and deny the next one). It still reaches 0, so that an unused key is
-        // eventually forgotten.
-        let decay = (u128::from(s.demand) * u128::from(elapsed))
-            .div_ceil(2 * u128::from(interval.max(1)))
-            .min(u128::from(s.demand)) as u64;
-        let now_fp = per_interval.saturating_mul(DEMAND_ONE);
-        s.demand = now_fp.max(s.demand - decay);
-        s.last = now;
-        s.heat.observe(raw, now, node.lease.as_nanos() as u64);
+        let usage = cell.claim.measure(&mut s, now);
+        let used = usage.spent + usage.denied + usage.cold_used;
+        self.observe(&mut s, &usage, used, asked, now);
         let exhausted = now < cell.exhausted_until.load(Ordering::Relaxed);
-        // Who checks the key: checks that wait for a claim on demand, or checks that cannot
-        // wait (their denials are the demand), as the latest sign says.
-        if asked > 0 {
-            s.waiting = true;
-        } else if denied > 0 {
-            s.waiting = false;
-        }
-        let target = if drain || (raw == 0 && !valid) || (s.waiting && !s.heat.hot) {
+        let target = if drain || (used == 0 && !usage.valid) || (s.waiting && !s.heat.hot) {
             // Shutting down; no demand since the held tokens expired; or a cold key whose
             // checks wait for claims on demand: nothing is claimed ahead of its checks.
             0
         } else {
             // A hot key, or checks that cannot wait: tokens ahead of the checks, from demand.
-            let t = (u128::from(s.demand.div_ceil(DEMAND_ONE)) * node.headroom_percent as u128 / 100) as u64;
-            t.max(u64::from(raw > 0)).min(capacity)
+            self.sizing().target(s.demand, used, capacity)
         };
-        // What waiting checks asked for comes on top.
-        let need = target.saturating_add(asked).min(capacity);
-        // Return what is well above the need (hysteresis: keep up to twice the need).
-        let excess = if held > need.saturating_mul(2) || drain {
-            held - need.min(held)
-        } else {
-            0
-        };
-        let (returned, kept) = cell.claim.give_back(&mut s, excess);
+        let need = demand::need(target, asked, capacity);
+        let (returned, kept) = cell.claim.give_back(&mut s, demand::excess(usage.held, need, drain));
         let wanted = if exhausted || drain {
             0
-        } else if cell.failed_since.load(Ordering::Relaxed) != 0 {
-            // The store failed this key alone: every sync asks again (at least one token), the
-            // only way its checks leave the failure policy (the key is not forgotten meanwhile:
-            // its cell holds its share).
-            (need.saturating_sub(kept) + s.debt.min(capacity)).max(1)
         } else {
-            need.saturating_sub(kept) + s.debt.min(capacity)
+            // A key the store failed alone asks at every sync (its cell, holding its share, stays).
+            let failed = cell.failed_since.load(Ordering::Relaxed) != 0;
+            demand::wanted(need, kept, s.debt, capacity, failed)
         };
-        cell.claim.set_low(target / 4);
-        if returned == 0 && wanted == 0 && (s.debt == 0 || exhausted) {
-            // Nothing to ask for or give back. When the key has just gone quiet, tell the store
-            // once what this node still holds, so it stops counting spent tokens against the
-            // capacity; otherwise stay silent: an exhausted key hammered by a client, or an idle
-            // one, costs the store nothing.
-            let just_idle = raw == 0 && s.idle == 0 && s.claimed && !drain && s.told > 0;
-            if raw == 0 {
-                s.idle = s.idle.saturating_add(1);
-            }
-            if !just_idle {
-                return None;
-            }
-        } else {
-            s.idle = 0;
+        cell.claim.set_low(demand::low_mark(target));
+        if Self::silent(&mut s, returned, wanted, exhausted, used, drain) {
+            return None;
         }
         let mut id = Vec::with_capacity(32);
         key.write_identifier(&mut id);
         Some(Claim {
-            key: node.encoder.encode(self.namespace, &id),
+            key: self.node.encoder().encode(self.namespace, &id),
             limits: self.limits,
             kept,
             returned,
-            wanted: wanted.min(capacity),
+            wanted,
             window: s.window,
             seq,
         })
     }
 
+    /// The node's settings for claim sizes.
+    fn sizing(&self) -> Sizing {
+        Sizing {
+            interval_ns: self.node.timing().interval_ns(),
+            headroom_percent: self.node.headroom_percent(),
+        }
+    }
+
+    /// Records a sync's measure of the key: its demand estimate, its heat, and who checks it.
+    fn observe(&self, s: &mut Ledger, usage: &Usage, used: u64, asked: u64, now: u64) {
+        s.demand = self.sizing().estimate(s.demand, s.last, now, used);
+        s.last = now;
+        s.heat.observe(used, now, self.node.timing().lease_ns());
+        // Who checks the key: checks that wait for a claim on demand, or checks that cannot
+        // wait (their denials are the demand), as the latest sign says.
+        if asked > 0 {
+            s.waiting = true;
+        } else if usage.denied > 0 {
+            s.waiting = false;
+        }
+    }
+
+    /// Whether the key's claim stays unsent: nothing to ask for or give back. When the key has
+    /// just gone quiet, the store is told once what this node still holds, so it stops
+    /// counting spent tokens against the capacity; otherwise the key stays silent: an
+    /// exhausted key hammered by a client, or an idle one, costs the store nothing.
+    fn silent(s: &mut Ledger, returned: u64, wanted: u64, exhausted: bool, used: u64, drain: bool) -> bool {
+        if returned == 0 && wanted == 0 && (s.debt == 0 || exhausted) {
+            let just_idle = used == 0 && s.idle == 0 && s.claimed && !drain && s.told > 0;
+            if used == 0 {
+                s.idle = s.idle.saturating_add(1);
+            }
+            !just_idle
+        } else {
+            s.idle = 0;
+            false
+        }
+    }
+
+    /// A claim the store failed for this key alone: the failure policy answers for it until a
+    /// claim succeeds; nothing was granted and what it returned is gone.
+    fn key_failed(&self, cell: &DistCell, e: &KeyError, report: &mut ApplyReport) {
+        if cell.failed_since.load(Ordering::Relaxed) == 0 {
+            self.node.mark_degraded();
+            cell.failed_since
+                .store(self.node.clock.now_ns().max(1), Ordering::Relaxed);
+        }
+        report.key_errors += 1;
+        if report.first_key_error.is_none() {
+            report.first_key_error = Some(e.to_string());
+        }
+    }
+
+    /// Until when the tokens `grant` brought may be spent: the end of their window, or one
+    /// lease after the claim was sent at `sent_at` (the store counts them for one to two
+    /// leases after receiving it), less a margin for clock lag and rounding.
+    fn valid_until(&self, grant: &crate::store::Grant, sent_at: u64) -> u64 {
+        let ms = 1_000_000u64;
+        let span_ns = match self.limits.algorithm() {
+            StoreAlgorithm::TokenBucket => self.node.timing().lease_ns(),
+            StoreAlgorithm::FixedWindow => grant.ms_to_reset.saturating_mul(ms),
+            // The store reports the end of the next window, once this one's count decays.
+            StoreAlgorithm::SlidingWindow => grant
+                .ms_to_reset
+                .saturating_mul(ms)
+                .saturating_sub(self.limits.period_us().saturating_mul(1000)),
+        };
+        sent_at.saturating_add(span_ns).saturating_sub(claim_margin_ns(span_ns))
+    }
+
+    /// Applies one claim's outcome (`None`: its batch failed) to the key's cell.
     fn apply_one(
         &self,
         cell: &DistCell,
@@ -558,22 +566,7 @@ where
     ) {
         let grant = match outcome {
             Some(Ok(grant)) => grant,
-            Some(Err(e)) => {
-                // This key alone failed: the failure policy answers for it until a claim
-                // succeeds; nothing was granted and what it returned is gone.
-                if cell.failed_since.load(Ordering::Relaxed) == 0 {
-                    self.node
-                        .degraded_ever
-                        .store(true, std::sync::atomic::Ordering::Release);
-                    cell.failed_since
-                        .store(self.node.clock.now_ns().max(1), Ordering::Relaxed);
-                }
-                report.key_errors += 1;
-                if report.first_key_error.is_none() {
-                    report.first_key_error = Some(e.to_string());
-                }
-                return;
-            }
+            Some(Err(e)) => return self.key_failed(cell, e, report),
             // The batch failed: nothing granted; what was returned is gone.
             None => return,
         };
@@ -584,36 +577,22 @@ where
             return;
         }
         cell.failed_since.store(0, Ordering::Relaxed);
-        let node = &*self.node;
         let mut s = cell.claim.lock();
         // The store lost state only if this node's claim was still valid when it was sent
         // (otherwise the store may rightly have forgotten it).
         if grant.state_lost && s.claimed && sent_at < cell.claim.valid_until() {
             report.state_lost += 1;
         }
-        let now = node.clock.now_ns();
+        let now = self.node.clock.now_ns();
         let ms = 1_000_000u64;
         let windowed = self.limits.algorithm() != StoreAlgorithm::TokenBucket;
-        // Until when the tokens may be spent: the end of their window, or one lease after
-        // this sync was sent (the store counts them for one to two leases after receiving
-        // it), less a margin for clock lag and rounding.
-        let span_ns = match self.limits.algorithm() {
-            StoreAlgorithm::TokenBucket => node.lease.as_nanos() as u64,
-            StoreAlgorithm::FixedWindow => grant.ms_to_reset.saturating_mul(ms),
-            // The store reports the end of the next window, once this one's count decays.
-            StoreAlgorithm::SlidingWindow => grant
-                .ms_to_reset
-                .saturating_mul(ms)
-                .saturating_sub(self.limits.period_us().saturating_mul(1000)),
-        };
-        let valid_until = sent_at.saturating_add(span_ns).saturating_sub(claim_margin_ns(span_ns));
         cell.claim.apply(
             &mut s,
             Grant {
                 granted: grant.granted,
                 revoked: grant.revoked,
                 window: windowed.then_some(grant.window),
-                valid_until,
+                valid_until: self.valid_until(grant, sent_at),
             },
         );
         cell.store_remaining.store(grant.remaining, Ordering::Relaxed);
@@ -632,24 +611,20 @@ where
     }
 }
 
-/// The keys a call carried claims for, in order, with what each claim wanted.
-struct Ticket<K>(Vec<(K, u64)>);
-
 impl<K> Member for DistKeys<K>
 where
     K: Hash + Eq + Send + Sync + Clone + Identifier + 'static,
 {
-    fn prepare(&self, _node: &NodeInner, now: u64, drain: bool, seq: u64, out: &mut Vec<Claim>) -> Box<dyn Any + Send> {
+    fn prepare(&self, now: u64, drain: bool, seq: u64, out: &mut Vec<Claim>) {
         // Every key is visited, those asked for included: their queue entries are dropped
         // first, so that a key asked for again while this runs queues itself anew.
         drop(std::mem::take(&mut *self.queue.lock()));
         // While the failure policy answers (the circuit is not closed: a drain at shutdown
         // runs then too), a key's cell holds its share's state: forgotten, the key would come
         // back with a fresh share.
-        let may_forget = !self.node.breaker.is_open();
+        let may_forget = !self.node.breaker().is_open();
         let guard = self.map.guard();
-        let mut keys = Vec::new();
-        let mut forget = Vec::new();
+        let (mut keys, mut forget) = (Vec::new(), Vec::new());
         for (key, cell) in self.map.iter(&guard) {
             let asked = cell.ask.take();
             match self.claim_for(key, cell, now, drain, seq, asked) {
@@ -676,10 +651,10 @@ where
                 self.len.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        Box::new(Ticket(keys))
+        *self.in_flight.lock() = keys;
     }
 
-    fn prepare_asked(&self, _node: &NodeInner, now: u64, seq: u64, out: &mut Vec<Claim>) -> Box<dyn Any + Send> {
+    fn prepare_asked(&self, now: u64, seq: u64, out: &mut Vec<Claim>) {
         let queued = std::mem::take(&mut *self.queue.lock());
         let guard = self.map.guard();
         let mut keys = Vec::with_capacity(queued.len());
@@ -697,7 +672,7 @@ where
                 out.push(claim);
             }
         }
-        Box::new(Ticket(keys))
+        *self.in_flight.lock() = keys;
     }
 
     #[cfg(feature = "metrics")]
@@ -709,22 +684,17 @@ where
             .sum()
     }
 
-    fn apply(
-        &self,
-        _node: &NodeInner,
-        ticket: Box<dyn Any + Send>,
-        sent_at: u64,
-        outcomes: &[Option<ClaimOutcome>],
-        report: &mut ApplyReport,
-    ) {
-        let Ok(ticket) = ticket.downcast::<Ticket<K>>() else {
-            return;
-        };
+    fn apply(&self, sent_at: u64, outcomes: &[Option<ClaimOutcome>], report: &mut ApplyReport) {
+        let keys = std::mem::take(&mut *self.in_flight.lock());
+        debug_assert_eq!(keys.len(), outcomes.len(), "one outcome per claim of the round");
         let guard = self.map.guard();
-        for ((key, wanted), outcome) in ticket.0.iter().zip(outcomes) {
+        for ((key, wanted), outcome) in keys.iter().zip(outcomes) {
             if let Some(cell) = self.map.get(key, &guard) {
                 self.apply_one(cell, outcome.as_ref(), *wanted, sent_at, report);
             }
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -26,6 +26,7 @@ mod ask;
 mod breaker;
 mod cell;
 mod claims;
+mod demand;
 mod heat;
 mod identifier;
 #[cfg(all(test, tollgate_loom))]
