@@ -530,7 +530,7 @@ where
         if cell.failed_since.load(Ordering::Relaxed) == 0 {
             self.node.mark_degraded();
             cell.failed_since
-                .store(self.node.clock.now_ns().max(1), Ordering::Relaxed);
+                .store(self.node.clock().now_ns().max(1), Ordering::Relaxed);
         }
         report.key_errors += 1;
         if report.first_key_error.is_none() {
@@ -583,7 +583,7 @@ where
         if grant.state_lost && s.claimed && sent_at < cell.claim.valid_until() {
             report.state_lost += 1;
         }
-        let now = self.node.clock.now_ns();
+        let now = self.node.clock().now_ns();
         let ms = 1_000_000u64;
         let windowed = self.limits.algorithm() != StoreAlgorithm::TokenBucket;
         cell.claim.apply(

@@ -36,9 +36,9 @@ where
     if policy.get_block_duration().is_some() {
         return Err(invalid("block_duration", "not available in distributed mode".into()));
     }
-    let limits =
-        Limits::from_policy(policy, node.lease).map_err(|e| invalid(limits_field(&e, policy), e.to_string()))?;
-    if let Some(advice) = sizing_advice(policy, node.sync_interval) {
+    let limits = Limits::from_policy(policy, node.timing().lease())
+        .map_err(|e| invalid(limits_field(&e, policy), e.to_string()))?;
+    if let Some(advice) = sizing_advice(policy, node.timing().interval()) {
         tracing::warn!(limiter = name, "{advice}");
     }
     if policy.get_algorithm() != Algorithm::TokenBucket && policy.duration() < MIN_CLAIM_SPAN {

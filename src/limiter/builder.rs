@@ -101,7 +101,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> LimiterBuilder<K> {
             // In distributed mode checks compare claim validity with the node's clock.
             Some((node, setup)) => (
                 Mode::Distributed(setup(&node, name, &self.policy, self.max_keys)?),
-                node.inner.clock.clone(),
+                node.inner.clock().clone(),
             ),
             None => (
                 Mode::Local {

@@ -290,7 +290,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         let now = self.inner.clock.now_ns();
         let taken = match &self.inner.mode {
             Mode::Local { .. } => Taken::Key { at: now },
-            Mode::Distributed(dist) if dist.node().degraded_ever.load(std::sync::atomic::Ordering::Acquire) => return,
+            Mode::Distributed(dist) if dist.node().degraded_ever() => return,
             Mode::Distributed(_) => Taken::Claimed,
         };
         self.give_back(key, cost, taken, now);

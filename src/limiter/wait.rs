@@ -113,7 +113,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
     /// for such a key between its requests, so no token sits on one node while the client's
     /// next request lands on another. The wait is bounded by the sync interval plus the sync
     /// timeout; past the node's budget of calls on demand
-    /// ([`NodeBuilder::claims_on_demand_per_second`](crate::NodeBuilder::claims_on_demand_per_second))
+    /// ([`NodeBuilder::claims_on_demand_per_second`](crate::distributed::NodeBuilder::claims_on_demand_per_second))
     /// the claim goes with the next sync. While the store is unreachable nothing is waited for:
     /// the failure policy answers. In local mode it answers at once.
     pub async fn check_async<Q>(&self, key: &Q) -> Decision

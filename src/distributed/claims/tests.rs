@@ -13,7 +13,7 @@ fn node() -> Node {
 
 fn keys(node: &Node) -> Arc<DistKeys<String>> {
     let policy = Policy::per_second(100);
-    let limits = Limits::from_policy(&policy, node.inner.lease).unwrap();
+    let limits = Limits::from_policy(&policy, node.inner.timing().lease()).unwrap();
     DistKeys::new(node.inner.clone(), NAMESPACE, limits, policy.compile().unwrap(), 100).unwrap()
 }
 
@@ -68,7 +68,7 @@ fn assert_held(node: &Node, keys: &DistKeys<String>, claims: &[Claim], grants: &
 fn each_outcome_reaches_the_key_whose_claim_carried_it() {
     let node = node();
     let keys = keys(&node);
-    let now = node.inner.clock.now_ns();
+    let now = node.inner.clock().now_ns();
     let names = ["a", "b", "c"];
     for name in names {
         assert!(!keys.take(&name.to_string(), 1, now).allowed, "no claim yet");
@@ -86,7 +86,7 @@ fn each_outcome_reaches_the_key_whose_claim_carried_it() {
 fn a_round_that_never_settled_leaves_nothing_to_the_next_one() {
     let node = node();
     let keys = keys(&node);
-    let now = node.inner.clock.now_ns();
+    let now = node.inner.clock().now_ns();
     assert!(!keys.take(&"a".to_string(), 1, now).allowed);
     let mut lost = Vec::new();
     keys.prepare(now, false, 1, &mut lost);
@@ -105,7 +105,7 @@ fn a_round_that_never_settled_leaves_nothing_to_the_next_one() {
 fn a_round_on_demand_hands_its_outcomes_to_the_keys_asked_for() {
     let node = node();
     let keys = keys(&node);
-    let now = node.inner.clock.now_ns();
+    let now = node.inner.clock().now_ns();
     let names = ["x", "y"];
     for name in names {
         assert!(keys.ask(&name.to_string(), 2, now), "{name} asks for a claim on demand");

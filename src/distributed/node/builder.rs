@@ -252,7 +252,7 @@ impl NodeBuilder {
     fn on_demand_budget(&self) -> Result<Option<crate::algorithm::Rule>, NodeError> {
         match self.on_demand_per_second {
             0 => Ok(None),
-            n => crate::Policy::per_second(n)
+            n => crate::policy::Policy::per_second(n)
                 .burst((n / 10).max(1))
                 .compile()
                 .map(Some)
@@ -274,8 +274,6 @@ impl NodeBuilder {
             id,
             seq: AtomicU64::new(0),
             store: self.store,
-            sync_interval: timing.interval(),
-            lease: timing.lease(),
             timing,
             batch_size: self.batch_size,
             cold_start: self.cold_start,

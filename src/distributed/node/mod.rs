@@ -165,16 +165,12 @@ pub(crate) struct NodeInner {
     store: Arc<dyn Store>,
     /// Every timing, derived from the settings once.
     timing: SyncTiming,
-    /// The sync interval, as in `timing` (read by the limiter's distributed setup).
-    pub(crate) sync_interval: Duration,
-    /// The lease, as in `timing` (read by the limiter's distributed setup).
-    pub(crate) lease: Duration,
     batch_size: usize,
     cold_start: ColdStart,
     encoder: KeyEncoder,
     headroom_percent: u64,
     /// The clock checks and leases are timed with (limiters on this node use it too).
-    pub(crate) clock: Clock,
+    clock: Clock,
     failure_policy: FailurePolicy,
     breaker: Breaker,
     expected_nodes: u64,
@@ -188,7 +184,7 @@ pub(crate) struct NodeInner {
     /// The failure policy has answered on this node (the circuit opened, or the store failed
     /// a key alone): a refund without its decision can no longer tell claimed tokens from a
     /// share's ([`Limiter::refund`](crate::Limiter::refund)).
-    pub(crate) degraded_ever: AtomicBool,
+    degraded_ever: AtomicBool,
     members: Mutex<Vec<(&'static str, Weak<dyn Member>)>>,
     /// Some key asked for an early sync since the last one.
     priority: AtomicBool,
@@ -233,6 +229,16 @@ impl NodeInner {
     }
 
     /// The timings derived from the node's settings.
+    /// The clock checks and leases are timed with.
+    pub(crate) fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// True once the failure policy has answered on this node.
+    pub(crate) fn degraded_ever(&self) -> bool {
+        self.degraded_ever.load(Ordering::Acquire)
+    }
+
     pub(crate) fn timing(&self) -> &SyncTiming {
         &self.timing
     }
