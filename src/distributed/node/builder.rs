@@ -46,7 +46,7 @@ pub enum FailurePolicy {
     /// rounds down to 0 is denied. The default.
     #[default]
     LocalShare,
-    /// Admit everything (opt-in). Each admission is counted in [`NodeStats::fail_open_admitted`](crate::NodeStats::fail_open_admitted)
+    /// Admit everything (opt-in). Each admission is counted in [`NodeStats::fail_open_admitted`](crate::node::NodeStats::fail_open_admitted)
     /// and the opening of the circuit is logged as a warning.
     FailOpen,
     /// Deny everything held tokens do not cover.
@@ -223,7 +223,7 @@ impl NodeBuilder {
     /// do not cover it); default 500, a tenth of it at once. One call carries every key asked
     /// for since the previous call, so a flood of new keys makes larger calls, not more of
     /// them. Past the budget such claims go with the next sync (counted in
-    /// [`NodeStats::claims_on_demand_deferred`](crate::NodeStats::claims_on_demand_deferred)); 0 sends them all with the syncs.
+    /// [`NodeStats::claims_on_demand_deferred`](crate::node::NodeStats::claims_on_demand_deferred)); 0 sends them all with the syncs.
     pub fn claims_on_demand_per_second(mut self, calls: u64) -> Self {
         self.on_demand_per_second = calls;
         self
