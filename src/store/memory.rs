@@ -365,9 +365,9 @@ impl Bucket {
             return self.ep;
         }
         if ep > self.ep {
-            // Holdings stop counting at epoch ends: those of epoch `self.ep - 1` (prev) at the end of
-            // `self.ep`, those of `self.ep` (cur) at the end of the next. The store never learns when a
-            // node that stopped syncing spent them, so it takes them as spent when their count
+            // Holdings stop counting at epoch ends: those of epoch `self.ep - 1` (prev) at the end
+            // of `self.ep`, those of `self.ep` (cur) at the end of the next. The store never learns
+            // when a node that stopped syncing spent them, so it takes them as spent when their count
             // ends: refill accrued before that end is capped by the holdings that still counted.
             // (Without this, a node that spends its tokens late and then vanishes hands the store
             // refill for the whole time it held them.)
