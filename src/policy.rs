@@ -142,15 +142,30 @@ impl Policy {
     }
 
     pub(crate) fn compile(&self) -> Result<Rule, PolicyError> {
-        let err = |field, reason: String| Err(PolicyError { field, reason });
+        self.check_points()?;
+        let duration_ns = self.check_duration()?;
+        let block_ns = self.check_block_duration()?;
+        match self.algorithm {
+            Algorithm::TokenBucket => self.token_bucket_rule(duration_ns, block_ns),
+            Algorithm::FixedWindow | Algorithm::SlidingWindow => self.window_rule(duration_ns, block_ns),
+        }
+    }
+
+    /// `points`, on its own: above 0 and at most [`MAX_CAPACITY`].
+    fn check_points(&self) -> Result<(), PolicyError> {
         if self.points == 0 {
-            return err("points", "must be > 0".into());
+            return invalid("points", "must be > 0".into());
         }
         if self.points > MAX_CAPACITY {
-            return err("points", format!("must be <= {MAX_CAPACITY} (got {})", self.points));
+            return invalid("points", format!("must be <= {MAX_CAPACITY} (got {})", self.points));
         }
+        Ok(())
+    }
+
+    /// `duration`, between [`MIN_DURATION`] and [`MAX_DURATION`]; returns it in nanoseconds.
+    fn check_duration(&self) -> Result<u64, PolicyError> {
         if self.duration < MIN_DURATION {
-            return err(
+            return invalid(
                 "duration",
                 format!(
                     "must be >= {} s (got {} s)",
@@ -160,7 +175,7 @@ impl Policy {
             );
         }
         if self.duration > MAX_DURATION {
-            return err(
+            return invalid(
                 "duration",
                 format!(
                     "must be <= {} s (one year; got {} s)",
@@ -169,10 +184,15 @@ impl Policy {
                 ),
             );
         }
-        let duration_ns = self.duration.as_nanos() as u64;
+        Ok(self.duration.as_nanos() as u64)
+    }
+
+    /// `block_duration`, if set: above 0 and at most [`MAX_DURATION`]; returns it in
+    /// nanoseconds (0 when not set).
+    fn check_block_duration(&self) -> Result<u64, PolicyError> {
         if let Some(block) = self.block_duration {
             if block.is_zero() || block > MAX_DURATION {
-                return err(
+                return invalid(
                     "block_duration",
                     format!(
                         "must be > 0 and <= {} s (got {} s)",
@@ -182,66 +202,73 @@ impl Policy {
                 );
             }
         }
-        let block_ns = self.block_duration.map_or(0, |b| b.as_nanos() as u64);
-        match self.algorithm {
-            Algorithm::TokenBucket => {
-                let rate_per_sec = self.points as u128 * 1_000_000_000 / duration_ns as u128;
-                if rate_per_sec > MAX_RATE_PER_SEC as u128 {
-                    return err(
-                        "points",
-                        format!("rate must be <= {MAX_RATE_PER_SEC} per second (got {rate_per_sec})"),
-                    );
-                }
-                let burst = self.burst.unwrap_or(self.points);
-                if burst == 0 {
-                    return err("burst", "must be > 0".into());
-                }
-                if burst > MAX_CAPACITY {
-                    return err("burst", format!("must be <= {MAX_CAPACITY} (got {burst})"));
-                }
-                let rule = Rule::token_bucket(burst, duration_ns, self.points, block_ns);
-                if rule.aux > MAX_TIME_NS {
-                    return err(
-                        "burst",
-                        format!(
-                            "refilling {burst} tokens at {} per {} s takes over 2^62 ns",
-                            self.points,
-                            self.duration.as_secs_f64()
-                        ),
-                    );
-                }
-                Ok(rule)
-            }
-            Algorithm::FixedWindow | Algorithm::SlidingWindow => {
-                if self.burst.is_some() {
-                    return err(
-                        "burst",
-                        format!(
-                            "only token_bucket has a burst; {} allows `points` per window",
-                            self.algorithm.as_str()
-                        ),
-                    );
-                }
-                let rule = if self.algorithm == Algorithm::FixedWindow {
-                    Rule::fixed_window(self.points, duration_ns, block_ns)
-                } else {
-                    Rule::sliding_window(self.points, duration_ns, block_ns)
-                };
-                let max = rule.max_window_capacity();
-                if self.points > max {
-                    return err(
-                        "points",
-                        format!(
-                            "must be <= {max} for a {} of {} s (the state of a key is one 64-bit word)",
-                            self.algorithm.as_str(),
-                            self.duration.as_secs_f64()
-                        ),
-                    );
-                }
-                Ok(rule)
-            }
-        }
+        Ok(self.block_duration.map_or(0, |b| b.as_nanos() as u64))
     }
+
+    /// The token bucket's rule: its rate, its burst, and the time to refill the burst.
+    fn token_bucket_rule(&self, duration_ns: u64, block_ns: u64) -> Result<Rule, PolicyError> {
+        let rate_per_sec = self.points as u128 * 1_000_000_000 / duration_ns as u128;
+        if rate_per_sec > MAX_RATE_PER_SEC as u128 {
+            return invalid(
+                "points",
+                format!("rate must be <= {MAX_RATE_PER_SEC} per second (got {rate_per_sec})"),
+            );
+        }
+        let burst = self.burst.unwrap_or(self.points);
+        if burst == 0 {
+            return invalid("burst", "must be > 0".into());
+        }
+        if burst > MAX_CAPACITY {
+            return invalid("burst", format!("must be <= {MAX_CAPACITY} (got {burst})"));
+        }
+        let rule = Rule::token_bucket(burst, duration_ns, self.points, block_ns);
+        if rule.aux > MAX_TIME_NS {
+            return invalid(
+                "burst",
+                format!(
+                    "refilling {burst} tokens at {} per {} s takes over 2^62 ns",
+                    self.points,
+                    self.duration.as_secs_f64()
+                ),
+            );
+        }
+        Ok(rule)
+    }
+
+    /// A window algorithm's rule: no burst, and `points` within what a key's state word holds.
+    fn window_rule(&self, duration_ns: u64, block_ns: u64) -> Result<Rule, PolicyError> {
+        if self.burst.is_some() {
+            return invalid(
+                "burst",
+                format!(
+                    "only token_bucket has a burst; {} allows `points` per window",
+                    self.algorithm.as_str()
+                ),
+            );
+        }
+        let rule = if self.algorithm == Algorithm::FixedWindow {
+            Rule::fixed_window(self.points, duration_ns, block_ns)
+        } else {
+            Rule::sliding_window(self.points, duration_ns, block_ns)
+        };
+        let max = rule.max_window_capacity();
+        if self.points > max {
+            return invalid(
+                "points",
+                format!(
+                    "must be <= {max} for a {} of {} s (the state of a key is one 64-bit word)",
+                    self.algorithm.as_str(),
+                    self.duration.as_secs_f64()
+                ),
+            );
+        }
+        Ok(rule)
+    }
+}
+
+/// The error for `field`, rejected for `reason`.
+fn invalid<T>(field: &'static str, reason: String) -> Result<T, PolicyError> {
+    Err(PolicyError { field, reason })
 }
 
 /// A policy field that is out of range, with the reason.

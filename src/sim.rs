@@ -255,27 +255,8 @@ async fn virtual_run(s: &Scenario) -> Report {
     let clock = ManualClock::new();
     let store_time = ManualTime::new(EPOCH_US);
     let store = Arc::new(MemoryStore::with_time_source(store_time.source()));
-    let nodes: Vec<Node> = (0..s.nodes)
-        .map(|i| {
-            Node::builder(store.clone() as Arc<dyn Store>)
-                .sync_interval(s.sync_interval)
-                .cold_start(s.cold_start)
-                .clock(clock.clock())
-                .id(i as u64 + 1)
-                .build_manual()
-                .expect("valid node settings")
-        })
-        .collect();
-    let limiters: Vec<Limiter> = nodes
-        .iter()
-        .map(|n| {
-            Limiter::builder(s.policy.clone())
-                .name("tune")
-                .node(n)
-                .build()
-                .expect("valid policy")
-        })
-        .collect();
+    let nodes = virtual_nodes(s, &store, &clock);
+    let limiters = limiters(s, &nodes, "tune");
     let interval = s.sync_interval.as_nanos() as u64;
     let end = s.duration.as_nanos() as u64;
     let keys = key_names(s);
@@ -294,9 +275,7 @@ async fn virtual_run(s: &Scenario) -> Report {
         }
     }
     let timer = Clock::precise();
-    let mut offered = vec![Vec::new(); keys.len()];
-    let mut admitted = vec![Vec::new(); keys.len()];
-    let mut lat = Vec::new();
+    let mut tally = Tally::new(keys.len());
     while let Some(Reverse((t, ev))) = heap.pop() {
         if t > end {
             break;
@@ -317,12 +296,10 @@ async fn virtual_run(s: &Scenario) -> Report {
                 let k = (rng.next() % keys.len() as u64) as usize;
                 let start = timer.now_ns();
                 let d = limiters[i].check(keys[k].as_str());
-                if lat.len() < MAX_LATENCY_SAMPLES {
-                    lat.push(timer.now_ns().saturating_sub(start));
-                }
-                offered[k].push((t, 1));
+                tally.latency(timer.now_ns().saturating_sub(start));
+                tally.offered[k].push((t, 1));
                 if d.is_allowed() {
-                    admitted[k].push((t, 1));
+                    tally.admitted[k].push((t, 1));
                 }
                 if nodes[i].wants_priority_sync() {
                     let at = (last_sync[i] + interval / 10).max(t + 1);
@@ -335,11 +312,76 @@ async fn virtual_run(s: &Scenario) -> Report {
             }
         }
     }
+    let (round_trips, failed, opened) = node_totals(&nodes);
+    let health = (failed, opened, 0);
+    let Tally {
+        offered, admitted, lat, ..
+    } = tally;
+    report(s, &offered, &admitted, EPOCH_US * 1000, end, round_trips, lat, health)
+}
+
+/// The nodes of a virtual run: synced by the run itself, on the run's clock, sharing `store`.
+fn virtual_nodes(s: &Scenario, store: &Arc<MemoryStore>, clock: &ManualClock) -> Vec<Node> {
+    (0..s.nodes)
+        .map(|i| {
+            Node::builder(store.clone() as Arc<dyn Store>)
+                .sync_interval(s.sync_interval)
+                .cold_start(s.cold_start)
+                .clock(clock.clock())
+                .id(i as u64 + 1)
+                .build_manual()
+                .expect("valid node settings")
+        })
+        .collect()
+}
+
+/// One limiter per node, each with the scenario's policy under `name`.
+fn limiters(s: &Scenario, nodes: &[Node], name: &str) -> Vec<Limiter> {
+    nodes
+        .iter()
+        .map(|n| {
+            Limiter::builder(s.policy.clone())
+                .name(name)
+                .node(n)
+                .build()
+                .expect("valid policy")
+        })
+        .collect()
+}
+
+/// The nodes' store round trips, failed round trips and circuit openings, summed.
+fn node_totals(nodes: &[Node]) -> (u64, u64, u64) {
     let round_trips: u64 = nodes.iter().map(|n| n.stats().round_trips).sum();
     let failed: u64 = nodes.iter().map(|n| n.stats().failed_round_trips).sum();
     let opened: u64 = nodes.iter().map(|n| n.stats().circuit_opened).sum();
-    let health = (failed, opened, 0);
-    report(s, &offered, &admitted, EPOCH_US * 1000, end, round_trips, lat, health)
+    (round_trips, failed, opened)
+}
+
+/// What a run observed: per key, the offered and the admitted requests as `(ns, 1)`; the
+/// check latencies (the first [`MAX_LATENCY_SAMPLES`]); and the admissions made degraded.
+struct Tally {
+    offered: Vec<Vec<(u64, u64)>>,
+    admitted: Vec<Vec<(u64, u64)>>,
+    lat: Vec<u64>,
+    degraded: u64,
+}
+
+impl Tally {
+    fn new(keys: usize) -> Self {
+        Tally {
+            offered: vec![Vec::new(); keys],
+            admitted: vec![Vec::new(); keys],
+            lat: Vec::new(),
+            degraded: 0,
+        }
+    }
+
+    /// Keeps a latency sample, while there is room for it.
+    fn latency(&mut self, ns: u64) {
+        if self.lat.len() < MAX_LATENCY_SAMPLES {
+            self.lat.push(ns);
+        }
+    }
 }
 
 /// Latency samples kept per run (the first ones).
@@ -392,31 +434,9 @@ fn report(
 /// overlap, as in a server): its latency runs from its arrival to its decision, and an
 /// admission counts at its decision.
 pub async fn run_real(s: &Scenario, store: Arc<dyn Store>) -> Report {
-    let nodes: Vec<Node> = (0..s.nodes)
-        .map(|_| {
-            Node::builder(store.clone())
-                .sync_interval(s.sync_interval)
-                .cold_start(s.cold_start)
-                // This loop keeps a worker busy offering load: on a small machine it can delay
-                // the sync tasks far more than the store does. A late sync is not a store
-                // failure here, where the store is healthy by design.
-                .sync_timeout(Duration::from_secs(2))
-                .start()
-                .expect("inside a tokio runtime")
-        })
-        .collect();
+    let nodes = real_nodes(s, &store);
     // A fresh name per run, so runs never share store state.
-    let name = format!("tune-{}", s.seed);
-    let limiters: Vec<Limiter> = nodes
-        .iter()
-        .map(|n| {
-            Limiter::builder(s.policy.clone())
-                .name(name.clone())
-                .node(n)
-                .build()
-                .expect("valid policy")
-        })
-        .collect();
+    let limiters = limiters(s, &nodes, &format!("tune-{}", s.seed));
     let clock = Clock::precise();
     let epoch_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -428,23 +448,9 @@ pub async fn run_real(s: &Scenario, store: Arc<dyn Store>) -> Report {
     let rate = rate_per_ns(&s.policy) * s.load * keys.len() as f64;
     let shares = shares(s.nodes, s.skew);
     let mut rng = Rng(s.seed);
-    let mut next: Vec<u64> = shares
-        .iter()
-        .enumerate()
-        .map(|(i, &sh)| {
-            if sh > 0.0 {
-                s.stagger.as_nanos() as u64 * i as u64 + rng.exp(1.0 / (rate * sh))
-            } else {
-                u64::MAX
-            }
-        })
-        .collect();
-    let mut offered = vec![Vec::new(); keys.len()];
-    let mut admitted = vec![Vec::new(); keys.len()];
-    let mut lat = Vec::new();
-    let mut degraded = 0;
-    // CheckMode::Async: the requests in flight, each answering (key, arrived, decided,
-    // allowed, degraded) in ns of the clock.
+    let mut next = first_arrivals(s, rate, &shares, &mut rng);
+    let mut tally = Tally::new(keys.len());
+    // CheckMode::Async: the requests in flight.
     let mut pending = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -462,62 +468,105 @@ pub async fn run_real(s: &Scenario, store: Arc<dyn Store>) -> Report {
             let k = (rng.next() % keys.len() as u64) as usize;
             next[i] = t + rng.exp(1.0 / (rate * shares[i]));
             if s.check == CheckMode::Async {
-                let (limiter, key, clock) = (limiters[i].clone(), keys[k].clone(), clock.clone());
-                let arrived = clock.now_ns();
-                pending.push(tokio::spawn(async move {
-                    let d = limiter.check_async(key.as_str()).await;
-                    (k, arrived, clock.now_ns(), d.is_allowed(), d.is_degraded())
-                }));
+                pending.push(spawn_check(&limiters[i], k, &keys[k], &clock));
                 continue;
             }
             let start = clock.now_ns();
             let d = limiters[i].check(keys[k].as_str());
             let at = clock.now_ns();
-            if lat.len() < MAX_LATENCY_SAMPLES {
-                lat.push(at - start);
-            }
-            offered[k].push((at - origin, 1));
+            tally.latency(at - start);
+            tally.offered[k].push((at - origin, 1));
             if d.is_allowed() {
-                admitted[k].push((at - origin, 1));
-                degraded += u64::from(d.is_degraded());
+                tally.admitted[k].push((at - origin, 1));
+                tally.degraded += u64::from(d.is_degraded());
             }
         }
     }
-    // Issued in time order; decided in any order (an admission counts at its decision).
-    let async_run = !pending.is_empty();
-    for task in pending {
-        // A check never panics; a task that did is a request lost, not a run lost.
-        let Ok((k, arrived, decided, allowed, was_degraded)) = task.await else {
-            continue;
-        };
-        if lat.len() < MAX_LATENCY_SAMPLES {
-            lat.push(decided.saturating_sub(arrived));
-        }
-        offered[k].push((arrived - origin, 1));
-        if allowed {
-            admitted[k].push((decided - origin, 1));
-            degraded += u64::from(was_degraded);
-        }
-    }
-    if async_run {
-        for a in &mut admitted {
-            a.sort_unstable();
-        }
-    }
-    let round_trips: u64 = nodes.iter().map(|n| n.stats().round_trips).sum();
-    let failed: u64 = nodes.iter().map(|n| n.stats().failed_round_trips).sum();
-    let opened: u64 = nodes.iter().map(|n| n.stats().circuit_opened).sum();
+    tally.collect(pending, origin).await;
+    let (round_trips, failed, opened) = node_totals(&nodes);
     for n in &nodes {
         n.shutdown().await;
     }
     report(
         s,
-        &offered,
-        &admitted,
+        &tally.offered,
+        &tally.admitted,
         epoch_ns,
         end,
         round_trips,
-        lat,
-        (failed, opened, degraded),
+        tally.lat,
+        (failed, opened, tally.degraded),
     )
+}
+
+/// The nodes of a wall-clock run, each with its own sync task, sharing `store`.
+fn real_nodes(s: &Scenario, store: &Arc<dyn Store>) -> Vec<Node> {
+    (0..s.nodes)
+        .map(|_| {
+            Node::builder(store.clone())
+                .sync_interval(s.sync_interval)
+                .cold_start(s.cold_start)
+                // This loop keeps a worker busy offering load: on a small machine it can delay
+                // the sync tasks far more than the store does. A late sync is not a store
+                // failure here, where the store is healthy by design.
+                .sync_timeout(Duration::from_secs(2))
+                .start()
+                .expect("inside a tokio runtime")
+        })
+        .collect()
+}
+
+/// Each node's first arrival in ns from the start (`u64::MAX` for a node offered no load).
+fn first_arrivals(s: &Scenario, rate: f64, shares: &[f64], rng: &mut Rng) -> Vec<u64> {
+    shares
+        .iter()
+        .enumerate()
+        .map(|(i, &sh)| {
+            if sh > 0.0 {
+                s.stagger.as_nanos() as u64 * i as u64 + rng.exp(1.0 / (rate * sh))
+            } else {
+                u64::MAX
+            }
+        })
+        .collect()
+}
+
+/// A request of [`CheckMode::Async`], arriving now for key number `k`: a `check_async` in a
+/// task of its own, answering (key, arrived, decided, allowed, degraded) in ns of the clock.
+fn spawn_check(limiter: &Limiter, k: usize, key: &str, clock: &Clock) -> AsyncCheck {
+    let (limiter, key, clock) = (limiter.clone(), key.to_owned(), clock.clone());
+    let arrived = clock.now_ns();
+    tokio::spawn(async move {
+        let d = limiter.check_async(key.as_str()).await;
+        (k, arrived, clock.now_ns(), d.is_allowed(), d.is_degraded())
+    })
+}
+
+/// A request of [`CheckMode::Async`] in flight (see [`spawn_check`]).
+type AsyncCheck = tokio::task::JoinHandle<(usize, u64, u64, bool, bool)>;
+
+impl Tally {
+    /// Waits for the requests of [`CheckMode::Async`] and counts them (`origin`: the clock's
+    /// reading at the start of the run).
+    async fn collect(&mut self, pending: Vec<AsyncCheck>, origin: u64) {
+        // Issued in time order; decided in any order (an admission counts at its decision).
+        let async_run = !pending.is_empty();
+        for task in pending {
+            // A check never panics; a task that did is a request lost, not a run lost.
+            let Ok((k, arrived, decided, allowed, was_degraded)) = task.await else {
+                continue;
+            };
+            self.latency(decided.saturating_sub(arrived));
+            self.offered[k].push((arrived - origin, 1));
+            if allowed {
+                self.admitted[k].push((decided - origin, 1));
+                self.degraded += u64::from(was_degraded);
+            }
+        }
+        if async_run {
+            for a in &mut self.admitted {
+                a.sort_unstable();
+            }
+        }
+    }
 }

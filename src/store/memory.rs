@@ -309,156 +309,258 @@ fn apply(keys: &mut Keys, node: NodeId, now: i64, c: &Claim) -> ClaimOutcome {
 
 type Applied = (ClaimOutcome, Option<Entry>);
 
-/// A token-bucket claim: `[kept, returned, wanted, seq]` (see `lua/token_bucket.lua`, which
-/// this follows step for step).
-fn token_bucket(node: NodeId, now: i64, l: &Limits, old: Option<(Bucket, i64)>, claim: [i64; 4]) -> Applied {
-    let [kept, ret, want, seq] = claim;
-    let now_ms = now.div_euclid(1000);
-    let (cap, per, lease) = (l.capacity() as i64, l.period_us() as i64, l.lease_ms() as i64);
-    let tau = cap * per;
-    let mut ep = now_ms.div_euclid(lease);
-    let is_new = old.is_none();
-    let (mut b, old_expiry) = old.unwrap_or((
+/// A token-bucket policy's numbers as the script reads them per policy: capacity,
+/// microseconds per token, lease in ms, and capacity * per.
+#[derive(Clone, Copy, Debug)]
+struct BucketPolicy {
+    cap: i64,
+    per: i64,
+    lease: i64,
+    tau: i64,
+}
+
+impl BucketPolicy {
+    fn of(l: &Limits) -> Self {
+        let (cap, per, lease) = (l.capacity() as i64, l.period_us() as i64, l.lease_ms() as i64);
+        BucketPolicy {
+            cap,
+            per,
+            lease,
+            tau: cap * per,
+        }
+    }
+}
+
+/// What a claim takes from the bucket, once refilled: the tokens left in it and the
+/// microseconds towards the next one, and the claim's split.
+#[derive(Clone, Copy, Debug)]
+struct Taken {
+    tokens: i64,
+    frac: i64,
+    granted: i64,
+    /// Kept tokens the store could not cover.
+    revoked: i64,
+    /// What this node holds after the claim.
+    held: i64,
+}
+
+impl Bucket {
+    /// The state of a key that does not exist: a full bucket in epoch `ep`, holding nothing.
+    fn fresh(now: i64, p: &BucketPolicy, ep: i64) -> Self {
         Bucket {
-            e: now - tau,
+            e: now - p.tau,
             ep,
             cur: 0,
             prev: 0,
             x: 0,
             nodes: Vec::new(),
-        },
-        0,
-    ));
-    let rec = b.nodes.iter().position(|n| n.node == node);
-    // A claim not newer than the last one applied from this node changes nothing.
-    if let Some(i) = rec {
-        if seq <= b.nodes[i].seq {
-            let stale = Grant {
-                stale: true,
-                ..Grant::default()
-            };
-            let entry = Entry {
-                state: State::Bucket(b),
-                expires_ms: old_expiry,
-            };
-            return (Ok(stale), Some(entry));
         }
     }
-    if ep < b.ep {
-        ep = b.ep;
-    } else if ep > b.ep {
-        // Holdings stop counting at epoch ends: those of epoch `b.ep - 1` (prev) at the end of
-        // `b.ep`, those of `b.ep` (cur) at the end of the next. The store never learns when a
-        // node that stopped syncing spent them, so it takes them as spent when their count
-        // ends: refill accrued before that end is capped by the holdings that still counted.
-        // (Without this, a node that spends its tokens late and then vanishes hands the store
-        // refill for the whole time it held them.)
-        let end1 = (b.ep + 1) * lease * 1000;
-        b.e = b.e.max(end1 - (cap - b.cur - b.prev).max(0) * per);
-        if ep >= b.ep + 2 {
-            let end2 = (b.ep + 2) * lease * 1000;
-            b.e = b.e.max(end2 - (cap - b.cur).max(0) * per);
+
+    /// Rolls the lease epochs to `ep` (the current one); returns the epoch the claim is applied
+    /// in (a clock that went backwards keeps the stored epoch). Leaves `self.ep` as it was.
+    fn roll_epochs(&mut self, p: &BucketPolicy, ep: i64) -> i64 {
+        let BucketPolicy { cap, per, lease, .. } = *p;
+        if ep < self.ep {
+            return self.ep;
         }
-        b.prev = if ep == b.ep + 1 { b.cur } else { 0 };
-        b.cur = 0;
+        if ep > self.ep {
+            // Holdings stop counting at epoch ends: those of epoch `self.ep - 1` (prev) at the end
+            // of `self.ep`, those of `self.ep` (cur) at the end of the next. The store never learns
+            // when a node that stopped syncing spent them, so it takes them as spent when their count
+            // ends: refill accrued before that end is capped by the holdings that still counted.
+            // (Without this, a node that spends its tokens late and then vanishes hands the store
+            // refill for the whole time it held them.)
+            let end1 = (self.ep + 1) * lease * 1000;
+            self.e = self.e.max(end1 - (cap - self.cur - self.prev).max(0) * per);
+            if ep >= self.ep + 2 {
+                let end2 = (self.ep + 2) * lease * 1000;
+                self.e = self.e.max(end2 - (cap - self.cur).max(0) * per);
+            }
+            self.prev = if ep == self.ep + 1 { self.cur } else { 0 };
+            self.cur = 0;
+        }
+        ep
     }
-    let mut had = 0;
-    if let Some(i) = rec {
-        let Holding { epoch, amount, .. } = b.nodes[i];
+
+    /// Takes this node's previous holding (`own`, its record) out of the totals if it still
+    /// counts in epoch `ep`; returns it (0 when it no longer counts, or there is none).
+    fn release(&mut self, own: Option<Holding>, ep: i64) -> i64 {
+        let Some(Holding { epoch, amount, .. }) = own else {
+            return 0;
+        };
         if epoch == ep {
-            had = amount;
-            b.cur = (b.cur - amount).max(0);
+            self.cur = (self.cur - amount).max(0);
+            amount
         } else if epoch == ep - 1 {
-            had = amount;
-            b.prev = (b.prev - amount).max(0);
+            self.prev = (self.prev - amount).max(0);
+            amount
+        } else {
+            0
         }
     }
-    let kfree = kept.min(had);
-    let rok = ret.min(had - kfree);
-    if b.e < now - tau {
-        b.e = now - tau;
+
+    /// Refills the bucket at `now`: returns the tokens in it and the microseconds towards the
+    /// next one, capped by the holdings as they stood while the refill accrued (`had`, this
+    /// node's previous holding, included).
+    fn refill(&mut self, p: &BucketPolicy, now: i64, had: i64) -> (i64, i64) {
+        let BucketPolicy { cap, per, tau, .. } = *p;
+        if self.e < now - tau {
+            self.e = now - tau;
+        }
+        let elapsed = (now - self.e).max(0);
+        let mut tokens = elapsed / per;
+        let mut frac = elapsed - tokens * per;
+        // Refill is capped by the holdings as they stood while it accrued (this node's included):
+        // a token spent late in the interval must not buy refill for the time it was still held.
+        let old_room = (cap - self.cur - self.prev - had).max(0);
+        if tokens >= old_room {
+            tokens = old_room;
+            frac = 0;
+        }
+        (tokens, frac)
     }
-    let elapsed = (now - b.e).max(0);
-    let mut tokens = elapsed / per;
-    let mut frac = elapsed - tokens * per;
-    // Refill is capped by the holdings as they stood while it accrued (this node's included):
-    // a token spent late in the interval must not buy refill for the time it was still held.
-    let old_room = (cap - b.cur - b.prev - had).max(0);
-    if tokens >= old_room {
-        tokens = old_room;
-        frac = 0;
+
+    /// Applies the claim `[kept, returned, wanted]` to the refilled bucket (`tokens`, `frac`)
+    /// against what this node held (`had`): what it returns goes back, capped at capacity
+    /// minus everything still held; what it keeps beyond `had` must be claimed again; then
+    /// the grant. Records the node's new holding in `cur` and the bucket's new empty time.
+    fn take(
+        &mut self,
+        p: &BucketPolicy,
+        now: i64,
+        had: i64,
+        (mut tokens, mut frac): (i64, i64),
+        claim: [i64; 3],
+    ) -> Taken {
+        let [kept, ret, want] = claim;
+        let kfree = kept.min(had);
+        let rok = ret.min(had - kfree);
+        tokens += rok;
+        let room = (p.cap - self.cur - self.prev - kfree).max(0);
+        if tokens >= room {
+            tokens = room;
+            frac = 0;
+        }
+        let extra = (kept - kfree).min(tokens);
+        tokens -= extra;
+        let revoked = kept - kfree - extra;
+        let granted = want.min(tokens);
+        tokens -= granted;
+        let held = kfree + extra + granted;
+        self.cur += held;
+        self.e = now - tokens * p.per - frac;
+        Taken {
+            tokens,
+            frac,
+            granted,
+            revoked,
+            held,
+        }
     }
-    tokens += rok;
-    let room = (cap - b.cur - b.prev - kfree).max(0);
-    if tokens >= room {
-        tokens = room;
-        frac = 0;
+
+    /// The key's expiry need in ms: it lives until it is indistinguishable from a fresh one,
+    /// its bucket full again, counting the holdings as spent when their count ends (prev's at
+    /// the end of epoch `ep`, cur's at the end of the next), as the next claim will.
+    fn full_at_ms(&self, p: &BucketPolicy, ep: i64) -> i64 {
+        let ends = [(ep + 1, self.cur + self.prev), (ep + 2, self.cur)];
+        let full_us = ends
+            .iter()
+            .filter(|&&(_, held)| held > 0)
+            .map(|&(end, held)| end * p.lease * 1000 + held * p.per)
+            .fold(self.e + p.tau, i64::max);
+        let mut need = ceil_div(full_us, 1000);
+        if self.cur + self.prev > 0 {
+            need = need.max((ep + 2) * p.lease);
+        }
+        need
     }
-    let extra = (kept - kfree).min(tokens);
-    tokens -= extra;
-    let revoked = kept - kfree - extra;
-    let granted = want.min(tokens);
-    tokens -= granted;
-    let held = kfree + extra + granted;
-    b.cur += held;
-    b.e = now - tokens * per - frac;
-    let next_us = if tokens == 0 { per - frac } else { 0 };
-    let reset_us = (cap - tokens) * per - frac;
-    let grant = Grant {
-        granted: granted as u64,
-        remaining: tokens as u64,
+
+    /// Writes this node's record (`own`, at index `rec` if it had one) and moves the stored
+    /// epoch to `own.epoch`. Only records that count are kept: a node that holds nothing has
+    /// none, and the records whose lease ran out go when the epoch moves. The script reads the
+    /// other records (and so drops those that count for nothing) when the epoch moves or it
+    /// writes the value anew (`refresh`, or this node's record removed).
+    fn write_record(&mut self, rec: Option<usize>, own: Holding, refresh: bool) {
+        let ep = own.epoch;
+        let moved = self.ep != ep;
+        self.ep = ep;
+        let removed = rec.is_some() && own.amount == 0;
+        match rec {
+            Some(i) if own.amount > 0 => self.nodes[i] = own,
+            Some(i) => {
+                self.nodes.swap_remove(i);
+            }
+            None if own.amount > 0 => self.nodes.push(own),
+            None => {}
+        }
+        if moved || refresh || removed {
+            self.nodes
+                .retain(|n| n.node == own.node || (n.amount > 0 && n.epoch >= ep - 1));
+        }
+    }
+}
+
+/// The reply to a token-bucket claim that took `t` from the bucket.
+fn bucket_grant(p: &BucketPolicy, t: &Taken, state_lost: bool) -> Grant {
+    let next_us = if t.tokens == 0 { p.per - t.frac } else { 0 };
+    let reset_us = (p.cap - t.tokens) * p.per - t.frac;
+    Grant {
+        granted: t.granted as u64,
+        remaining: t.tokens as u64,
         ms_to_next_token: ceil_div(next_us, 1000) as u64,
         ms_to_reset: ceil_div(reset_us, 1000) as u64,
         window: 0,
-        revoked: revoked as u64,
-        state_lost: kept > had,
+        revoked: t.revoked as u64,
+        state_lost,
         stale: false,
-    };
-    if b.cur + b.prev == 0 && tokens >= cap {
+    }
+}
+
+/// A token-bucket claim: `[kept, returned, wanted, seq]` (see `lua/token_bucket.lua`, which
+/// this follows step for step).
+fn token_bucket(node: NodeId, now: i64, l: &Limits, old: Option<(Bucket, i64)>, claim: [i64; 4]) -> Applied {
+    let [kept, ret, want, seq] = claim;
+    let now_ms = now.div_euclid(1000);
+    let p = BucketPolicy::of(l);
+    let ep0 = now_ms.div_euclid(p.lease);
+    let is_new = old.is_none();
+    let (mut b, old_expiry) = old.unwrap_or_else(|| (Bucket::fresh(now, &p, ep0), 0));
+    let rec = b.nodes.iter().position(|n| n.node == node);
+    let own = rec.map(|i| b.nodes[i]);
+    // A claim not newer than the last one applied from this node changes nothing.
+    if own.is_some_and(|h| seq <= h.seq) {
+        let stale = Grant {
+            stale: true,
+            ..Grant::default()
+        };
+        let entry = Entry {
+            state: State::Bucket(b),
+            expires_ms: old_expiry,
+        };
+        return (Ok(stale), Some(entry));
+    }
+    let ep = b.roll_epochs(&p, ep0);
+    let had = b.release(own, ep);
+    let refilled = b.refill(&p, now, had);
+    let taken = b.take(&p, now, had, refilled, [kept, ret, want]);
+    let grant = bucket_grant(&p, &taken, kept > had);
+    if b.cur + b.prev == 0 && taken.tokens >= p.cap {
         return (Ok(grant), None);
     }
-    // The key lives until it is indistinguishable from a fresh one: its bucket full again,
-    // counting the holdings as spent when their count ends (prev's at the end of this epoch,
-    // cur's at the end of the next), as the next claim will.
-    let ends = [(ep + 1, b.cur + b.prev), (ep + 2, b.cur)];
-    let full_us = ends
-        .iter()
-        .filter(|&&(_, held)| held > 0)
-        .map(|&(end, held)| end * lease * 1000 + held * per)
-        .fold(b.e + tau, i64::max);
-    let mut need = ceil_div(full_us, 1000);
-    if b.cur + b.prev > 0 {
-        need = need.max((ep + 2) * lease);
-    }
+    let need = b.full_at_ms(&p, ep);
     let refresh = is_new || b.x < need;
     if refresh {
         let head = (need - now_ms).max(1000);
         b.x = need + head;
     }
-    // Only records that count are kept: a node that holds nothing has none, and the records
-    // whose lease ran out go when the epoch moves. The script reads the other records (and so
-    // drops those that count for nothing) when the epoch moves or it writes the value anew.
-    let moved = b.ep != ep;
-    b.ep = ep;
-    let removed = rec.is_some() && held == 0;
     let own = Holding {
         node,
         epoch: ep,
-        amount: held,
+        amount: taken.held,
         seq,
     };
-    match rec {
-        Some(i) if held > 0 => b.nodes[i] = own,
-        Some(i) => {
-            b.nodes.swap_remove(i);
-        }
-        None if held > 0 => b.nodes.push(own),
-        None => {}
-    }
-    if moved || refresh || removed {
-        b.nodes
-            .retain(|n| n.node == node || (n.amount > 0 && n.epoch >= ep - 1));
-    }
+    b.write_record(rec, own, refresh);
     let expires_ms = if refresh { b.x } else { old_expiry };
     (
         Ok(grant),
@@ -481,7 +583,7 @@ fn fixed_window(
     let (cap, win) = (l.capacity() as i64, l.period_us() as i64);
     let mut w = now.div_euclid(win);
     let mut wm = w % TWO20;
-    let (mut used, same) = match old {
+    let (used, same) = match old {
         Some((n, _)) => {
             let swm = n / TWO32;
             let d = (swm - wm).rem_euclid(TWO20);
@@ -499,14 +601,7 @@ fn fixed_window(
         }
         None => (0, false),
     };
-    let mut revoked = 0;
-    let mut state_lost = false;
-    if claim_w == w {
-        state_lost = kept + ret > used;
-        used = (used - ret).max(0);
-    } else {
-        revoked = kept;
-    }
+    let (mut used, revoked, state_lost) = settle_window(claim_w, w, kept, ret, used);
     let room = (cap - used).max(0);
     let granted = want.min(room);
     used += granted;
@@ -538,6 +633,62 @@ fn fixed_window(
     )
 }
 
+/// A sliding window's counts at `now` (window length `win`) from the stored ones, `old`
+/// (`(window, prev, cur)`): the window the claim is answered in, the microseconds into it,
+/// its previous and current counts, and whether the window moved (the key is then written
+/// anew, with a new expiry).
+fn roll_window(now: i64, win: i64, old: Option<(i64, i64, i64)>) -> (i64, i64, i64, i64, bool) {
+    let w = now.div_euclid(win);
+    let el = now - w * win;
+    let (sw, prev, cur) = old.unwrap_or((w, 0, 0));
+    if sw == w {
+        (w, el, prev, cur, old.is_none())
+    } else if sw + 1 == w {
+        (w, el, cur, 0, true)
+    } else if sw < w {
+        (w, el, 0, 0, true)
+    } else {
+        // The clock went backwards: answer at the start of the stored window.
+        (sw, 0, prev, cur, false)
+    }
+}
+
+/// Applies what a window claim tagged with window `claim_w` keeps and returns to the count
+/// `used` of window `w`; returns the count, the tokens revoked and whether the window counts
+/// less than this node alone holds and returns (the store lost state). A claim tagged with
+/// another window is void: its returned tokens are ignored and its kept tokens revoked.
+fn settle_window(claim_w: i64, w: i64, kept: i64, ret: i64, used: i64) -> (i64, i64, bool) {
+    if claim_w == w {
+        ((used - ret).max(0), 0, kept + ret > used)
+    } else {
+        (used, kept, false)
+    }
+}
+
+/// Milliseconds until a sliding window's counts no longer matter, at `now` in window `w`.
+fn sliding_reset_ms(now: i64, win: i64, w: i64, prev: i64, cur: i64) -> i64 {
+    if cur > 0 {
+        ceil_div((w + 2) * win - now, 1000)
+    } else if prev > 0 {
+        ceil_div((w + 1) * win - now, 1000)
+    } else {
+        0
+    }
+}
+
+/// Milliseconds until a sliding window with no room left admits a token again, at `now` in
+/// window `w` (`wt` ticks of `tick` microseconds long).
+fn sliding_next_ms(now: i64, cap: i64, (win, tick, wt): (i64, i64, i64), w: i64, prev: i64, cur: i64) -> i64 {
+    let at = if cur < cap && prev > 0 {
+        // Later in this window, as the previous window's weight decays.
+        w * win + win - ((cap - cur - 1) * wt / prev) * tick
+    } else {
+        // In the next window, where this window's count is the decaying one.
+        (w + 1) * win + win - ((cap - 1) * wt / cur.max(1)) * tick
+    };
+    ceil_div(at - now, 1000).max(1)
+}
+
 #[allow(clippy::type_complexity)]
 fn sliding_window(
     now: i64,
@@ -549,59 +700,25 @@ fn sliding_window(
     claim_w: i64,
 ) -> Applied {
     let (cap, win, tick) = (l.capacity() as i64, l.period_us() as i64, l.tick_us() as i64);
-    let mut w = now.div_euclid(win);
-    let mut el = now - w * win;
-    let (sw, mut prev, mut cur) = old.map_or((w, 0, 0), |o| o.0);
-    let mut moved = true;
-    if sw == w {
-        moved = old.is_none();
-    } else if sw + 1 == w {
-        prev = cur;
-        cur = 0;
-    } else if sw < w {
-        prev = 0;
-        cur = 0;
-    } else {
-        w = sw;
-        el = 0;
-        moved = false;
-    }
+    let (w, el, prev, cur, moved) = roll_window(now, win, old.map(|o| o.0));
     let wt = win / tick;
     let rem = ceil_div(win - el, tick);
-    let mut revoked = 0;
-    let mut state_lost = false;
-    if claim_w == w {
-        state_lost = kept + ret > cur;
-        cur = (cur - ret).max(0);
-    } else {
-        revoked = kept;
-    }
+    let (mut cur, revoked, state_lost) = settle_window(claim_w, w, kept, ret, cur);
     let wp = ceil_div(prev * rem, wt).min(prev);
     let room = (cap - cur - wp).max(0);
     let granted = want.min(room);
     cur += granted;
     let remaining = room - granted;
-    let reset = if cur > 0 {
-        ceil_div((w + 2) * win - now, 1000)
-    } else if prev > 0 {
-        ceil_div((w + 1) * win - now, 1000)
+    let next = if remaining == 0 {
+        sliding_next_ms(now, cap, (win, tick, wt), w, prev, cur)
     } else {
         0
     };
-    let mut next = 0;
-    if remaining == 0 {
-        let at = if cur < cap && prev > 0 {
-            w * win + win - ((cap - cur - 1) * wt / prev) * tick
-        } else {
-            (w + 1) * win + win - ((cap - 1) * wt / cur.max(1)) * tick
-        };
-        next = ceil_div(at - now, 1000).max(1);
-    }
     let grant = Grant {
         granted: granted as u64,
         remaining: remaining as u64,
         ms_to_next_token: next as u64,
-        ms_to_reset: reset as u64,
+        ms_to_reset: sliding_reset_ms(now, win, w, prev, cur) as u64,
         window: w as u64,
         revoked: revoked as u64,
         state_lost,

@@ -52,61 +52,128 @@ fn label(v: f64) -> String {
     }
 }
 
+/// Where the plot puts things: the sync interval on a log x axis, the utilization loss on a
+/// linear axis (top panel), the round trips on a log axis (bottom panel).
+struct Scales {
+    /// The intervals measured, in increasing order.
+    intervals: Vec<u16>,
+    plot_w: f64,
+    /// The log of the smallest interval, and the span of the logs.
+    x0: f64,
+    span: f64,
+    /// The loss axis: its top and its tick step, in %.
+    loss_max: f64,
+    loss_step: f64,
+    /// The round-trip axis: the decades it spans.
+    d0: i32,
+    d1: i32,
+}
+
+const TOP1: f64 = TOP;
+const TOP2: f64 = TOP + PANEL + GAP;
+
+impl Scales {
+    /// The scales for `cases`, whose worst over-admission is `worst_over` (% of capacity).
+    fn new(cases: &[Case], worst_over: f64) -> Self {
+        let intervals: Vec<u16> = cases
+            .iter()
+            .map(|c| c.interval_ms)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let plot_w = WIDTH - LEFT - RIGHT;
+        let lx: Vec<f64> = intervals.iter().map(|&i| f64::from(i).ln()).collect();
+        let (x0, x1) = (lx.first().copied().unwrap_or(0.0), lx.last().copied().unwrap_or(1.0));
+        let span = if x1 > x0 { x1 - x0 } else { 1.0 };
+        let (loss_max, loss_step) = nice(cases.iter().map(|c| loss(c.report)).fold(0.0, f64::max).max(worst_over));
+
+        // Round trips: a log axis over the decades the values span.
+        let rts: Vec<f64> = cases
+            .iter()
+            .map(|c| c.report.round_trips_per_s)
+            .filter(|v| *v > 0.0)
+            .collect();
+        let lo = rts.iter().copied().fold(f64::MAX, f64::min);
+        let hi = rts.iter().copied().fold(0.0, f64::max);
+        let (d0, d1) = if rts.is_empty() {
+            (0, 1)
+        } else {
+            let (a, b) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+            (a, b.max(a + 1))
+        };
+        Scales {
+            intervals,
+            plot_w,
+            x0,
+            span,
+            loss_max,
+            loss_step,
+            d0,
+            d1,
+        }
+    }
+
+    fn x(&self, interval: u16) -> f64 {
+        if self.intervals.len() < 2 {
+            LEFT + self.plot_w / 2.0
+        } else {
+            LEFT + (f64::from(interval).ln() - self.x0) / self.span * self.plot_w
+        }
+    }
+
+    fn y_loss(&self, v: f64) -> f64 {
+        TOP1 + PANEL - v.clamp(0.0, self.loss_max) / self.loss_max * PANEL
+    }
+
+    fn y_rt(&self, v: f64) -> f64 {
+        let l = v.max(10f64.powi(self.d0)).log10();
+        TOP2 + PANEL - (l - f64::from(self.d0)) / f64::from(self.d1 - self.d0) * PANEL
+    }
+
+    /// The right edge of the panels.
+    fn right(&self) -> f64 {
+        LEFT + self.plot_w
+    }
+}
+
+/// A case's utilization loss in %.
+fn loss(r: &Report) -> f64 {
+    ((1.0 - r.utilization) * 100.0).max(0.0)
+}
+
+/// A case's over-admission in % of `capacity`.
+fn over(r: &Report, capacity: u64) -> f64 {
+    r.over_admitted as f64 / capacity.max(1) as f64 * 100.0
+}
+
 /// The plot as an SVG document.
 pub fn svg(title: &str, capacity: u64, cases: &[Case]) -> String {
-    let intervals: Vec<u16> = cases
-        .iter()
-        .map(|c| c.interval_ms)
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
     let mut shapes: Vec<&str> = Vec::new();
     for c in cases {
         if !shapes.contains(&c.shape.as_str()) {
             shapes.push(&c.shape);
         }
     }
+    let worst_over = cases.iter().map(|c| over(c.report, capacity)).fold(0.0, f64::max);
+    let sc = Scales::new(cases, worst_over);
+    let mut out = header(title, worst_over);
+    loss_axis(&mut out, &sc);
+    round_trip_axis(&mut out, &sc);
+    interval_axes(&mut out, &sc);
+    // One line per load shape in each panel, and the legend.
+    for (n, shape) in shapes.iter().enumerate() {
+        let color = COLORS[n % COLORS.len()];
+        let mine: Vec<&Case> = cases.iter().filter(|c| c.shape == *shape).collect();
+        series(&mut out, &sc, &mine, color, (worst_over > 0.0).then_some(capacity));
+        legend_entry(&mut out, &sc, n, shape, color);
+    }
+    out += "</svg>\n";
+    out
+}
+
+/// The document's start: its size, background, title and the over-admission note.
+fn header(title: &str, worst_over: f64) -> String {
     let height = TOP + 2.0 * PANEL + GAP + 50.0;
-    let plot_w = WIDTH - LEFT - RIGHT;
-    let lx: Vec<f64> = intervals.iter().map(|&i| f64::from(i).ln()).collect();
-    let (x0, x1) = (lx.first().copied().unwrap_or(0.0), lx.last().copied().unwrap_or(1.0));
-    let span = if x1 > x0 { x1 - x0 } else { 1.0 };
-    let x = |interval: u16| {
-        if intervals.len() < 2 {
-            LEFT + plot_w / 2.0
-        } else {
-            LEFT + (f64::from(interval).ln() - x0) / span * plot_w
-        }
-    };
-
-    let loss = |r: &Report| ((1.0 - r.utilization) * 100.0).max(0.0);
-    let over = |r: &Report| r.over_admitted as f64 / capacity.max(1) as f64 * 100.0;
-    let worst_over = cases.iter().map(|c| over(c.report)).fold(0.0, f64::max);
-    let (loss_max, loss_step) = nice(cases.iter().map(|c| loss(c.report)).fold(0.0, f64::max).max(worst_over));
-
-    // Round trips: a log axis over the decades the values span.
-    let rts: Vec<f64> = cases
-        .iter()
-        .map(|c| c.report.round_trips_per_s)
-        .filter(|v| *v > 0.0)
-        .collect();
-    let lo = rts.iter().copied().fold(f64::MAX, f64::min);
-    let hi = rts.iter().copied().fold(0.0, f64::max);
-    let (d0, d1) = if rts.is_empty() {
-        (0, 1)
-    } else {
-        let (a, b) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
-        (a, b.max(a + 1))
-    };
-
-    let top1 = TOP;
-    let top2 = TOP + PANEL + GAP;
-    let y_loss = |v: f64| top1 + PANEL - v.clamp(0.0, loss_max) / loss_max * PANEL;
-    let y_rt = |v: f64| {
-        let l = v.max(10f64.powi(d0)).log10();
-        top2 + PANEL - (l - f64::from(d0)) / f64::from(d1 - d0) * PANEL
-    };
-
     let mut out = String::new();
     let _ = write!(
         out,
@@ -121,12 +188,15 @@ pub fn svg(title: &str, capacity: u64, cases: &[Case]) -> String {
         format!("worst over-admission: {worst_over:.2}% of capacity (dashed)")
     };
     let _ = write!(out, "<text x=\"{LEFT}\" y=\"40\" fill=\"#555\">{over_note}</text>");
+    out
+}
 
-    // Panel frames, grid and axis labels.
-    let right = LEFT + plot_w;
+/// The top panel's grid, tick labels and heading.
+fn loss_axis(out: &mut String, sc: &Scales) {
+    let right = sc.right();
     let mut v = 0.0;
-    while v <= loss_max + loss_step / 2.0 {
-        let y = y_loss(v);
+    while v <= sc.loss_max + sc.loss_step / 2.0 {
+        let y = sc.y_loss(v);
         let _ = write!(
             out,
             "<line x1=\"{LEFT}\" x2=\"{right}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\
@@ -135,15 +205,20 @@ pub fn svg(title: &str, capacity: u64, cases: &[Case]) -> String {
             y + 4.0,
             label(v)
         );
-        v += loss_step;
+        v += sc.loss_step;
     }
     let _ = write!(
         out,
         "<text x=\"{LEFT}\" y=\"{:.1}\" font-weight=\"bold\">utilization loss (100% - admitted / ideal)</text>",
-        top1 - 10.0
+        TOP1 - 10.0
     );
-    for d in d0..=d1 {
-        let y = y_rt(10f64.powi(d));
+}
+
+/// The bottom panel's grid, tick labels and heading.
+fn round_trip_axis(out: &mut String, sc: &Scales) {
+    let right = sc.right();
+    for d in sc.d0..=sc.d1 {
+        let y = sc.y_rt(10f64.powi(d));
         let _ = write!(
             out,
             "<line x1=\"{LEFT}\" x2=\"{right}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\
@@ -156,18 +231,23 @@ pub fn svg(title: &str, capacity: u64, cases: &[Case]) -> String {
     let _ = write!(
         out,
         "<text x=\"{LEFT}\" y=\"{:.1}\" font-weight=\"bold\">store round trips per second, all nodes (log scale)</text>",
-        top2 - 10.0
+        TOP2 - 10.0
     );
-    for top in [top1, top2] {
+}
+
+/// Both panels' frames, the intervals under each, and the x axis' label.
+fn interval_axes(out: &mut String, sc: &Scales) {
+    let plot_w = sc.plot_w;
+    for top in [TOP1, TOP2] {
         let _ = write!(
             out,
             "<rect x=\"{LEFT}\" y=\"{top}\" width=\"{plot_w}\" height=\"{PANEL}\" fill=\"none\" stroke=\"#999\"/>"
         );
-        for &i in &intervals {
+        for &i in &sc.intervals {
             let _ = write!(
                 out,
                 "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{i} ms</text>",
-                x(i),
+                sc.x(i),
                 top + PANEL + 16.0
             );
         }
@@ -176,39 +256,49 @@ pub fn svg(title: &str, capacity: u64, cases: &[Case]) -> String {
         out,
         "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">sync interval (log scale)</text>",
         LEFT + plot_w / 2.0,
-        top2 + PANEL + 36.0
+        TOP2 + PANEL + 36.0
     );
+}
 
-    // One line per load shape in each panel, and the legend.
-    for (n, shape) in shapes.iter().enumerate() {
-        let color = COLORS[n % COLORS.len()];
-        let mine: Vec<&Case> = cases.iter().filter(|c| c.shape == *shape).collect();
-        let pts = |f: &dyn Fn(&Case) -> (f64, f64)| mine.iter().map(|c| f(c)).collect::<Vec<_>>();
-        out += &line(&pts(&|c| (x(c.interval_ms), y_loss(loss(c.report)))), color, false);
-        if worst_over > 0.0 {
-            out += &line(&pts(&|c| (x(c.interval_ms), y_loss(over(c.report)))), color, true);
-        }
-        out += &line(
-            &pts(&|c| (x(c.interval_ms), y_rt(c.report.round_trips_per_s))),
+/// One load shape's lines: its loss, its over-admission (dashed, when some case had some:
+/// `over_of` is then the capacity it is a share of), its round trips.
+fn series(out: &mut String, sc: &Scales, mine: &[&Case], color: &str, over_of: Option<u64>) {
+    let pts = |f: &dyn Fn(&Case) -> (f64, f64)| mine.iter().map(|c| f(c)).collect::<Vec<_>>();
+    *out += &line(
+        &pts(&|c| (sc.x(c.interval_ms), sc.y_loss(loss(c.report)))),
+        color,
+        false,
+    );
+    if let Some(capacity) = over_of {
+        *out += &line(
+            &pts(&|c| (sc.x(c.interval_ms), sc.y_loss(over(c.report, capacity)))),
             color,
-            false,
-        );
-        let y = top1 + 14.0 + n as f64 * 18.0;
-        let _ = write!(
-            out,
-            "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"{color}\" stroke-width=\"2\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
-            right + 14.0,
-            right + 34.0,
-            y - 4.0,
-            y - 4.0,
-            right + 40.0,
-            y,
-            escape(shape)
+            true,
         );
     }
-    out += "</svg>\n";
-    out
+    *out += &line(
+        &pts(&|c| (sc.x(c.interval_ms), sc.y_rt(c.report.round_trips_per_s))),
+        color,
+        false,
+    );
+}
+
+/// The legend's entry for load shape number `n`.
+fn legend_entry(out: &mut String, sc: &Scales, n: usize, shape: &str, color: &str) {
+    let right = sc.right();
+    let y = TOP1 + 14.0 + n as f64 * 18.0;
+    let _ = write!(
+        out,
+        "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"{color}\" stroke-width=\"2\"/>\
+         <text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
+        right + 14.0,
+        right + 34.0,
+        y - 4.0,
+        y - 4.0,
+        right + 40.0,
+        y,
+        escape(shape)
+    );
 }
 
 fn line(pts: &[(f64, f64)], color: &str, dashed: bool) -> String {
