@@ -157,18 +157,19 @@ impl<'r> Plan<'r> {
         Detached {
             keys: self.keys.clone(),
             ip: self.ip,
-            tier: self.tier().map(Limit::name),
+            tier: self.tier().map(|l| l.index),
             endpoint: self.endpoint(),
         }
     }
 }
 
-/// A [`Plan`] that names its limits instead of borrowing them.
+/// A [`Plan`] that places its limits in the rules instead of borrowing them: resolved again
+/// against the same snapshot of the rules when the decision is made later.
 pub(super) struct Detached {
     keys: Keys,
     ip: bool,
-    /// The user layer's limiter name (`user:<tier>`).
-    tier: Option<&'static str>,
+    /// The user layer's limit, by its place in the rules ([`Limit::index`]).
+    tier: Option<usize>,
     endpoint: Option<usize>,
 }
 
@@ -178,8 +179,7 @@ impl Detached {
         Plan::new(
             &self.keys,
             rules.ip.as_ref().filter(|_| self.ip),
-            self.tier
-                .and_then(|t| rules.tiers.get(t.strip_prefix("user:").unwrap_or(t))),
+            self.tier.and_then(|i| rules.tiers.values().find(|l| l.index == i)),
             self.endpoint.and_then(|i| rules.endpoints.get(i).map(|l| (i, l))),
         )
     }

@@ -162,7 +162,8 @@ where
     let mut inner = std::mem::replace(inner, clone);
     let shared = Arc::clone(shared);
     ResponseFuture::boxed(Box::pin(async move {
-        // A reload may have removed every limit of the plan: nothing left to check.
+        // The plan is resolved against the snapshot it was made with, so it finds its limits;
+        // a plan without any would have nothing to check.
         let action = match plan.attach(&snap.rules) {
             Some(plan) => shared.decide_async(&snap, &plan).await,
             None => Action::Pass(Finish::default()),
