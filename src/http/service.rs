@@ -16,6 +16,7 @@ use super::plan::{Detached, Prepared};
 use super::shared::{Shared, Snapshot};
 #[cfg(doc)]
 use super::{PeerAddr, RateLimitLayer, ShadowVerdict, Stats, UserId};
+use arc_swap::Guard;
 
 /// The service [`RateLimitLayer`] makes: decides on each request before the inner service
 /// sees it.
@@ -90,91 +91,75 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let RateLimit { inner, shared, .. } = self;
-        shared.with_snapshot(|snap| serve(inner, shared, snap, req))
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let snap = self.shared.snapshot();
+        let rules = &snap.rules;
+        let mut keys = Keys::empty();
+        // The request is split into its parts only for a resolver (they take `Parts`).
+        let prepared = if self.shared.resolves() {
+            let (parts, body) = req.into_parts();
+            let prepared = self.shared.prepare(rules, &parts, &mut keys);
+            req = Request::from_parts(parts, body);
+            prepared
+        } else {
+            self.shared.prepare(rules, &req, &mut keys)
+        };
+        // The inner service is called from one place, so that the request and its future are
+        // moved as little as possible.
+        let finish = match prepared {
+            Prepared::Skip => Finish::default(),
+            Prepared::Respond(r) => return ResponseFuture::ready(r.answer(&req)),
+            Prepared::Shadow(v) => Finish::new(Attach::default(), Some(v)),
+            Prepared::Check(plan) if rules.is_distributed() => {
+                let plan = plan.detach();
+                return self.distributed(req, plan, Guard::into_inner(snap));
+            }
+            Prepared::Check(plan) => match self.shared.decide(&snap, &plan) {
+                Action::Refuse(r) => return ResponseFuture::ready(r.answer(&req)),
+                Action::Pass(finish) => finish,
+            },
+        };
+        finish.mark(&mut req);
+        ResponseFuture::inner(self.inner.call(req), finish)
     }
 }
 
-/// One request against the rules of `snap`.
-fn serve<S, K, ReqBody, ResBody>(
-    inner: &mut S,
-    shared: &Arc<Shared>,
-    snap: &Arc<Snapshot>,
-    mut req: Request<ReqBody>,
-) -> ResponseFuture<S::Future, ResBody, S::Error, K>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    ReqBody: Send + 'static,
-    ResBody: Send + 'static,
-{
-    let rules = &snap.rules;
-    let mut keys = Keys::empty();
-    // The request is split into its parts only for a resolver (they take `Parts`).
-    let prepared = if shared.resolves() {
-        let (parts, body) = req.into_parts();
-        let prepared = shared.prepare(rules, &parts, &mut keys);
-        req = Request::from_parts(parts, body);
-        prepared
-    } else {
-        shared.prepare(rules, &req, &mut keys)
-    };
-    // The inner service is called from one place, so that the request and its future are
-    // moved as little as possible.
-    let finish = match prepared {
-        Prepared::Skip => Finish::default(),
-        Prepared::Respond(r) => return ResponseFuture::ready(r.answer(&req)),
-        Prepared::Shadow(v) => Finish::new(Attach::default(), Some(v)),
-        Prepared::Check(plan) if rules.is_distributed() => {
-            let plan = plan.detach();
-            return distributed(inner, shared, req, plan, Arc::clone(snap));
-        }
-        Prepared::Check(plan) => match shared.decide(snap, &plan) {
-            Action::Refuse(r) => return ResponseFuture::ready(r.answer(&req)),
-            Action::Pass(finish) => finish,
-        },
-    };
-    finish.mark(&mut req);
-    ResponseFuture::inner(inner.call(req), finish)
-}
-
-/// Distributed mode: the decision may wait for a first claim, so the call happens later, on the
-/// service that was polled ready (a fresh clone stays in its place). Out of line: the local
-/// path's code stays compact.
-#[inline(never)]
-fn distributed<S, K, ReqBody, ResBody>(
-    inner: &mut S,
-    shared: &Arc<Shared>,
-    mut req: Request<ReqBody>,
-    plan: Detached,
-    snap: Arc<Snapshot>,
-) -> ResponseFuture<S::Future, ResBody, S::Error, K>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    ReqBody: Send + 'static,
-    ResBody: Send + 'static,
-{
-    let clone = inner.clone();
-    let mut inner = std::mem::replace(inner, clone);
-    let shared = Arc::clone(shared);
-    ResponseFuture::boxed(Box::pin(async move {
-        // The plan is resolved against the snapshot it was made with, so it finds its limits;
-        // a plan without any would have nothing to check.
-        let action = match plan.attach(&snap.rules) {
-            Some(plan) => shared.decide_async(&snap, &plan).await,
-            None => Action::Pass(Finish::default()),
-        };
-        match action {
-            Action::Refuse(r) => Ok(Answer::Own(r.answer(&req))),
-            Action::Pass(finish) => {
-                finish.mark(&mut req);
-                let response = inner.call(req).await?;
-                Ok(Answer::Inner(finish.apply(response)))
+impl<S, K> RateLimit<S, K> {
+    /// Distributed mode: the decision may wait for a first claim, so the call happens later,
+    /// on the service that was polled ready (a fresh clone stays here). Out of line: the
+    /// local path's code stays compact.
+    #[inline(never)]
+    fn distributed<ReqBody, ResBody>(
+        &mut self,
+        mut req: Request<ReqBody>,
+        plan: Detached,
+        snap: Arc<Snapshot>,
+    ) -> ResponseFuture<S::Future, ResBody, S::Error, K>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqBody: Send + 'static,
+        ResBody: Send + 'static,
+    {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        ResponseFuture::boxed(Box::pin(async move {
+            // The plan is resolved against the snapshot it was made with, so it finds its
+            // limits; a plan without any would have nothing to check.
+            let action = match plan.attach(&snap.rules) {
+                Some(plan) => shared.decide_async(&snap, &plan).await,
+                None => Action::Pass(Finish::default()),
+            };
+            match action {
+                Action::Refuse(r) => Ok(Answer::Own(r.answer(&req))),
+                Action::Pass(finish) => {
+                    finish.mark(&mut req);
+                    let response = inner.call(req).await?;
+                    Ok(Answer::Inner(finish.apply(response)))
+                }
             }
-        }
-    }))
+        }))
+    }
 }

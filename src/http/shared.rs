@@ -2,7 +2,6 @@
 //! counters.
 
 use std::borrow::Cow;
-use std::cell::RefCell;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -53,18 +52,6 @@ pub(super) struct Shared {
     /// The rules in force with their header text, and the configuration generation they
     /// are of.
     snapshot: ArcSwap<Snapshot>,
-    /// This layer among the layers of the process (see [`RECENT`]).
-    id: u64,
-}
-
-/// The id of the next layer built.
-static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(1);
-
-thread_local! {
-    /// The snapshot this thread used last, with its layer's id: read again without touching a
-    /// shared cache line while the configuration's generation stays the same. It keeps that
-    /// snapshot's rules alive until the thread serves a newer generation or another layer.
-    static RECENT: RefCell<Option<(u64, Arc<Snapshot>)>> = const { RefCell::new(None) };
 }
 
 /// The rules in force and their header text, read together with one load per request.
@@ -107,47 +94,7 @@ impl Shared {
             api_key,
             counters: Counters::default(),
             logged_tiers: RwLock::new(HashSet::new()),
-            id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
         }
-    }
-
-    /// Runs `f` with the rules in force and their header text: this thread's last snapshot
-    /// when it is of this layer and of the configuration's current generation (no atomic
-    /// read-modify-write), else the layer's snapshot, which this thread then keeps.
-    ///
-    /// `f` may serve a request of another layer on the same thread (layers in a stack): that
-    /// one then reads the layer's snapshot without keeping it.
-    #[inline]
-    pub(super) fn with_snapshot<R>(&self, f: impl FnOnce(&Arc<Snapshot>) -> R) -> R {
-        let generation = self.live.generation();
-        let mut f = Some(f);
-        let kept = RECENT
-            .try_with(|recent| {
-                let recent = recent.try_borrow().ok()?;
-                match recent.as_ref() {
-                    Some((id, snap)) if *id == self.id && snap.generation == generation => f.take().map(|f| f(snap)),
-                    _ => None,
-                }
-            })
-            .ok()
-            .flatten();
-        match (kept, f) {
-            (Some(r), _) => r,
-            (None, Some(f)) => self.with_fresh_snapshot(f),
-            (None, None) => unreachable!("`f` ran only when it answered"),
-        }
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn with_fresh_snapshot<R>(&self, f: impl FnOnce(&Arc<Snapshot>) -> R) -> R {
-        let snap = Guard::into_inner(self.snapshot());
-        let _ = RECENT.try_with(|recent| {
-            if let Ok(mut recent) = recent.try_borrow_mut() {
-                *recent = Some((self.id, Arc::clone(&snap)));
-            }
-        });
-        f(&snap)
     }
 
     /// The rules in force with their header text: the snapshot, made again after a reload.
