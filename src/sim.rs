@@ -121,11 +121,12 @@ pub struct Report {
     pub degraded_admitted: u64,
 }
 
-/// A small deterministic generator (splitmix64).
-struct Rng(u64);
+/// A small deterministic generator (splitmix64), seeded by its value.
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -133,10 +134,15 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    /// An exponential gap with the given mean.
-    fn exp(&mut self, mean_ns: f64) -> u64 {
-        let u = ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    /// An exponential gap in nanoseconds with the given mean (at least 1).
+    pub fn exp(&mut self, mean_ns: f64) -> u64 {
+        let u = ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
         (-u.ln() * mean_ns) as u64 + 1
+    }
+
+    /// A number below `n` (> 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
     }
 }
 
@@ -293,7 +299,7 @@ async fn virtual_run(s: &Scenario) -> Report {
                 heap.push(Reverse((next_sync[i], Event::Sync(i))));
             }
             Event::Request(i) => {
-                let k = (rng.next() % keys.len() as u64) as usize;
+                let k = rng.below(keys.len());
                 let start = timer.now_ns();
                 let d = limiters[i].check(keys[k].as_str());
                 tally.latency(timer.now_ns().saturating_sub(start));
@@ -465,7 +471,7 @@ pub async fn run_real(s: &Scenario, store: Arc<dyn Store>) -> Report {
             if t > now {
                 break;
             }
-            let k = (rng.next() % keys.len() as u64) as usize;
+            let k = rng.below(keys.len());
             next[i] = t + rng.exp(1.0 / (rate * shares[i]));
             if s.check == CheckMode::Async {
                 pending.push(spawn_check(&limiters[i], k, &keys[k], &clock));

@@ -30,6 +30,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tollgate::sim::Rng;
 use tollgate::store::{RedisConfig, RedisStore};
 use tollgate::{Limiter, Node, Policy};
 
@@ -243,29 +244,6 @@ impl Args {
     }
 }
 
-/// A small deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// An exponential gap in nanoseconds with the given mean (at least 1).
-    fn exp_ns(&mut self, mean_ns: f64) -> u64 {
-        let u = ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-        (-u.ln() * mean_ns) as u64 + 1
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// One request of the schedule.
 #[derive(Clone, Copy, Debug)]
 pub struct Arrival {
@@ -285,14 +263,14 @@ pub fn arrivals(case: &Case, length: Duration, seed: u64) -> Vec<Arrival> {
     let end = length.as_nanos() as u64;
     let mut v = Vec::new();
     for user in 0..USERS {
-        let mut t = rng.exp_ns(mean_ns);
+        let mut t = rng.exp(mean_ns);
         while t <= end {
             v.push(Arrival {
                 at_ns: t,
                 user,
                 node: rng.below(case.nodes),
             });
-            t += rng.exp_ns(mean_ns);
+            t += rng.exp(mean_ns);
         }
     }
     v.sort_by_key(|a| a.at_ns);
