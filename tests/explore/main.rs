@@ -309,6 +309,11 @@ fn unexercised(faults: Faults, t: &Tally) -> Vec<&'static str> {
         ),
         (true, t.waited_admitted > 0, "admissions after a claim on demand"),
         (faults.late, t.late_applies > 0, "late applies"),
+        (
+            faults.late,
+            t.late_over_newer > 0,
+            "late calls applied after a newer one",
+        ),
         (faults.late, t.timeouts > 0, "timeouts"),
         (faults.dup_id, t.dup_live_ids > 0, "duplicate live ids"),
         (faults.crash, t.crashes > 0, "crashes"),

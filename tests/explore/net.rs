@@ -182,6 +182,16 @@ impl Net {
         (!g.keys.is_empty()).then(|| g.keys[pick % g.keys.len()].clone())
     }
 
+    /// Index (for [`deliver`](Self::deliver)) of the newest unanswered call of `node`.
+    pub fn newest_unanswered_of(&self, node: NodeId) -> Option<usize> {
+        self.lock().calls.iter().rposition(|c| c.node == node && !c.answered)
+    }
+
+    /// Index of the call `seq`, while the store is not done with it.
+    pub fn index_of(&self, seq: u64) -> Option<usize> {
+        self.lock().calls.iter().position(|c| c.seq == seq)
+    }
+
     /// Index (for [`deliver`](Self::deliver)) of the first unanswered call.
     pub fn first_unanswered(&self) -> Option<usize> {
         self.lock().calls.iter().position(|c| !c.answered)

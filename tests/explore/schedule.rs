@@ -253,6 +253,9 @@ pub enum Action {
     TimeOut { call: usize, late: bool },
     /// A parked call is lost.
     Lose { call: usize },
+    /// A node's sync times out but its call stays in flight; its next sync is applied and
+    /// answered; then the first call is applied, late, after the newer one.
+    LateOverNewer { node: usize },
     /// `rounds` healthy intervals: time moves one interval, every node syncs, every call is
     /// answered.
     Quiet { rounds: u32 },
@@ -327,6 +330,12 @@ impl fmt::Display for Action {
             Action::TimeOut { call, late: true } => write!(f, "call[{call}] times out, stays in flight"),
             Action::TimeOut { call, late: false } => write!(f, "call[{call}] times out, lost"),
             Action::Lose { call } => write!(f, "call[{call}] lost"),
+            Action::LateOverNewer { node } => {
+                write!(
+                    f,
+                    "node[{node}] sync times out, the next is applied, then the first, late"
+                )
+            }
             Action::Quiet { rounds } => write!(f, "{rounds} healthy sync rounds"),
             Action::Crash { node } => write!(f, "node[{node}] crashes"),
             Action::Start { id, clock } => write!(
@@ -478,7 +487,7 @@ fn action(r: &mut TestRng, sc: &Scenario, faults: Faults) -> Action {
     let call = r.random_range(0..8);
     let interval = sc.interval.as_nanos() as u64;
     // Weights: (weight, enabled).
-    let table: [(u32, bool); 22] = [
+    let table: [(u32, bool); 23] = [
         (10, true),                         // 0 small advance
         (2, true),                          // 1 large advance
         (5, faults.clock),                  // 2 lease edge
@@ -501,6 +510,7 @@ fn action(r: &mut TestRng, sc: &Scenario, faults: Faults) -> Action {
         (2, faults.outage),                 // 19 outage off
         (1, faults.store_restart),          // 20 key loss
         (8, true),                          // 21 waiting checks
+        (2, faults.late),                   // 22 a late call applied after a newer one
     ];
     let total: u32 = table.iter().filter(|(_, on)| *on).map(|(w, _)| w).sum();
     let mut pick = r.random_range(0..total);
@@ -584,6 +594,7 @@ fn action(r: &mut TestRng, sc: &Scenario, faults: Faults) -> Action {
         18 => Action::Outage(true),
         19 => Action::Outage(false),
         20 => Action::KeyLoss { key: call },
+        22 => Action::LateOverNewer { node },
         _ => Action::CheckAsync {
             node,
             lim,

@@ -65,6 +65,8 @@ pub struct Tally {
     pub admitted: u64,
     pub degraded_admitted: u64,
     pub late_applies: u64,
+    /// Late calls applied after a newer call of the same node.
+    pub late_over_newer: u64,
     pub timeouts: u64,
     pub dup_live_ids: u64,
     pub crashes: u64,
@@ -85,6 +87,7 @@ impl Tally {
         self.admitted += o.admitted;
         self.degraded_admitted += o.degraded_admitted;
         self.late_applies += o.late_applies;
+        self.late_over_newer += o.late_over_newer;
         self.timeouts += o.timeouts;
         self.dup_live_ids += o.dup_live_ids;
         self.crashes += o.crashes;
@@ -313,6 +316,41 @@ impl<'a> World<'a> {
         }
     }
 
+    /// The shape of [`Action::LateOverNewer`]: a node's call times out and stays in flight, its
+    /// next call is applied and answered, then the first is applied.
+    fn late_over_newer(&mut self, node: usize) -> Result<(), Violation> {
+        let Some(p) = self.proc_index(node) else { return Ok(()) };
+        if !self.faults.late || self.procs[p].ops.iter().any(|o| o.sync) {
+            return Ok(());
+        }
+        // The store identity of the process (its calls carry it), not its pool id.
+        let id = self.procs[p].node.id();
+        let sync = |w: &mut Self| -> Result<Option<usize>, Violation> {
+            let n = w.procs[p].node.clone();
+            w.procs[p].ops.push(Op::sync(async move { n.sync_once().await }));
+            w.poll()?;
+            Ok(w.net.newest_unanswered_of(id))
+        };
+        let Some(first) = sync(self)? else { return Ok(()) };
+        let (who, done) = self.net.time_out(first, true);
+        let Some((seq, _)) = who else { return Ok(()) };
+        self.applied(who, done, "");
+        self.poll()?;
+        if let Some(newer) = sync(self)? {
+            let (who, done) = self.net.deliver(newer);
+            self.applied(who, done, "applied");
+            self.poll()?;
+        }
+        if let Some(late) = self.net.index_of(seq) {
+            let (who, done) = self.net.deliver(late);
+            if matches!(done, Done::Applied(_)) {
+                self.tally.late_over_newer += 1;
+            }
+            self.applied(who, done, "applied");
+        }
+        self.poll()
+    }
+
     fn applied(&mut self, who: Option<(u64, u64)>, done: Done, what: &str) {
         let Some((seq, node)) = who else { return };
         match done {
@@ -489,6 +527,7 @@ impl<'a> World<'a> {
                 let (who, done) = self.net.lose(call);
                 self.applied(who, done, "");
             }
+            Action::LateOverNewer { node } => self.late_over_newer(node)?,
             Action::Quiet { rounds } => {
                 for _ in 0..rounds {
                     self.set_time(self.t + self.sc.interval.as_nanos() as u64);
