@@ -93,7 +93,9 @@ async fn a_burst_within_the_limit_on_one_node_is_admitted_whole() {
 /// Concurrent checks of one key the node holds nothing for share claims: those that ask
 /// before a call goes out share it, those that ask while it is on its way share the next one.
 /// Ten checks make at most two calls, each with one claim for the key.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One thread: every task asks before the first call's answer can arrive, however loaded the
+// machine (with worker threads, a task started late asks after it and makes a call of its own).
+#[tokio::test(flavor = "current_thread")]
 async fn concurrent_checks_of_one_cold_key_share_one_claim() {
     let store = Slow::new(Duration::from_millis(50));
     let node = node_syncing_every(store.clone(), NO_SYNC_SOON);
@@ -112,7 +114,9 @@ async fn concurrent_checks_of_one_cold_key_share_one_claim() {
 
 /// Keys asked for while a call on demand is on its way go together in the next call: a flood
 /// of new keys makes larger calls, not more of them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One thread: every task asks before the first call's answer can arrive, however loaded the
+// machine (with worker threads, a task started late asks after it and makes a call of its own).
+#[tokio::test(flavor = "current_thread")]
 async fn cold_keys_asked_while_a_call_is_on_its_way_share_the_next_call() {
     let store = Slow::new(Duration::from_millis(50));
     let node = node_syncing_every(store.clone(), NO_SYNC_SOON);
