@@ -683,3 +683,29 @@ fn a_store_on_the_system_clock_refills_as_time_passes() {
     // 1000 per second: at least 50 tokens after 50 ms of the system clock.
     assert!(one(&s, 2, claim(&k, l, 0, 0, 1000, 0)).granted >= 50);
 }
+
+/// Expired keys stay (unread, like Redis's lazily expired keys) until the operations since the
+/// last purge pass both 1024 and the number of keys; then every expired key goes at once.
+#[test]
+fn expired_keys_are_purged_once_the_operations_since_the_last_purge_pass_the_key_count() {
+    let (s, t) = setup();
+    for i in 0..10 {
+        one(
+            &s,
+            1,
+            claim(&StoreKey::from_raw(format!("old-{i}")), tb(10, 1), 0, 0, 1, 0),
+        );
+    }
+    t.advance(Duration::from_secs(3600));
+    // A key that lives through what follows: an hour's fixed window that counts every claim.
+    let fresh = StoreKey::from_raw("fresh");
+    let hour = Limits::fixed_window(1_000_000, Duration::from_secs(3600)).unwrap();
+    // 10 operations so far: 1014 more make 1024, not yet past the threshold.
+    for _ in 0..1014 {
+        one(&s, 1, claim(&fresh, hour, 0, 0, 1, 0));
+    }
+    assert_eq!(s.len(), 11, "the expired keys are still stored");
+    assert_eq!(s.state_len(&StoreKey::from_raw("old-0")), None, "but read as gone");
+    one(&s, 1, claim(&fresh, hour, 0, 0, 1, 0));
+    assert_eq!(s.len(), 1, "the 1025th operation purges every expired key");
+}
