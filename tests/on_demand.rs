@@ -254,3 +254,27 @@ async fn a_waiting_check_dropped_mid_call_leaves_the_others_served() {
     assert!(3 + more <= 5, "{} admitted", 3 + more);
     node.shutdown().await;
 }
+
+/// A limiter dropped while a sync is on its way frees its name at once: a new limiter of the
+/// same name and policy builds, though the round in flight still holds the old one's keys.
+#[tokio::test(flavor = "current_thread")]
+async fn a_dropped_limiter_frees_its_name_while_a_sync_holds_its_keys() {
+    let store = Slow::new(Duration::from_millis(200));
+    let node = node_syncing_every(store.clone(), NO_SYNC_SOON);
+    let a = limiter(Policy::per_minute(100), "per_user", &node);
+    // A key for the round to claim for.
+    a.check("bob");
+    let n = node.clone();
+    let sync = tokio::spawn(async move { n.sync_once().await });
+    // The round gathers the key and waits for the store.
+    tokio::task::yield_now().await;
+    assert_eq!(store.claims.load(Ordering::Relaxed), 1, "the round is on its way");
+    drop(a);
+    let again = Limiter::<String>::builder(Policy::per_minute(100))
+        .name("per_user")
+        .node(&node)
+        .build();
+    assert!(again.is_ok(), "{:?}", again.err());
+    sync.await.unwrap();
+    node.shutdown().await;
+}

@@ -2,7 +2,7 @@
 
 use std::borrow::Borrow;
 use std::hash::Hash;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
 use papaya::HashMap;
@@ -87,6 +87,16 @@ pub(crate) struct DistKeys<K> {
     node: Arc<NodeInner>,
     /// The keys the round in flight claimed for, in order, with what each claim wanted.
     in_flight: parking_lot::Mutex<Vec<(K, u64)>>,
+    /// Its limiter is gone: a round in flight may still hold these keys, but the namespace is
+    /// free for a new limiter of the node.
+    retired: AtomicBool,
+}
+
+impl<K> DistKeys<K> {
+    /// Its limiter is gone (see `retired`).
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
 }
 
 impl<K> DistKeys<K>
@@ -112,6 +122,7 @@ where
             rule,
             node: node.clone(),
             in_flight: parking_lot::Mutex::new(Vec::new()),
+            retired: AtomicBool::new(false),
         });
         let weak: std::sync::Weak<dyn Member> = Arc::downgrade(&keys) as _;
         node.register(namespace, weak)?;
@@ -615,6 +626,10 @@ impl<K> Member for DistKeys<K>
 where
     K: Hash + Eq + Send + Sync + Clone + Identifier + 'static,
 {
+    fn retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
     fn prepare(&self, now: u64, drain: bool, seq: u64, out: &mut Vec<Claim>) {
         // Every key is visited, those asked for included: their queue entries are dropped
         // first, so that a key asked for again while this runs queues itself anew.

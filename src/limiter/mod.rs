@@ -79,6 +79,15 @@ struct Inner<K> {
     metrics: counted::Counted,
 }
 
+impl<K> Drop for Inner<K> {
+    fn drop(&mut self) {
+        // The node may still hold the keys for a round in flight; the name is free now.
+        if let Mode::Distributed(dist) = &self.mode {
+            dist.retire();
+        }
+    }
+}
+
 /// Where a limiter's keys are counted.
 enum Mode<K> {
     /// In this process: a cell per key, and the overflow cell for keys a full table cannot

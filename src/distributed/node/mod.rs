@@ -134,6 +134,8 @@ pub(crate) trait Member: Send + Sync {
     /// Applies the outcomes of the claims the last `prepare` or `prepare_asked` added, in
     /// their order (`None`: the batch failed).
     fn apply(&self, sent_at: u64, outcomes: &[Option<ClaimOutcome>], report: &mut ApplyReport);
+    /// Its limiter is gone (a round in flight may still hold it).
+    fn retired(&self) -> bool;
     /// Claimed tokens held now, over all keys.
     #[cfg(feature = "metrics")]
     fn held(&self) -> u64;
@@ -218,7 +220,9 @@ impl NodeInner {
     /// uses `namespace`.
     pub(crate) fn register(&self, namespace: &'static str, member: Weak<dyn Member>) -> Result<(), String> {
         let mut members = self.members.lock();
-        members.retain(|(_, m)| m.strong_count() > 0);
+        // A member whose limiter is gone no longer holds its namespace, even while a round in
+        // flight still holds the member.
+        members.retain(|(_, m)| m.upgrade().is_some_and(|m| !m.retired()));
         if members.iter().any(|(n, _)| *n == namespace) {
             return Err(format!(
                 "a limiter with the same name and policy ({namespace}) already runs on this node"
