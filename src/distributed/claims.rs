@@ -2,7 +2,7 @@
 
 use std::borrow::Borrow;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use papaya::HashMap;
@@ -87,15 +87,21 @@ pub(crate) struct DistKeys<K> {
     node: Arc<NodeInner>,
     /// The keys the round in flight claimed for, in order, with what each claim wanted.
     in_flight: parking_lot::Mutex<Vec<(K, u64)>>,
-    /// Its limiter is gone: a round in flight may still hold these keys, but the namespace is
-    /// free for a new limiter of the node.
-    retired: AtomicBool,
+    /// The limiter handles (clones of one `Limiter`) alive. At 0 the limiter is gone: a round
+    /// in flight or a metrics publication may still hold these keys, but the namespace is free
+    /// for a new limiter of the node.
+    handles: AtomicUsize,
 }
 
 impl<K> DistKeys<K> {
-    /// Its limiter is gone (see `retired`).
-    pub(crate) fn retire(&self) {
-        self.retired.store(true, Ordering::Release);
+    /// Another handle of the limiter.
+    pub(crate) fn add_handle(&self) {
+        self.handles.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A handle of the limiter is gone.
+    pub(crate) fn drop_handle(&self) {
+        self.handles.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -122,7 +128,7 @@ where
             rule,
             node: node.clone(),
             in_flight: parking_lot::Mutex::new(Vec::new()),
-            retired: AtomicBool::new(false),
+            handles: AtomicUsize::new(1),
         });
         let weak: std::sync::Weak<dyn Member> = Arc::downgrade(&keys) as _;
         node.register(namespace, weak)?;
@@ -627,7 +633,7 @@ where
     K: Hash + Eq + Send + Sync + Clone + Identifier + 'static,
 {
     fn retired(&self) -> bool {
-        self.retired.load(Ordering::Acquire)
+        self.handles.load(Ordering::Acquire) == 0
     }
 
     fn prepare(&self, now: u64, drain: bool, seq: u64, out: &mut Vec<Claim>) {

@@ -79,15 +79,6 @@ struct Inner<K> {
     metrics: counted::Counted,
 }
 
-impl<K> Drop for Inner<K> {
-    fn drop(&mut self) {
-        // The node may still hold the keys for a round in flight; the name is free now.
-        if let Mode::Distributed(dist) = &self.mode {
-            dist.retire();
-        }
-    }
-}
-
 /// Where a limiter's keys are counted.
 enum Mode<K> {
     /// In this process: a cell per key, and the overflow cell for keys a full table cannot
@@ -175,8 +166,21 @@ pub struct Limiter<K = String> {
 
 impl<K> Clone for Limiter<K> {
     fn clone(&self) -> Self {
+        if let Mode::Distributed(dist) = &self.inner.mode {
+            dist.add_handle();
+        }
         Limiter {
             inner: self.inner.clone(),
+        }
+    }
+}
+
+/// The limiter's name is free once its last handle is gone, even while a round in flight or a
+/// metrics publication still holds its state (which the state's own drop would wait for).
+impl<K> Drop for Limiter<K> {
+    fn drop(&mut self) {
+        if let Mode::Distributed(dist) = &self.inner.mode {
+            dist.drop_handle();
         }
     }
 }
@@ -505,3 +509,6 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
