@@ -7,8 +7,11 @@
 //! machine hits both alike, and after the group the bench prints one line per scenario:
 //! `compare <scenario> tollgate_ns=<median> governor_ns=<median> ratio=<tollgate/governor>`
 //! (medians over the samples; the ratio is the median of the samples' ratios). It also
-//! measures two threads against one (`scaling_2t_keyed_u64_10k`), the floor (a bare papaya
-//! lookup plus one CAS) and the clocks in the same run. The `metrics_*` groups compare the
+//! measures two threads against one (`scaling_2t_keyed_u64_10k`: both threads over the same
+//! keys, each over its own keys, and the same visits as a CAS on a plain array of atomics, which
+//! is what the machine allows), the floor (a bare papaya lookup plus one CAS, as the table does,
+//! and a CAS on a plain array indexed by the key, which no table beats) and the clocks
+//! in the same run. The `metrics_*` groups compare the
 //! same check with and without decision counting (feature `metrics`): `metrics_on_ns`,
 //! `metrics_off_ns` and their ratio.
 //!
@@ -168,10 +171,12 @@ fn scaling_2t(c: &mut Criterion) {
     let mask = seq.len() - 1;
     let ours: Limiter<u64> = Limiter::builder(policy()).metrics(false).build().unwrap();
     let theirs = RateLimiter::keyed(quota());
-    for k in 0..10_000u64 {
+    for k in 0..20_000u64 {
         ours.check(&k);
         let _ = theirs.check_key(&k);
     }
+    // What the machine allows: the same visits as a CAS on a plain array of 10k atomics.
+    let array: Vec<AtomicU64> = (0..20_000).map(|_| AtomicU64::new(0)).collect();
     // Both threads visit the same 10k keys, from different points of the same order.
     let ours_f = |t: usize, i: usize| {
         black_box(ours.check(&seq[(i + t * 32_768) & mask]).is_allowed());
@@ -179,14 +184,52 @@ fn scaling_2t(c: &mut Criterion) {
     let theirs_f = |t: usize, i: usize| {
         black_box(theirs.check_key(&seq[(i + t * 32_768) & mask]).is_ok());
     };
+    let array_f = |t: usize, i: usize| {
+        let cell = &array[seq[(i + t * 32_768) & mask] as usize];
+        let cur = cell.load(Ordering::Relaxed);
+        black_box(
+            cell.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok(),
+        );
+    };
+    // Each thread its own 10k keys (thread 1 keys 10,000 and up): nothing shared but the table.
+    let ours_own = |t: usize, i: usize| {
+        black_box(ours.check(&(seq[i & mask] + t as u64 * 10_000)).is_allowed());
+    };
+    let array_own = |t: usize, i: usize| {
+        let cell = &array[(seq[i & mask] + t as u64 * 10_000) as usize];
+        let cur = cell.load(Ordering::Relaxed);
+        black_box(
+            cell.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok(),
+        );
+    };
+    // Own keys again, but the two threads' cells side by side (as a hash table places them):
+    // every cache line holds both threads' keys.
+    let array_own_interleaved = |t: usize, i: usize| {
+        let cell = &array[(seq[i & mask] * 2 + t as u64) as usize];
+        let cur = cell.load(Ordering::Relaxed);
+        black_box(
+            cell.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok(),
+        );
+    };
     let mut group = c.benchmark_group("scaling_2t_keyed_u64_10k");
     // Checks per second of each function, all threads together.
-    let mut rates: [Vec<f64>; 4] = Default::default();
-    let cases: [(&str, usize, Check<'_>); 4] = [
+    let mut rates: [Vec<f64>; 12] = Default::default();
+    let cases: [(&str, usize, Check<'_>); 12] = [
         ("tollgate_1t", 1, &ours_f),
         ("tollgate_2t", 2, &ours_f),
         ("governor_1t", 1, &theirs_f),
         ("governor_2t", 2, &theirs_f),
+        ("array_1t", 1, &array_f),
+        ("array_2t", 2, &array_f),
+        ("tollgate_own_keys_1t", 1, &ours_own),
+        ("tollgate_own_keys_2t", 2, &ours_own),
+        ("array_own_keys_1t", 1, &array_own),
+        ("array_own_keys_2t", 2, &array_own),
+        ("array_own_keys_interleaved_1t", 1, &array_own_interleaved),
+        ("array_own_keys_interleaved_2t", 2, &array_own_interleaved),
     ];
     for ((name, threads, f), rates) in cases.into_iter().zip(&mut rates) {
         // One iteration: one check on each thread.
@@ -205,11 +248,15 @@ fn scaling_2t(c: &mut Criterion) {
     if rates.iter().any(Vec::is_empty) {
         return;
     }
-    let [o1, o2, g1, g2] = rates.map(median);
+    let [o1, o2, g1, g2, a1, a2, oo1, oo2, ao1, ao2, ai1, ai2] = rates.map(median);
     println!(
-        "compare scaling_2t_keyed_u64_10k tollgate_scaling={:.2} governor_scaling={:.2} tollgate_2t_checks_per_s={:.1}M governor_2t_checks_per_s={:.1}M",
+        "compare scaling_2t_keyed_u64_10k tollgate_scaling={:.2} governor_scaling={:.2} array_scaling={:.2} tollgate_own_keys_scaling={:.2} array_own_keys_scaling={:.2} array_own_keys_interleaved_scaling={:.2} tollgate_2t_checks_per_s={:.1}M governor_2t_checks_per_s={:.1}M",
         o2 / o1,
         g2 / g1,
+        a2 / a1,
+        oo2 / oo1,
+        ao2 / ao1,
+        ai2 / ai1,
         o2 / 1e6,
         g2 / 1e6
     );
@@ -231,6 +278,15 @@ fn floor(c: &mut Criterion) {
     let precise = Clock::precise();
     let mut group = c.benchmark_group("floor");
     group.throughput(Throughput::Elements(1));
+    let array: Vec<AtomicU64> = (0..10_000).map(|_| AtomicU64::new(0)).collect();
+    let array_ns = single(&mut group, "array_cas_10k", |i| {
+        let cell = &array[seq[i & mask] as usize];
+        let cur = cell.load(Ordering::Relaxed);
+        black_box(
+            cell.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok(),
+        );
+    });
     let floor = single(&mut group, "map_get_plus_cas_10k", |i| {
         let g = map.guard();
         let cell = map.get(&seq[i & mask], &g).unwrap();
@@ -250,9 +306,9 @@ fn floor(c: &mut Criterion) {
         black_box(Instant::now());
     });
     group.finish();
-    if let (Some(floor), Some(c), Some(p), Some(s)) = (floor, c_ns, p_ns, s_ns) {
+    if let (Some(floor), Some(a), Some(c), Some(p), Some(s)) = (floor, array_ns, c_ns, p_ns, s_ns) {
         println!(
-            "compare floor map_get_plus_cas_10k_ns={floor:.1} clock_cached_ns={c:.1} clock_precise_ns={p:.1} instant_now_ns={s:.1}"
+            "compare floor map_get_plus_cas_10k_ns={floor:.1} array_cas_10k_ns={a:.1} clock_cached_ns={c:.1} clock_precise_ns={p:.1} instant_now_ns={s:.1}"
         );
     }
 }
