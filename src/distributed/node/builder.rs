@@ -1,7 +1,7 @@
 //! Building a node: its settings, their validation, and the timings derived from them.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -313,7 +313,7 @@ impl NodeBuilder {
         let inner = self.inner()?;
         #[cfg(feature = "metrics")]
         {
-            let weak: Weak<dyn crate::metrics::Source> = Arc::downgrade(&inner) as _;
+            let weak: std::sync::Weak<dyn crate::metrics::Source> = Arc::downgrade(&inner) as _;
             crate::metrics::register(weak);
         }
         Ok(inner)
