@@ -263,9 +263,9 @@ impl KeyEncoder {
 }
 
 /// The hash tag of a key as Redis Cluster computes it: the bytes between the first `{` and the
-/// first `}` after it, if that is not empty; otherwise the whole key. (Used by the cluster's
-/// slot routing and the key tests only.)
-#[cfg_attr(not(any(test, feature = "redis")), allow(dead_code))]
+/// first `}` after it, if that is not empty; otherwise the whole key. Only the cluster's slot
+/// routing needs it.
+#[cfg(any(test, feature = "redis"))]
 pub fn hash_tag(key: &[u8]) -> &[u8] {
     if let Some(open) = key.iter().position(|&b| b == b'{') {
         if let Some(len) = key[open + 1..].iter().position(|&b| b == b'}') {
