@@ -145,6 +145,17 @@ fn direct(c: &mut Criterion) {
     );
 }
 
+/// What a check does to its key's state at the least: one CAS on a word. The floor and the
+/// plain-array scaling lines run only this.
+#[inline(always)]
+fn bump(cell: &AtomicU64) {
+    let cur = cell.load(Ordering::Relaxed);
+    black_box(
+        cell.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok(),
+    );
+}
+
 /// One check on thread `t` (its `i`-th).
 type Check<'a> = &'a (dyn Fn(usize, usize) + Sync);
 
@@ -171,11 +182,17 @@ fn scaling_2t(c: &mut Criterion) {
     let mask = seq.len() - 1;
     let ours: Limiter<u64> = Limiter::builder(policy()).metrics(false).build().unwrap();
     let theirs = RateLimiter::keyed(quota());
-    for k in 0..20_000u64 {
+    for k in 0..10_000u64 {
         ours.check(&k);
         let _ = theirs.check_key(&k);
     }
-    // What the machine allows: the same visits as a CAS on a plain array of 10k atomics.
+    // Each thread its own 10k keys: a table of 20k.
+    let ours_20k: Limiter<u64> = Limiter::builder(policy()).metrics(false).build().unwrap();
+    for k in 0..20_000u64 {
+        ours_20k.check(&k);
+    }
+    // What the machine allows: the same visits as a CAS on a plain array of atomics (20k, so
+    // that each thread has 10k of its own).
     let array: Vec<AtomicU64> = (0..20_000).map(|_| AtomicU64::new(0)).collect();
     // Both threads visit the same 10k keys, from different points of the same order.
     let ours_f = |t: usize, i: usize| {
@@ -184,36 +201,15 @@ fn scaling_2t(c: &mut Criterion) {
     let theirs_f = |t: usize, i: usize| {
         black_box(theirs.check_key(&seq[(i + t * 32_768) & mask]).is_ok());
     };
-    let array_f = |t: usize, i: usize| {
-        let cell = &array[seq[(i + t * 32_768) & mask] as usize];
-        let cur = cell.load(Ordering::Relaxed);
-        black_box(
-            cell.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok(),
-        );
-    };
+    let array_f = |t: usize, i: usize| bump(&array[seq[(i + t * 32_768) & mask] as usize]);
     // Each thread its own 10k keys (thread 1 keys 10,000 and up): nothing shared but the table.
     let ours_own = |t: usize, i: usize| {
-        black_box(ours.check(&(seq[i & mask] + t as u64 * 10_000)).is_allowed());
+        black_box(ours_20k.check(&(seq[i & mask] + t as u64 * 10_000)).is_allowed());
     };
-    let array_own = |t: usize, i: usize| {
-        let cell = &array[(seq[i & mask] + t as u64 * 10_000) as usize];
-        let cur = cell.load(Ordering::Relaxed);
-        black_box(
-            cell.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok(),
-        );
-    };
+    let array_own = |t: usize, i: usize| bump(&array[(seq[i & mask] + t as u64 * 10_000) as usize]);
     // Own keys again, but the two threads' cells side by side (as a hash table places them):
     // every cache line holds both threads' keys.
-    let array_own_interleaved = |t: usize, i: usize| {
-        let cell = &array[(seq[i & mask] * 2 + t as u64) as usize];
-        let cur = cell.load(Ordering::Relaxed);
-        black_box(
-            cell.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok(),
-        );
-    };
+    let array_own_interleaved = |t: usize, i: usize| bump(&array[(seq[i & mask] * 2 + t as u64) as usize]);
     let mut group = c.benchmark_group("scaling_2t_keyed_u64_10k");
     // Checks per second of each function, all threads together.
     let mut rates: [Vec<f64>; 12] = Default::default();
@@ -279,22 +275,11 @@ fn floor(c: &mut Criterion) {
     let mut group = c.benchmark_group("floor");
     group.throughput(Throughput::Elements(1));
     let array: Vec<AtomicU64> = (0..10_000).map(|_| AtomicU64::new(0)).collect();
-    let array_ns = single(&mut group, "array_cas_10k", |i| {
-        let cell = &array[seq[i & mask] as usize];
-        let cur = cell.load(Ordering::Relaxed);
-        black_box(
-            cell.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok(),
-        );
-    });
+    let array_ns = single(&mut group, "array_cas_10k", |i| bump(&array[seq[i & mask] as usize]));
     let floor = single(&mut group, "map_get_plus_cas_10k", |i| {
         let g = map.guard();
         let cell = map.get(&seq[i & mask], &g).unwrap();
-        let cur = cell.load(Ordering::Relaxed);
-        black_box(
-            cell.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok(),
-        );
+        bump(cell);
     });
     let c_ns = single(&mut group, "clock_cached", |_| {
         black_box(cached.now_ns());
