@@ -282,6 +282,40 @@ fn registry_counts_live_nodes() {
     assert_eq!(s.heartbeat_now(&r, 3, Duration::from_millis(500)).live_nodes, 1);
 }
 
+/// A registration lasts its time to live and not a millisecond more: at the instant it ends the
+/// node is gone (the script removes scores up to and including now).
+#[test]
+fn a_registration_is_gone_at_the_instant_its_ttl_ends() {
+    let (s, t) = setup();
+    let r = KeyEncoder::default().registry_key();
+    assert_eq!(s.heartbeat_now(&r, 1, Duration::from_millis(500)).live_nodes, 1);
+    t.advance(Duration::from_millis(499));
+    assert_eq!(s.heartbeat_now(&r, 2, Duration::from_millis(500)).live_nodes, 2);
+    t.advance(Duration::from_millis(1));
+    assert_eq!(
+        s.heartbeat_now(&r, 2, Duration::from_millis(500)).live_nodes,
+        1,
+        "node 1 registered until now, and now is past it"
+    );
+}
+
+/// `remove` forgets the key (the next claim starts afresh) and says whether there was one.
+#[test]
+fn removing_a_key_forgets_its_state_and_says_whether_it_existed() {
+    let (s, _t) = setup();
+    let key = KeyEncoder::default().encode("p", b"k");
+    assert!(!s.remove(&key), "nothing stored yet");
+    assert_eq!(one(&s, 1, claim(&key, tb(10, 1), 0, 0, 10, 0)).granted, 10);
+    assert_eq!(one(&s, 1, claim(&key, tb(10, 1), 10, 0, 1, 0)).granted, 0, "all held");
+    assert!(s.remove(&key));
+    assert!(!s.remove(&key), "already gone");
+    assert_eq!(
+        one(&s, 1, claim(&key, tb(10, 1), 0, 0, 10, 0)).granted,
+        10,
+        "a fresh key's quota"
+    );
+}
+
 /// A node as the protocol expects it to behave: it spends from what it holds, keeps or returns
 /// the rest at each sync, and drops revoked tokens.
 #[derive(Clone, Debug, Default)]
