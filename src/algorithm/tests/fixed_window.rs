@@ -64,3 +64,20 @@ fn fixed_window_is_fresh_and_reset_after_follow_the_count() {
     assert_eq!(r.reset_after(s, 6 * S), 0);
     assert!(r.is_fresh(r.refund(s, 5 * S + 20, 1, 5 * S + 10), 5 * S + 20));
 }
+
+#[test]
+fn fixed_window_empty_since_uses_up_the_window_of_t0_and_no_other() {
+    let r = rule(Algorithm::FixedWindow, 3, S);
+    let t0 = 5 * S + 10;
+    let e = r.empty_since(0, t0);
+    assert_eq!(r.remaining(e, t0), 0);
+    assert!(!r.acquire(e, t0, 1).allowed);
+    assert!(!r.acquire(e, 6 * S - 1, 1).allowed);
+    assert!(r.acquire(e, 6 * S, 3).allowed, "the next window is whole");
+    // A key partly used in the window of t0 is emptied too.
+    let used = r.acquire(0, t0, 1).state;
+    assert_eq!(r.remaining(r.empty_since(used, t0 + 5), t0 + 5), 0);
+    // A key already in a later window is left as it is.
+    let later = r.acquire(0, 7 * S, 1).state;
+    assert_eq!(r.empty_since(later, t0), later);
+}

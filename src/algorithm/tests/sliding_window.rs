@@ -120,3 +120,23 @@ fn sliding_window_reset_after_counts_to_the_end_of_the_window_that_weighs_last()
     );
     assert_eq!(r.reset_after(s, 7 * S + 10), 0);
 }
+
+#[test]
+fn sliding_window_empty_since_counts_the_whole_capacity_in_the_window_of_t0() {
+    let r = rule(Algorithm::SlidingWindow, 4, S);
+    let t0 = 5 * S + S / 2;
+    let e = r.empty_since(0, t0);
+    assert_eq!(r.remaining(e, t0), 0);
+    assert!(!r.acquire(e, t0, 1).allowed);
+    // In the next window the emptied one weighs by the part of it the sliding window still
+    // covers; two windows on, nothing of it is left.
+    assert_eq!(r.remaining(e, 6 * S + S / 2), 2);
+    assert_eq!(r.remaining(e, 7 * S), 4);
+    // A key partly used in the window of t0 is raised to the capacity there.
+    let s = r.acquire(0, 4 * S + S / 2, 2).state;
+    let s = r.acquire(s, 5 * S + 1, 1).state;
+    assert_eq!(r.remaining(r.empty_since(s, t0), 6 * S), 0);
+    // A key already in a later window is left as it is.
+    let later = r.acquire(0, 7 * S, 1).state;
+    assert_eq!(r.empty_since(later, t0), later);
+}

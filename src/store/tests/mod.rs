@@ -299,6 +299,23 @@ fn a_registration_is_gone_at_the_instant_its_ttl_ends() {
     );
 }
 
+/// A store clock that goes back by more than a lease keeps the key's stored epoch: a node's
+/// holding still counts as its own, so keeping it costs nothing and takes nothing more.
+#[test]
+fn a_store_clock_gone_back_past_a_lease_keeps_the_stored_epoch() {
+    let (s, t) = setup();
+    let k = KeyEncoder::default().encode("p", b"k");
+    assert_eq!(one(&s, 1, claim(&k, tb(10, 1), 0, 0, 4, 0)).granted, 4);
+    // One second back: more than three leases of 300 ms.
+    t.set_us(T0 - 1_000_000);
+    assert_eq!(t.now_us(), T0 - 1_000_000);
+    let g = one(&s, 1, claim(&k, tb(10, 1), 4, 0, 0, 0));
+    assert_eq!((g.granted, g.revoked), (0, 0), "{g:?}");
+    // Six left, less the token's worth of refill the clock took back; the kept four are not
+    // taken from the bucket a second time.
+    assert_eq!(g.remaining, 5, "{g:?}");
+}
+
 /// `remove` forgets the key (the next claim starts afresh) and says whether there was one.
 #[test]
 fn removing_a_key_forgets_its_state_and_says_whether_it_existed() {
