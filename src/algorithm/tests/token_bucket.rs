@@ -60,3 +60,21 @@ fn token_bucket_is_fresh_once_full_again() {
     assert_eq!(r.reset_after(s, 5 * S), 200_000_000);
     assert_eq!(r.remaining(r.refund(s, 5 * S + 50, 1, 5 * S), 5 * S + 50), 9);
 }
+
+#[test]
+fn token_bucket_empty_since_has_no_token_at_t0_and_refills_after_it() {
+    let r = rule(Algorithm::TokenBucket, 10, S); // 10/s, period 100 ms
+    let t0 = 5 * S;
+    let e = r.empty_since(0, t0);
+    assert_eq!(r.remaining(e, t0), 0);
+    assert!(!r.acquire(e, t0, 1).allowed);
+    assert!(!r.acquire(e, t0 + 99_999_999, 1).allowed);
+    assert!(r.acquire(e, t0 + 100_000_000, 1).allowed, "one token a period after t0");
+    assert_eq!(r.remaining(e, t0 + S), 10, "full one refill after t0");
+    // A bucket already emptier (a later theoretical arrival time) is left as it is.
+    let mut s = 0;
+    for _ in 0..10 {
+        s = r.acquire(s, t0 + S, 1).state;
+    }
+    assert_eq!(r.empty_since(s, t0), s);
+}
