@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tollgate::node::NodeError;
 use tollgate::sim::{run_virtual, Scenario, Skew};
 use tollgate::store::{ManualTime, MemoryStore, Store};
 use tollgate::{Algorithm, ColdStart, Limiter, ManualClock, Node, Policy};
@@ -303,7 +304,17 @@ fn start_outside_a_runtime_is_a_clear_error() {
         .sync_interval(Duration::ZERO)
         .build_manual()
         .unwrap_err();
-    assert!(bad.to_string().contains("sync_interval"), "{bad}");
+    assert!(
+        matches!(
+            &bad,
+            NodeError::Config {
+                setting: "sync_interval",
+                ..
+            }
+        ),
+        "{bad:?}"
+    );
+    assert_eq!(bad.to_string(), "sync_interval: must be between 1 ms and 1 h");
 }
 
 #[test]

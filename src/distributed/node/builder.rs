@@ -70,12 +70,25 @@ pub enum NodeError {
     /// `start` was called outside a tokio runtime.
     #[error("a node's sync task needs a tokio runtime: call start() inside one, or use build_manual()")]
     NoRuntime,
-    /// A setting is out of range.
-    #[error("{0}")]
-    Config(String),
+    /// A setting is out of range: which one, and the range it must be in.
+    #[error("{setting}: {requirement}")]
+    Config {
+        /// The builder method's name (`sync_interval`, `lease`, `batch_size`, ...).
+        setting: &'static str,
+        /// What the setting must be.
+        requirement: String,
+    },
     /// [`NodeBuilder::connect`]: the store refused this node's credentials or permissions.
     #[error("the store refused this node: {0}")]
     Store(StoreError),
+}
+
+/// The error of a setting out of its range.
+fn out_of_range(setting: &'static str, requirement: impl Into<String>) -> NodeError {
+    NodeError::Config {
+        setting,
+        requirement: requirement.into(),
+    }
 }
 
 /// Configures a [`Node`].
@@ -232,18 +245,19 @@ impl NodeBuilder {
     /// Checks the settings other than the timings.
     fn check(&self) -> Result<(), NodeError> {
         if self.batch_size == 0 || self.batch_size > MAX_KEYS_PER_CALL {
-            return Err(NodeError::Config(format!(
-                "batch_size: must be in 1..={MAX_KEYS_PER_CALL}"
-            )));
+            return Err(out_of_range(
+                "batch_size",
+                format!("must be in 1..={MAX_KEYS_PER_CALL}"),
+            ));
         }
         if !(100..=10_000).contains(&self.headroom_percent) {
-            return Err(NodeError::Config("headroom_percent: must be in 100..=10000".into()));
+            return Err(out_of_range("headroom_percent", "must be in 100..=10000"));
         }
         if self.failure_threshold == 0 {
-            return Err(NodeError::Config("failure_threshold: must be > 0".into()));
+            return Err(out_of_range("failure_threshold", "must be > 0"));
         }
         if self.expected_nodes == 0 {
-            return Err(NodeError::Config("expected_nodes: must be > 0".into()));
+            return Err(out_of_range("expected_nodes", "must be > 0"));
         }
         Ok(())
     }
@@ -256,7 +270,7 @@ impl NodeBuilder {
                 .burst((n / 10).max(1))
                 .compile()
                 .map(Some)
-                .map_err(|e| NodeError::Config(format!("claims_on_demand_per_second: {}", e.reason))),
+                .map_err(|e| out_of_range("claims_on_demand_per_second", e.reason)),
         }
     }
 
@@ -396,12 +410,15 @@ impl SyncTiming {
         open_backoff: Option<(Duration, Duration)>,
         sync_timeout: Option<Duration>,
     ) -> Result<Self, NodeError> {
-        let range = |what: &str| {
-            NodeError::Config(format!(
-                "{what}: must be between {} ms and {} h",
-                MIN_NODE_TIMING.as_millis(),
-                MAX_NODE_TIMING.as_secs() / 3600
-            ))
+        let range = |what: &'static str| {
+            out_of_range(
+                what,
+                format!(
+                    "must be between {} ms and {} h",
+                    MIN_NODE_TIMING.as_millis(),
+                    MAX_NODE_TIMING.as_secs() / 3600
+                ),
+            )
         };
         let in_range = |d: Duration| (MIN_NODE_TIMING..=MAX_NODE_TIMING).contains(&d);
         if !in_range(interval) {
@@ -409,18 +426,24 @@ impl SyncTiming {
         }
         let lease = lease.unwrap_or_else(|| (interval * LEASE_INTERVALS).max(MIN_DEFAULT_LEASE));
         if lease <= interval || lease < MIN_CLAIM_SPAN {
-            return Err(NodeError::Config(format!(
-                "lease: must be longer than sync_interval and at least {} ms",
-                MIN_CLAIM_SPAN.as_millis()
-            )));
+            return Err(out_of_range(
+                "lease",
+                format!(
+                    "must be longer than sync_interval and at least {} ms",
+                    MIN_CLAIM_SPAN.as_millis()
+                ),
+            ));
         }
         let (open_min, open_max) = open_backoff.unwrap_or((interval / 2, interval * 3 / 2));
         if open_min < MIN_NODE_TIMING || open_max < open_min || open_max > MAX_NODE_TIMING {
-            return Err(NodeError::Config(format!(
-                "open_backoff: need {} ms <= min <= max <= {} h",
-                MIN_NODE_TIMING.as_millis(),
-                MAX_NODE_TIMING.as_secs() / 3600
-            )));
+            return Err(out_of_range(
+                "open_backoff",
+                format!(
+                    "need {} ms <= min <= max <= {} h",
+                    MIN_NODE_TIMING.as_millis(),
+                    MAX_NODE_TIMING.as_secs() / 3600
+                ),
+            ));
         }
         let sync_timeout = sync_timeout.unwrap_or_else(|| interval.max(MIN_DEFAULT_SYNC_TIMEOUT));
         if !in_range(sync_timeout) {
@@ -580,7 +603,7 @@ mod tests {
         ] {
             assert_eq!(
                 ok(bad),
-                Err(NodeError::Config("sync_interval: must be between 1 ms and 1 h".into())),
+                Err(out_of_range("sync_interval", "must be between 1 ms and 1 h")),
                 "{bad:?}"
             );
         }
