@@ -97,11 +97,13 @@ impl Bucket {
     /// Refills the bucket at `now`: returns the tokens in it and the microseconds towards the
     /// next one, capped by the holdings as they stood while the refill accrued (`had`, this
     /// node's previous holding, included).
-    fn refill(&mut self, p: &BucketPolicy, now: i64, had: i64) -> (i64, i64) {
-        let BucketPolicy { cap, per, tau, .. } = *p;
-        if self.e < now - tau {
-            self.e = now - tau;
-        }
+    ///
+    /// The script first raises the empty time to `now - tau` (a full bucket), which keeps its
+    /// floating-point figures small. Here the cap below gives the same tokens without it: a
+    /// refill longer than `tau` is more than `cap` tokens, and `old_room <= cap`; and `take`
+    /// writes the empty time anew.
+    fn refill(&self, p: &BucketPolicy, now: i64, had: i64) -> (i64, i64) {
+        let BucketPolicy { cap, per, .. } = *p;
         let elapsed = (now - self.e).max(0);
         let mut tokens = elapsed / per;
         let mut frac = elapsed - tokens * per;

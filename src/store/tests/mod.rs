@@ -316,6 +316,26 @@ fn a_store_clock_gone_back_past_a_lease_keeps_the_stored_epoch() {
     assert_eq!(g.remaining, 5, "{g:?}");
 }
 
+/// Refill accrued while tokens were held is capped by the holdings as they stood (another
+/// node's included): a node that spent its holding late in the interval gets nothing for the
+/// time it held it, or two bursts could come within moments of each other.
+#[test]
+fn refill_is_capped_by_the_holdings_that_counted_while_it_accrued() {
+    let (s, t) = setup();
+    // 100 per second, capacity 10: a token every 10 ms, the whole bucket in 100 ms.
+    let fast = Limits::token_bucket(10, 100, Duration::from_secs(1), Duration::from_millis(300)).unwrap();
+    let k = KeyEncoder::default().encode("p", b"k");
+    assert_eq!(one(&s, 2, claim(&k, fast, 0, 0, 4, 0)).granted, 4);
+    // The next lease epoch: node 2's four count as the previous epoch's holding.
+    t.advance(Duration::from_millis(100));
+    assert_eq!(one(&s, 1, claim(&k, fast, 0, 0, 10, 0)).granted, 6);
+    // 50 ms on, node 1 has spent its six: five tokens' worth of time passed, all of it while
+    // the six and node 2's four held the whole capacity.
+    t.advance(Duration::from_millis(50));
+    let g = one(&s, 1, claim(&k, fast, 0, 0, 10, 0));
+    assert_eq!(g.granted, 0, "{g:?}");
+}
+
 /// `remove` forgets the key (the next claim starts afresh) and says whether there was one.
 #[test]
 fn removing_a_key_forgets_its_state_and_says_whether_it_existed() {
