@@ -336,6 +336,37 @@ fn refill_is_capped_by_the_holdings_that_counted_while_it_accrued() {
     assert_eq!(g.granted, 0, "{g:?}");
 }
 
+/// The same cap with other nodes' holdings in both counting epochs: node 2's from the
+/// previous one, node 3's from the current one.
+#[test]
+fn refill_is_capped_by_the_holdings_of_both_counting_epochs() {
+    let (s, t) = setup();
+    let fast = Limits::token_bucket(10, 100, Duration::from_secs(1), Duration::from_millis(300)).unwrap();
+    let k = KeyEncoder::default().encode("p", b"k");
+    assert_eq!(one(&s, 2, claim(&k, fast, 0, 0, 3, 0)).granted, 3);
+    t.advance(Duration::from_millis(100));
+    assert_eq!(one(&s, 3, claim(&k, fast, 0, 0, 2, 0)).granted, 2);
+    assert_eq!(one(&s, 1, claim(&k, fast, 0, 0, 10, 0)).granted, 5);
+    t.advance(Duration::from_millis(50));
+    let g = one(&s, 1, claim(&k, fast, 0, 0, 10, 0));
+    assert_eq!(g.granted, 0, "{g:?}");
+}
+
+/// A node gives back at most what it holds beyond what it keeps: a claim that says it returns
+/// more adds nothing more to the bucket.
+#[test]
+fn a_node_returns_at_most_what_it_holds_beyond_what_it_keeps() {
+    let (s, _t) = setup();
+    let k = KeyEncoder::default().encode("p", b"k");
+    assert_eq!(one(&s, 1, claim(&k, tb(10, 1), 0, 0, 4, 0)).granted, 4);
+    // Two spent, two kept: six in the bucket.
+    assert_eq!(one(&s, 1, claim(&k, tb(10, 1), 2, 0, 0, 0)).remaining, 6);
+    // Keeps one and says it returns five: only the one it holds beyond the kept one goes back.
+    let g = one(&s, 1, claim(&k, tb(10, 1), 1, 5, 0, 0));
+    assert_eq!((g.granted, g.revoked), (0, 0), "{g:?}");
+    assert_eq!(g.remaining, 7, "{g:?}");
+}
+
 /// `remove` forgets the key (the next claim starts afresh) and says whether there was one.
 #[test]
 fn removing_a_key_forgets_its_state_and_says_whether_it_existed() {
