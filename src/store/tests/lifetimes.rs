@@ -132,3 +132,19 @@ fn expired_keys_are_purged_once_the_operations_since_the_last_purge_pass_the_key
     one(&s, 1, claim(&fresh, hour, 0, 0, 1, 0));
     assert_eq!(s.len(), 1, "the 1025th operation purges every expired key");
 }
+
+/// A key holding tokens lives until its bucket would be full again with the holdings counted as
+/// spent at the end of their count (the current epoch's at the end of the next one), plus a
+/// head room of as long again: exactly, or it could expire while the holdings still count.
+#[test]
+fn a_held_bucket_lives_until_full_after_its_holdings_stop_counting_and_as_long_again() {
+    let (s, _t) = setup();
+    let k = StoreKey::from_raw("held");
+    // Capacity 10 at 1 per second, leases of 10 s: T0 starts an epoch (T0 / 10 s is whole).
+    let l = Limits::token_bucket(10, 1, Duration::from_secs(1), Duration::from_secs(10)).unwrap();
+    assert_eq!((T0 / 1000) % 10_000, 0);
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 4, 0)).granted, 4);
+    // The four count until the end of the next epoch (20 s), then refill in 4 s: full at 24 s,
+    // kept 24 s more.
+    assert_eq!(s.pttl(&k), Some(48_000));
+}
