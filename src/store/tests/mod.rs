@@ -571,6 +571,23 @@ fn a_late_claim_after_the_record_is_gone_only_counts_more() {
     assert_eq!(one(&s, 1, claim_seq(&k, l, 0, 0, 0, 4)).remaining, 0);
 }
 
+/// The records of holdings that no longer count are dropped when the epoch moves on, so the
+/// value stays the size of the nodes that hold something now.
+#[test]
+fn records_that_no_longer_count_are_dropped_when_the_epoch_moves() {
+    let (s, t) = setup();
+    let k = StoreKey::from_raw("k");
+    let l = slow(10);
+    for node in 1..=3 {
+        assert_eq!(one(&s, node, claim(&k, l, 0, 0, 2, 0)).granted, 2);
+    }
+    let three = s.state_len(&k).unwrap();
+    // Two leases of 300 ms later the three holdings count for nothing.
+    t.advance(Duration::from_millis(700));
+    one(&s, 4, claim(&k, l, 0, 0, 1, 0));
+    assert_eq!(s.state_len(&k), Some(three - 64), "node 4's record only");
+}
+
 #[test]
 fn removing_a_record_keeps_the_totals() {
     let (s, t) = setup();
