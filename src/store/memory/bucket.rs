@@ -266,3 +266,49 @@ pub(super) fn token_bucket(node: NodeId, now: i64, l: &Limits, old: Option<(Buck
         }),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 100 tokens at 100 a second (10 ms each, the whole bucket in 1 s), leases of 300 ms.
+    const P: BucketPolicy = BucketPolicy {
+        cap: 100,
+        per: 10_000,
+        lease: 300,
+        tau: 1_000_000,
+    };
+    /// Epoch 1000 runs from 300,000 ms to 300,300 ms.
+    const EP: i64 = 1000;
+
+    fn need(e: i64, cur: i64, prev: i64) -> i64 {
+        let b = Bucket {
+            e,
+            ep: EP,
+            cur,
+            prev,
+            x: 0,
+            nodes: Vec::new(),
+        };
+        b.full_at_ms(&P, EP)
+    }
+
+    #[test]
+    fn a_key_is_needed_until_its_bucket_is_full_with_every_holding_counted_as_spent_at_its_end() {
+        // Nothing held: until the bucket is full (rounded up to the millisecond), however soon.
+        assert_eq!(need(299_000_001, 0, 0), 300_001);
+        assert_eq!(need(300_500_000, 0, 0), 301_500);
+        // The previous epoch's holding counts until the end of this one (300,300 ms) and then
+        // takes its refill (40 x 10 ms); the key is kept at least until the end of the next
+        // epoch (300,600 ms) while anything is held.
+        assert_eq!(need(299_000_000, 0, 40), 300_700);
+        assert_eq!(need(299_000_000, 0, 10), 300_600);
+        // This epoch's holding counts until the end of the next one (300,600 ms), the previous
+        // one's until the end of this one, both with their refill.
+        assert_eq!(need(299_000_000, 10, 5), 300_700);
+        assert_eq!(need(299_000_000, 10, 30), 300_700);
+        assert_eq!(need(299_000_000, 10, 31), 300_710);
+        // A bucket that is full later than every holding's end decides.
+        assert_eq!(need(300_000_000, 10, 5), 301_000);
+    }
+}

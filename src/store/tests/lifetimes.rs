@@ -62,6 +62,19 @@ fn a_drained_bucket_outlives_its_refill_and_a_window_count_its_weight() {
 }
 
 #[test]
+fn a_sliding_claim_two_windows_later_on_a_stored_key_starts_a_fresh_window() {
+    let (s, t) = setup();
+    let k = StoreKey::from_raw("sliding");
+    let l = Limits::sliding_window(10, Duration::from_secs(1)).unwrap();
+    let w0 = T0 / 1_000_000;
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 10, 0)).granted, 10);
+    t.advance(Duration::from_secs(2));
+    assert!(s.pttl(&k).is_some(), "the key is still stored");
+    let g = one(&s, 1, claim(&k, l, 0, 0, 10, w0));
+    assert_eq!((g.granted, g.window), (10, w0 + 2));
+}
+
+#[test]
 fn a_capacity_lowered_under_live_holdings_grants_nothing_returned_again() {
     let (s, _t) = setup();
     let k = StoreKey::from_raw("lowered");
@@ -147,4 +160,18 @@ fn a_held_bucket_lives_until_full_after_its_holdings_stop_counting_and_as_long_a
     // The four count until the end of the next epoch (20 s), then refill in 4 s: full at 24 s,
     // kept 24 s more.
     assert_eq!(s.pttl(&k), Some(48_000));
+}
+
+#[test]
+fn a_capacity_lowered_under_holdings_of_the_previous_epoch_grants_nothing_returned_again() {
+    let (s, t) = setup();
+    let k = StoreKey::from_raw("lowered-prev");
+    let wide = tb(20, 1);
+    assert_eq!(one(&s, 1, claim(&k, wide, 0, 0, 10, 0)).granted, 10);
+    assert_eq!(one(&s, 2, claim(&k, wide, 0, 0, 10, 0)).granted, 10);
+    // The next lease epoch (T0 is 200 ms into one of 300 ms): both holdings are the previous
+    // epoch's, and still count.
+    t.advance(Duration::from_millis(100));
+    let g = one(&s, 2, claim(&k, tb(10, 1), 5, 5, 5, 0));
+    assert_eq!(g.granted, 0, "{g:?}");
 }

@@ -589,6 +589,17 @@ fn records_that_no_longer_count_are_dropped_when_the_epoch_moves() {
 }
 
 #[test]
+fn a_node_that_gets_nothing_gets_no_record() {
+    let (s, _t) = setup();
+    let k = StoreKey::from_raw("k");
+    let l = slow(10);
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 10, 0)).granted, 10);
+    let len = s.state_len(&k);
+    assert_eq!(one(&s, 2, claim(&k, l, 0, 0, 5, 0)).granted, 0);
+    assert_eq!(s.state_len(&k), len, "node 2 holds nothing");
+}
+
+#[test]
 fn removing_a_record_keeps_the_totals() {
     let (s, t) = setup();
     let k = StoreKey::from_raw("k");
