@@ -241,7 +241,9 @@ pub(super) fn token_bucket(node: NodeId, now: i64, l: &Limits, old: Option<(Buck
     let refilled = b.refill(&p, now, had);
     let taken = b.take(&p, now, had, refilled, [kept, ret, want]);
     let grant = bucket_grant(&p, &taken, kept > had);
-    if b.cur + b.prev == 0 && taken.tokens >= p.cap {
+    // Full, and so holding nothing (the tokens never exceed the capacity the holdings leave):
+    // the key is a fresh one, and is not kept.
+    if taken.tokens >= p.cap {
         return (Ok(grant), None);
     }
     let need = b.full_at_ms(&p, ep);

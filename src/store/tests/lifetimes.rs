@@ -175,3 +175,95 @@ fn a_capacity_lowered_under_holdings_of_the_previous_epoch_grants_nothing_return
     let g = one(&s, 2, claim(&k, tb(10, 1), 5, 5, 5, 0));
     assert_eq!(g.granted, 0, "{g:?}");
 }
+
+/// A sliding window's key lives until the end of the window after its own (its count weighs
+/// there), plus a millisecond; a fixed window's until the end of its own.
+#[test]
+fn a_window_keys_time_to_live_is_exact() {
+    let (s, _t) = setup();
+    // T0 starts a 1 s window.
+    assert_eq!(T0 % 1_000_000, 0);
+    let k = StoreKey::from_raw("sliding-ttl");
+    let l = Limits::sliding_window(10, Duration::from_secs(1)).unwrap();
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 3, 0)).granted, 3);
+    assert_eq!(s.pttl(&k), Some(2001));
+    let k = StoreKey::from_raw("fixed-ttl");
+    let l = Limits::fixed_window(10, Duration::from_secs(1)).unwrap();
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 3, 0)).granted, 3);
+    assert_eq!(s.pttl(&k), Some(1001));
+}
+
+/// When a sliding window has no room left, the reply says when the next token comes: later
+/// in this window as the previous window's count weighs less, or in the next window as this
+/// one's does.
+#[test]
+fn a_full_sliding_window_says_when_its_next_token_comes() {
+    let (s, t) = setup();
+    let k = StoreKey::from_raw("next");
+    let l = Limits::sliding_window(10, Duration::from_secs(1)).unwrap();
+    // All ten now: the next one 100 ms into the next window, when the ten weigh nine.
+    let g = one(&s, 1, claim(&k, l, 0, 0, 10, 0));
+    assert_eq!((g.remaining, g.ms_to_next_token), (0, 1100));
+    // At the start of the next window the ten still weigh ten: 100 ms on, they weigh nine.
+    t.advance(Duration::from_secs(1));
+    let g = one(&s, 2, claim(&k, l, 0, 0, 10, 0));
+    assert_eq!((g.granted, g.remaining, g.ms_to_next_token), (0, 0, 100));
+}
+
+/// A window with a coarser weighting tick (capacity x window over 2^51 us) weighs the previous
+/// window's count rounded up to the tick, never down.
+#[test]
+fn a_coarse_tick_rounds_the_previous_windows_weight_up() {
+    let (s, t) = setup();
+    let k = StoreKey::from_raw("coarse");
+    let l = Limits::sliding_window(1_000_000, Duration::from_secs(3600)).unwrap();
+    assert!(l.tick_us() > 1, "{}", l.tick_us());
+    let hour = 3_600_000_000u64;
+    let w0 = T0 / hour;
+    // To the start of the next hour, then 1000 s into it.
+    t.set_us((w0 + 1) * hour + 1_000_000_000);
+    let g = one(&s, 1, claim(&k, l, 0, 0, 1_000_000, 0));
+    assert_eq!(g.granted, 1_000_000, "nothing in the previous window");
+    // Full: the next token 3.6 ms into the next hour (2,600 s from now), rounded up to the tick.
+    assert!((2_600_004..=2_600_010).contains(&g.ms_to_next_token), "{g:?}");
+    t.set_us((w0 + 2) * hour + 1_000_000_000);
+    let g = one(&s, 1, claim(&k, l, 0, 0, 1_000_000, 0));
+    // Exactly, the previous million weigh 1e6 x 2600/3600 = 722,222.2: 277,777 are left.
+    // Rounded up to the tick, a little less, never more.
+    assert!(g.granted <= 277_777 && g.granted >= 277_000, "{g:?}");
+    assert_eq!(g.remaining, 0);
+    // The next token: when the weight has fallen by one more.
+    assert!(g.ms_to_next_token >= 1 && g.ms_to_next_token <= 10, "{g:?}");
+}
+
+/// A fixed window whose stored window is ahead of the clock (it stepped back) answers in the
+/// stored window, with its count.
+#[test]
+fn a_fixed_window_behind_the_stored_one_answers_in_the_stored_window() {
+    let (s, t) = setup();
+    let k = StoreKey::from_raw("fixed-back");
+    let l = Limits::fixed_window(10, Duration::from_secs(1)).unwrap();
+    let w0 = T0 / 1_000_000;
+    t.set_us(T0 + 1_000_000);
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 4, 0)).granted, 4);
+    t.set_us(T0 + 500_000);
+    let g = one(&s, 1, claim(&k, l, 0, 0, 10, 0));
+    assert_eq!((g.granted, g.window), (6, w0 + 1), "{g:?}");
+}
+
+/// A sliding window whose capacity was lowered to exactly its current count, with a previous
+/// window that still weighs: full, and its next token comes in the next window, when this
+/// window's count has decayed by one.
+#[test]
+fn a_sliding_window_lowered_to_its_count_says_its_next_token_is_in_the_next_window() {
+    let (s, t) = setup();
+    let k = StoreKey::from_raw("lowered-sliding");
+    let wide = Limits::sliding_window(20, Duration::from_secs(1)).unwrap();
+    let narrow = Limits::sliding_window(15, Duration::from_secs(1)).unwrap();
+    assert_eq!(one(&s, 1, claim(&k, wide, 0, 0, 5, 0)).granted, 5);
+    t.advance(Duration::from_secs(1));
+    assert_eq!(one(&s, 1, claim(&k, wide, 0, 0, 20, 0)).granted, 15);
+    let g = one(&s, 2, claim(&k, narrow, 0, 0, 1, 0));
+    // Next window: the 15 weigh 14 once a fifteenth of it has passed (66.7 ms).
+    assert_eq!((g.granted, g.remaining, g.ms_to_next_token), (0, 0, 1067), "{g:?}");
+}

@@ -599,6 +599,21 @@ fn a_node_that_gets_nothing_gets_no_record() {
     assert_eq!(s.state_len(&k), len, "node 2 holds nothing");
 }
 
+/// When the epoch moves on, the records of the epoch before it stay: those holdings still
+/// count, and their nodes keep them without claiming them again.
+#[test]
+fn the_previous_epochs_records_stay_when_the_epoch_moves() {
+    let (s, t) = setup();
+    let k = StoreKey::from_raw("k");
+    let l = slow(10);
+    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 4, 0)).granted, 4);
+    // The next epoch (T0 is 200 ms into one of 300 ms); node 2's claim moves the stored epoch.
+    t.advance(Duration::from_millis(150));
+    assert_eq!(one(&s, 2, claim(&k, l, 0, 0, 1, 0)).granted, 1);
+    let g = one(&s, 1, claim(&k, l, 4, 0, 0, 0));
+    assert_eq!((g.revoked, g.state_lost, g.remaining), (0, false, 5), "{g:?}");
+}
+
 #[test]
 fn removing_a_record_keeps_the_totals() {
     let (s, t) = setup();
