@@ -191,8 +191,8 @@ impl Bucket {
             None => {}
         }
         if moved || refresh || removed {
-            self.nodes
-                .retain(|n| n.node == own.node || (n.amount > 0 && n.epoch >= ep - 1));
+            // Stored records always hold something: only the epoch decides.
+            self.nodes.retain(|n| n.node == own.node || n.epoch >= ep - 1);
         }
     }
 }
