@@ -236,21 +236,6 @@ fn a_coarse_tick_rounds_the_previous_windows_weight_up() {
     assert!(g.ms_to_next_token >= 1 && g.ms_to_next_token <= 10, "{g:?}");
 }
 
-/// A fixed window whose stored window is ahead of the clock (it stepped back) answers in the
-/// stored window, with its count.
-#[test]
-fn a_fixed_window_behind_the_stored_one_answers_in_the_stored_window() {
-    let (s, t) = setup();
-    let k = StoreKey::from_raw("fixed-back");
-    let l = Limits::fixed_window(10, Duration::from_secs(1)).unwrap();
-    let w0 = T0 / 1_000_000;
-    t.set_us(T0 + 1_000_000);
-    assert_eq!(one(&s, 1, claim(&k, l, 0, 0, 4, 0)).granted, 4);
-    t.set_us(T0 + 500_000);
-    let g = one(&s, 1, claim(&k, l, 0, 0, 10, 0));
-    assert_eq!((g.granted, g.window), (6, w0 + 1), "{g:?}");
-}
-
 /// A sliding window whose capacity was lowered to exactly its current count, with a previous
 /// window that still weighs: full, and its next token comes in the next window, when this
 /// window's count has decayed by one.
