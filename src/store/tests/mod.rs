@@ -323,7 +323,7 @@ fn a_store_clock_gone_back_past_a_lease_keeps_the_stored_epoch() {
 fn refill_is_capped_by_the_holdings_that_counted_while_it_accrued() {
     let (s, t) = setup();
     // 100 per second, capacity 10: a token every 10 ms, the whole bucket in 100 ms.
-    let fast = Limits::token_bucket(10, 100, Duration::from_secs(1), Duration::from_millis(300)).unwrap();
+    let fast = tb(10, 100);
     let k = KeyEncoder::default().encode("p", b"k");
     assert_eq!(one(&s, 2, claim(&k, fast, 0, 0, 4, 0)).granted, 4);
     // The next lease epoch: node 2's four count as the previous epoch's holding.
@@ -341,7 +341,7 @@ fn refill_is_capped_by_the_holdings_that_counted_while_it_accrued() {
 #[test]
 fn refill_is_capped_by_the_holdings_of_both_counting_epochs() {
     let (s, t) = setup();
-    let fast = Limits::token_bucket(10, 100, Duration::from_secs(1), Duration::from_millis(300)).unwrap();
+    let fast = tb(10, 100);
     let k = KeyEncoder::default().encode("p", b"k");
     assert_eq!(one(&s, 2, claim(&k, fast, 0, 0, 3, 0)).granted, 3);
     t.advance(Duration::from_millis(100));
