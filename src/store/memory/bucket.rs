@@ -174,14 +174,13 @@ impl Bucket {
 
     /// Writes this node's record (`own`, at index `rec` if it had one) and moves the stored
     /// epoch to `own.epoch`. Only records that count are kept: a node that holds nothing has
-    /// none, and the records whose lease ran out go when the epoch moves. The script reads the
-    /// other records (and so drops those that count for nothing) when the epoch moves or it
-    /// writes the value anew (`refresh`, or this node's record removed).
-    fn write_record(&mut self, rec: Option<usize>, own: Holding, refresh: bool) {
+    /// none, and the records whose lease ran out go when the epoch moves. Between two moves
+    /// every record is of the stored epoch or the one before, so there is nothing else to drop
+    /// (the script, which drops them whenever it writes the value anew, drops the same ones).
+    fn write_record(&mut self, rec: Option<usize>, own: Holding) {
         let ep = own.epoch;
         let moved = self.ep != ep;
         self.ep = ep;
-        let removed = rec.is_some() && own.amount == 0;
         match rec {
             Some(i) if own.amount > 0 => self.nodes[i] = own,
             Some(i) => {
@@ -190,9 +189,8 @@ impl Bucket {
             None if own.amount > 0 => self.nodes.push(own),
             None => {}
         }
-        if moved || refresh || removed {
-            // Stored records always hold something: only the epoch decides.
-            self.nodes.retain(|n| n.node == own.node || n.epoch >= ep - 1);
+        if moved {
+            self.nodes.retain(|n| n.epoch >= ep - 1);
         }
     }
 }
@@ -258,7 +256,7 @@ pub(super) fn token_bucket(node: NodeId, now: i64, l: &Limits, old: Option<(Buck
         amount: taken.held,
         seq,
     };
-    b.write_record(rec, own, refresh);
+    b.write_record(rec, own);
     let expires_ms = if refresh { b.x } else { old_expiry };
     (
         Ok(grant),
@@ -271,15 +269,15 @@ pub(super) fn token_bucket(node: NodeId, now: i64, l: &Limits, old: Option<(Buck
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// 100 tokens at 100 a second (10 ms each, the whole bucket in 1 s), leases of 300 ms.
-    const P: BucketPolicy = BucketPolicy {
-        cap: 100,
-        per: 10_000,
-        lease: 300,
-        tau: 1_000_000,
-    };
+    fn policy() -> BucketPolicy {
+        let l = Limits::token_bucket(100, 100, Duration::from_secs(1), Duration::from_millis(300)).unwrap();
+        BucketPolicy::of(&l)
+    }
     /// Epoch 1000 runs from 300,000 ms to 300,300 ms.
     const EP: i64 = 1000;
 
@@ -292,7 +290,7 @@ mod tests {
             x: 0,
             nodes: Vec::new(),
         };
-        b.full_at_ms(&P, EP)
+        b.full_at_ms(&policy(), EP)
     }
 
     #[test]
